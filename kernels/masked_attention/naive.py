@@ -1,0 +1,42 @@
+"""Plain-PyTorch masked attention: the reference every fast version is tested against.
+
+softmax(M + q kᵀ / sqrt(d)) v with M = 0 where ``allow`` and -inf elsewhere; a query row with no allowed key
+attends to every key (Mask2Former's rule for queries whose predicted mask is empty). Heads share ``allow``
+when it is (B, Nq, Nk). Pure tensor ops (no data-dependent indexing), so it traces and exports.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def normalize_allow(allow: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, Nq, Nk) or (B, H, Nq, Nk) bool -> (B, 1 or H, Nq, Nk) with empty rows opened to every key."""
+    if allow.dtype != torch.bool:
+        raise TypeError(f"allow must be a bool tensor, got {allow.dtype}")
+    if allow.dim() == 3:
+        allow = allow.unsqueeze(1)
+    elif allow.dim() != 4 or allow.shape[1] not in (1, num_heads):
+        raise ValueError(f"allow must be (B, Nq, Nk) or (B, {num_heads}, Nq, Nk), got {tuple(allow.shape)}")
+    return allow | ~allow.any(dim=-1, keepdim=True)
+
+
+def masked_attention_torch(
+    q: torch.Tensor,  # (B, H, Nq, D)
+    k: torch.Tensor,  # (B, H, Nk, D)
+    v: torch.Tensor,  # (B, H, Nk, D)
+    allow: torch.Tensor,  # (B, Nq, Nk) or (B, H, Nq, Nk) bool, True = may attend
+) -> torch.Tensor:  # (B, H, Nq, D)
+    allow = normalize_allow(allow, q.shape[1])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, H, Nq, Nk)
+    scores = scores.masked_fill(~allow, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+
+def masked_attention_from_logits_torch(
+    q: torch.Tensor,  # (B, H, Nq, D)
+    k: torch.Tensor,  # (B, H, Nk, D)
+    v: torch.Tensor,  # (B, H, Nk, D)
+    mask_logits: torch.Tensor,  # (B, Nq, Nk) previous layer's mask logits at the keys' resolution
+) -> torch.Tensor:  # (B, H, Nq, D)
+    """Same as :func:`masked_attention_torch` with allow = (mask_logits >= 0), i.e. sigmoid >= 0.5."""
+    return masked_attention_torch(q, k, v, mask_logits >= 0)

@@ -1,0 +1,68 @@
+"""The ``m2f`` command line.
+
+Each subcommand lives in its own module with ``register(subparsers)`` (adds its parser and sets ``func``);
+the list below is the whole command set. User errors print as one line on stderr with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+from m2f.errors import M2FError
+
+# subcommand -> module under m2f.cli. Explicit on purpose: no registration by import side effects.
+SUBCOMMANDS: dict[str, str] = {
+    "presets": "presets",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="m2f", description="Mask2Former, fast: predict, convert, export, benchmark, train, evaluate."
+    )
+    parser.add_argument("--version", action="version", version=f"m2f {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module_name in SUBCOMMANDS.values():
+        importlib.import_module(f"m2f.cli.{module_name}").register(sub)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("m2f")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = os.environ.get("M2F_DEBUG", "") not in ("", "0")
+    try:
+        result = args.func(args)
+    except M2FError as exc:
+        if debug:
+            raise
+        print(f"m2f: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("m2f: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: still one line, with how to get the traceback
+        if debug:
+            raise
+        print(f"m2f: internal error: {type(exc).__name__}: {exc} (set M2F_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # python -m m2f.cli
+    sys.exit(main())
