@@ -16,6 +16,7 @@ from m2f.errors import M2FError
 # subcommand -> module under m2f.cli. Explicit on purpose: no registration by import side effects.
 SUBCOMMANDS: dict[str, str] = {
     "presets": "presets",
+    "bench": "bench",
 }
 
 
