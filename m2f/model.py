@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from m2f.config import Mask2FormerConfig
-from m2f.errors import BackendUnavailableError
+from m2f.errors import BackendUnavailableError, InputError
 from m2f.kernels import BACKENDS
 from m2f.pixel_decoder import MSDeformAttnPixelDecoder
 from m2f.transformer_decoder import MultiScaleMaskedTransformerDecoder
@@ -77,6 +77,11 @@ class Mask2Former(nn.Module):
         return self.config.num_classes
 
     def forward(self, pixel_values: torch.Tensor) -> Mask2FormerOutput:  # (B, 3, H, W) normalised
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise InputError(
+                f"pixel_values must be (B, 3, H, W) normalised RGB, got shape {tuple(pixel_values.shape)}; "
+                "see m2f's preprocessing for how to prepare images"
+            )
         features = self.backbone(pixel_values)  # {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}
         pixel = self.pixel_decoder(features)
         classes, masks = self.transformer_decoder(pixel.multi_scale_features, pixel.mask_features)

@@ -56,8 +56,10 @@ def from_pretrained(
     detectron2 checkpoint; for the self-describing formats they replace the stored config (the tensors must
     still fit).
     """
+    from m2f.kernels import resolve_backend
     from m2f.model import Mask2Former
 
+    resolve_backend(backend, torch.device(device))  # fail before reading gigabytes if the backend cannot run there
     ckpt = read_checkpoint(path, preset=preset, config=config)
     model = Mask2Former(ckpt.config, backend=backend)
     load_state_dict_strict(model, ckpt.state_dict, source=str(path))

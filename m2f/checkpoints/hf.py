@@ -139,7 +139,9 @@ def config_from_hf(hf: dict[str, Any], name: str = "", preprocessor: dict[str, A
                 f"{name or 'config'} uses a named/timm backbone ({hf.get('backbone')!r}) instead of backbone_config; "
                 "only Swin and ResNet backbone_config checkpoints are supported"
             )
-        backbone_cfg = {"model_type": "swin", "depths": [2, 2, 18, 2], "drop_path_rate": 0.3}  # HF's default
+        # HF's default backbone when config.json has none
+        backbone_cfg = {"model_type": "swin", "depths": [2, 2, 18, 2], "drop_path_rate": 0.3,
+                        "out_features": ["stage1", "stage2", "stage3", "stage4"]}
     try:
         backbone = backbone_config_from_hf(backbone_cfg)
     except CheckpointError:
