@@ -12,7 +12,7 @@ import torch
 import m2f
 from m2f.checkpoints import from_pretrained, read_checkpoint, save_pretrained
 from m2f.checkpoints.hf import config_from_hf
-from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
+from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, SwinConfig, TransformerDecoderConfig
 from m2f.errors import CheckpointError, M2FError
 from tests.test_model import hf_resnet_backbone, tiny_hf_model
 from tests.test_pixel_decoder import perturb_, rng  # noqa: F401  (rng: fixture)
@@ -20,9 +20,13 @@ from tests.test_pixel_decoder import perturb_, rng  # noqa: F401  (rng: fixture)
 ENC_LAYERS, DEC_LAYERS = 2, 3
 
 
-def d2_config() -> Mask2FormerConfig:
+def d2_config(backbone: str = "resnet") -> Mask2FormerConfig:
+    if backbone == "swin":
+        bb = SwinConfig(embed_dim=16, depths=(2, 1, 1, 2), num_heads=(1, 2, 2, 4), window_size=3)
+    else:
+        bb = ResNetConfig(depths=(1, 2, 1, 1), stem_channels=16, hidden_sizes=(32, 64, 96, 128))
     return Mask2FormerConfig(
-        backbone=ResNetConfig(depths=(1, 2, 1, 1), stem_channels=16, hidden_sizes=(32, 64, 96, 128)),
+        backbone=bb,
         pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=ENC_LAYERS, num_heads=4, ffn_dim=48),
         transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=5, num_heads=4, ffn_dim=40,
                                                      num_layers=DEC_LAYERS, enforce_input_proj=True),
@@ -32,16 +36,29 @@ def d2_config() -> Mask2FormerConfig:
 
 
 def official_keys(cfg: Mask2FormerConfig) -> list[str]:
-    """The key names of an official Mask2Former checkpoint (detectron2 ResNet + MSDeformAttnPixelDecoder +
-    MultiScaleMaskedTransformerDecoder), written out from the official module tree."""
-    bn = ("weight", "bias", "running_mean", "running_var")  # FrozenBatchNorm2d
-    keys = ["backbone.stem.conv1.weight"] + [f"backbone.stem.conv1.norm.{n}" for n in bn]
-    for stage, depth in zip(range(2, 6), cfg.backbone.depths):
-        for block in range(depth):
-            p = f"backbone.res{stage}.{block}."
-            convs = ["conv1", "conv2", "conv3"] + (["shortcut"] if block == 0 else [])
-            for conv in convs:
-                keys += [p + conv + ".weight"] + [p + conv + ".norm." + n for n in bn]
+    """The key names of an official Mask2Former checkpoint (detectron2 ResNet or D2SwinTransformer +
+    MSDeformAttnPixelDecoder + MultiScaleMaskedTransformerDecoder), written out from the official module tree."""
+    wb = ("weight", "bias")
+    if cfg.backbone.type == "swin":
+        keys = [f"backbone.patch_embed.{m}.{w}" for m in ("proj", "norm") for w in wb]
+        for stage, depth in enumerate(cfg.backbone.depths):
+            for block in range(depth):
+                p = f"backbone.layers.{stage}.blocks.{block}."
+                keys += [p + "attn.relative_position_bias_table", p + "attn.relative_position_index"]
+                keys += [p + m + "." + w for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2") for w in wb]
+            if stage < 3:
+                keys += [f"backbone.layers.{stage}.downsample.reduction.weight"]
+                keys += [f"backbone.layers.{stage}.downsample.norm.{w}" for w in wb]
+        keys += [f"backbone.norm{i}.{w}" for i in range(4) for w in wb]  # the output norms of D2SwinTransformer
+    else:
+        bn = ("weight", "bias", "running_mean", "running_var")  # FrozenBatchNorm2d
+        keys = ["backbone.stem.conv1.weight"] + [f"backbone.stem.conv1.norm.{n}" for n in bn]
+        for stage, depth in zip(range(2, 6), cfg.backbone.depths):
+            for block in range(depth):
+                p = f"backbone.res{stage}.{block}."
+                convs = ["conv1", "conv2", "conv3"] + (["shortcut"] if block == 0 else [])
+                for conv in convs:
+                    keys += [p + conv + ".weight"] + [p + conv + ".norm." + n for n in bn]
     pd = "sem_seg_head.pixel_decoder."
     for i in range(3):
         keys += [f"{pd}input_proj.{i}.{j}.{w}" for j in (0, 1) for w in ("weight", "bias")]
@@ -85,7 +102,9 @@ def official_state(cfg: Mask2FormerConfig, gen: torch.Generator) -> dict[str, np
     state = {}
     for k in keys:
         t = torch.randn(ours[to_ours(k)].shape, generator=gen)
-        if k.endswith("running_var"):
+        if k.endswith("relative_position_index"):  # a fixed function of the window size, checked on load
+            t = ours[k]
+        elif k.endswith("running_var"):
             t = t.abs() + 0.5
         state[k] = t.numpy()
     state["criterion.empty_weight"] = np.ones(cfg.num_classes + 1, dtype=np.float32)
@@ -103,8 +122,9 @@ def write_pth(path, state: dict[str, np.ndarray]):
     return path
 
 
-def test_detectron2_pkl_and_pth_load_every_tensor(tmp_path, rng):
-    cfg = d2_config()
+@pytest.mark.parametrize("backbone", ["resnet", "swin"])
+def test_detectron2_pkl_and_pth_load_every_tensor(tmp_path, rng, backbone):
+    cfg = d2_config(backbone)
     state = official_state(cfg, rng)
     from_pkl = from_pretrained(write_pkl(tmp_path / "model_final.pkl", state), config=cfg)
     from_pth = from_pretrained(write_pth(tmp_path / "model_final.pth", state), config=cfg)
