@@ -76,3 +76,27 @@ def test_python_m_m2f_convert_exit_code_and_stderr(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("m2f: error: ") and "does not exist" in lines[0]
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def _tiny_d2_checkpoint(tmp_path, rng):
+    from tests.test_checkpoints import d2_config, official_state, write_pkl
+
+    return write_pkl(tmp_path / "model_final.pkl", official_state(d2_config(), rng))
+
+
+def test_convert_detectron2_without_preset_asks_for_one(tmp_path, rng, capsys):
+    src = _tiny_d2_checkpoint(tmp_path, rng)
+    assert main(["convert", str(src), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--preset" in err and "m2f presets" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_detectron2_with_a_preset_of_another_size(tmp_path, rng, capsys):
+    pytest.importorskip("m2f.labels", reason="presets need m2f.labels (written on another branch)")
+    src = _tiny_d2_checkpoint(tmp_path, rng)
+    # every difference is reported on one line, nothing is written
+    assert main(["convert", str(src), "--output", str(tmp_path / "out"), "--preset", "r50-coco-panoptic"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("m2f: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
