@@ -105,6 +105,18 @@ def test_reference_matches_loop_implementation(rng):
     assert rel_err(got, want) <= 1e-12, f"seed {rng.seed_value}: reference vs loop {rel_err(got, want):.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reference_in_half_precision_on_cpu(rng, dtype):
+    """Regression: torch's CPU grid_sample read garbage from the channel-minor (N*M, D, H, W) view in half types."""
+    shapes = [(16, 16), (8, 8)]
+    value, loc, attn = make_inputs(rng, shapes, n=1, q=40, m=8, d=32, p=4, dtype=dtype)
+    out = ms_deform_attn_torch(value, shapes, loc, attn)
+    err = rel_err(out, reference64(value, shapes, loc, attn))
+    # grid_sample un-normalises the coordinates in the half type itself (~1 % off in bfloat16, unlike the
+    # Triton kernel's float32 arithmetic); the bug gave NaN or 1e30.
+    assert err <= 3 * HALF_TOL, f"seed {rng.seed_value}: torch reference in {dtype} rel_err {err:.3g}"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Forward and backward against float64
 # ------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ its input's dtype.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from m2f.errors import BackendUnavailableError, InputError
@@ -57,7 +59,19 @@ def shape_tensors(
     if isinstance(spatial_shapes, torch.Tensor):
         shapes_t = spatial_shapes if spatial_shapes.device == device else spatial_shapes.to(device)
     else:
-        pairs = [(h, w) for h, w in spatial_shapes]
+        try:
+            pairs = [(h, w) for h, w in spatial_shapes]
+        except (TypeError, ValueError):
+            raise InputError(
+                f"ms_deform_attn: spatial_shapes must be an (L, 2) int tensor or a list of (H, W) pairs, got "
+                f"{spatial_shapes!r}"
+            ) from None
+        if level_start_index is None and not torch.compiler.is_compiling() and all(
+            type(x) is int for hw in pairs for x in hw
+        ):
+            # Eager calls with plain ints (the model's, six times a forward): reuse the device tensors
+            # instead of a host-to-device copy per call. Traced calls build them in the graph instead.
+            return _cached_shape_tensors(tuple(pairs), device)
         shapes_t = torch.tensor(pairs, dtype=torch.int64, device=device)
         if level_start_index is None:  # plain (or symbolic) ints: a constant, no ops in an exported graph
             starts = [0]
@@ -75,6 +89,15 @@ def shape_tensors(
     if level_start_index.device != device:
         level_start_index = level_start_index.to(device)
     return shapes_t, level_start_index
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_shape_tensors(pairs: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = [0]
+    for h, w in pairs[:-1]:
+        starts.append(starts[-1] + h * w)
+    return (torch.tensor(pairs, dtype=torch.int64, device=device),
+            torch.tensor(starts, dtype=torch.int64, device=device))
 
 
 def check_inputs(

@@ -51,8 +51,9 @@ def kernel_spec(kind: str, dtype: str, loc_dtype: str | None = None) -> tuple[An
     return kernel, {**ptrs, **ints, **consts}, constexprs, config["num_warps"]
 
 
-def compile_all(targets: Sequence[str] = TARGETS, dtypes: Sequence[str] = DTYPES) -> list:
-    """Every (kernel, dtype, target) compiled ahead of time: a list of ``m2f.kernels.aot.CompiledKernel``."""
+def compile_all(targets: Sequence[str] = TARGETS, dtypes: Sequence[str] = DTYPES) -> list[tuple[str, str, Any]]:
+    """Every (kernel, dtype, target) compiled ahead of time: (kind "fwd" / "bwd", value dtype,
+    ``m2f.kernels.aot.CompiledKernel``) for each."""
     from .._backend import triton_interpreter_enabled
 
     if triton_interpreter_enabled():
@@ -64,8 +65,8 @@ def compile_all(targets: Sequence[str] = TARGETS, dtypes: Sequence[str] = DTYPES
         for dtype in dtypes:
             for kind in ("fwd", "bwd"):
                 kernel, signature, constexprs, num_warps = kernel_spec(kind, dtype)
-                built.append(compile_for(kernel, signature, constexprs, target=target, num_warps=num_warps,
-                                         num_stages=1))
+                built.append((kind, dtype, compile_for(kernel, signature, constexprs, target=target,
+                                                       num_warps=num_warps, num_stages=1)))
     return built
 
 
@@ -79,7 +80,8 @@ def _compile_in_child(targets: Sequence[str], dtypes: Sequence[str]) -> list:
     if proc.returncode != 0:
         raise RuntimeError(f"ahead-of-time build failed:\n{proc.stderr[-4000:]}")
     records = json.loads(proc.stdout)
-    return [CompiledKernel(**{**r, "cubin": base64.b64decode(r["cubin"])}) for r in records]
+    return [(r.pop("kind"), r.pop("dtype"), CompiledKernel(**{**r, "cubin": base64.b64decode(r["cubin"])}))
+            for r in records]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,11 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     built = compile_all(args.targets.split(","), args.dtypes.split(","))
     if args.json:
-        records = [{**dataclasses.asdict(k), "cubin": base64.b64encode(k.cubin).decode()} for k in built]
+        records = [{**dataclasses.asdict(k), "cubin": base64.b64encode(k.cubin).decode(), "kind": kind,
+                    "dtype": dtype} for kind, dtype, k in built]
         json.dump(records, sys.stdout)
     else:
-        for k in built:
-            print(k.summary())
+        for kind, dtype, k in built:
+            print(f"{dtype:>8} {k.summary()}")
     return 0
 
 
