@@ -137,7 +137,8 @@ def run(sizes: Sequence[tuple[int, int]], batches: Sequence[int], dtypes: Sequen
                             "rel_err_of": "output" if pass_name == "fwd" else "worst of grad value/locations/weights",
                         }
                         if device.type == "cpu":
-                            extra["measured"] = "CPU wall clock of the torch (grid_sample) reference only; Triton needs CUDA"
+                            extra["measured"] = ("CPU wall clock of the torch (grid_sample) reference only; "
+                                                 "Triton needs CUDA")
                         row = BenchRow(
                             suite="kernels", case=f"ms_deform_attn/{pass_name}",
                             backend="triton" if backend == "triton" else "torch-grid_sample",

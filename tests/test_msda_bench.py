@@ -7,7 +7,8 @@ from m2f.bench import ms_deform_attn as suite
 
 
 def test_min_bytes_matches_the_hand_count_at_1024():
-    # 1024 x 1024: Q = S = 128² + 64² + 32² = 21504; value / output 21504·8·32, locations ·3·4·2, weights ·3·4.
+    # 1024 x 1024: Q = S = 128² + 64² + 32² = 21504; value / output 21504·8·32, locations 21504·8·3·4·2,
+    # weights 21504·8·3·4.
     shapes = suite.level_shapes_for(1024, 1024)
     assert shapes == [(128, 128), (64, 64), (32, 32)]
     q = 21504

@@ -3,11 +3,13 @@
 * ``naive.py``          - the plain-PyTorch (grid_sample) reference every fast version is tested against.
 * ``triton_kernels.py`` - the fused Triton forward / backward kernels and their launchers.
 * ``op.py``             - ``torch.ops.m2f.ms_deform_attn``: the kernels as one custom op (fake impl + autograd).
+* ``aot_build.py``      - ahead-of-time builds of both kernels for sm_90 / sm_87 (registers, shared memory, spills).
 
 Dtypes of the "triton" backend: ``value`` float32, float16 or bfloat16; ``sampling_locations`` and
 ``attention_weights`` each either value's dtype or float32 (float32 locations keep sub-pixel precision on large
-maps: bfloat16 has 8 significant bits). Accumulation is float32; the output has value's dtype and each gradient
-its input's dtype.
+maps: bfloat16 has 8 significant bits; under autocast the model passes float16 value with float32 locations and
+weights). Accumulation is float32; the output has value's dtype and each gradient its input's dtype. Offsets
+inside one batch element are int32: S * M * D and Q * M * L * P * 2 must stay below 2^31.
 """
 from __future__ import annotations
 
@@ -92,7 +94,9 @@ def shape_tensors(
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_shape_tensors(pairs: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _cached_shape_tensors(
+    pairs: tuple[tuple[int, int], ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     starts = [0]
     for h, w in pairs[:-1]:
         starts.append(starts[-1] + h * w)
@@ -131,6 +135,14 @@ def check_inputs(
             f"ms_deform_attn: sampling_locations has {L} levels but spatial_shapes is {tuple(spatial_shapes.shape)} "
             f"and level_start_index {tuple(level_start_index.shape)}; pass one (H, W) and one start per level"
         )
+    _, S, _, D = value.shape
+    _, Q, _, _, P, _ = sampling_locations.shape
+    sizes = (S * M * D, Q * M * L * P * 2)
+    if all(isinstance(x, int) for x in sizes) and max(sizes) >= 2**31:
+        raise InputError(
+            f"ms_deform_attn (triton): one batch element holds {max(sizes)} values, more than the kernel's int32 "
+            "offsets reach (2^31); split the queries or the image into smaller pieces"
+        )
     if value.dtype not in TRITON_DTYPES:
         raise InputError(
             f"ms_deform_attn (triton): value dtype {value.dtype} is not supported; use float32, float16 or bfloat16"
@@ -145,7 +157,8 @@ def check_inputs(
                     ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
         if t.device != value.device:
             raise InputError(f"ms_deform_attn: {name} is on {t.device} but value is on {value.device}; move it")
-    if value.device.type == "cuda" and value.dtype == torch.bfloat16 and torch.cuda.get_device_capability(value.device) < (8, 0):
+    on_old_gpu = value.device.type == "cuda" and torch.cuda.get_device_capability(value.device) < (8, 0)
+    if value.dtype == torch.bfloat16 and on_old_gpu:
         raise BackendUnavailableError(
             "ms_deform_attn (triton): bfloat16 needs an sm_80+ GPU; use float16 or float32 on this one"
         )

@@ -36,10 +36,12 @@ def kernel_spec(kind: str, dtype: str, loc_dtype: str | None = None) -> tuple[An
     v = "*" + _TRITON_TYPE[dtype]
     loc = "*" + _TRITON_TYPE[loc_dtype or dtype]
     ints = {"num_keys": "i32", "num_queries": "i32", "num_heads": "i32"}
-    consts = {name: "constexpr" for name in ("NUM_LEVELS", "NUM_POINTS", "HEAD_DIM", "BLOCK_D", "ROW_ALIGNED", "BLOCK_Q")}
+    consts = {name: "constexpr"
+              for name in ("NUM_LEVELS", "NUM_POINTS", "HEAD_DIM", "BLOCK_D", "ROW_ALIGNED", "BLOCK_Q")}
     if kind == "fwd":
         kernel = ms_deform_attn_fwd_kernel
-        ptrs = {"value_ptr": v, "shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": loc, "attn_ptr": loc, "out_ptr": v}
+        ptrs = {"value_ptr": v, "shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": loc, "attn_ptr": loc,
+                "out_ptr": v}
     elif kind == "bwd":
         kernel = ms_deform_attn_bwd_kernel
         ptrs = {"grad_out_ptr": v, "value_ptr": v, "shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": loc,

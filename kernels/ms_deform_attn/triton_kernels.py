@@ -56,7 +56,8 @@ def _configs(backward: bool) -> list[triton.Config]:
         return [triton.Config({"BLOCK_Q": 64}, num_warps=4, num_stages=1)]
     # (BLOCK_Q, num_warps) giving 4..16 (forward) / 4..8 (backward: more live tiles) fp32 elements of the
     # (BLOCK_Q, 32) tile per thread at D = 32. Measured with ptxas for sm_90: 16 per thread needs ~110 registers
-    # in the forward, 32 needs ~210 and 64 spills; the backward needs ~100 at 8 and ~185 at 16. See AOT_CONFIGS for the ones the ahead-of-time build checks.
+    # in the forward, 32 needs ~210 and 64 spills; the backward needs ~100 at 8 and ~185 at 16. AOT_CONFIGS: the
+    # ones the ahead-of-time build checks.
     pairs = [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
     if backward:
         pairs = [(bq, nw) for bq, nw in pairs if bq // nw <= 8]
@@ -152,10 +153,14 @@ def ms_deform_attn_fwd_kernel(
             o_01 = o_00 + stride_key
             o_10 = o_00 + level_w * stride_key
             o_11 = o_10 + stride_key
-            b_v00 = tl.load(p_value_l + o_00[:, None] + o_d[None, :], mask=(m_y0 & m_x0)[:, None] & m_d[None, :], other=0.0)
-            b_v01 = tl.load(p_value_l + o_01[:, None] + o_d[None, :], mask=(m_y0 & m_x1)[:, None] & m_d[None, :], other=0.0)
-            b_v10 = tl.load(p_value_l + o_10[:, None] + o_d[None, :], mask=(m_y1 & m_x0)[:, None] & m_d[None, :], other=0.0)
-            b_v11 = tl.load(p_value_l + o_11[:, None] + o_d[None, :], mask=(m_y1 & m_x1)[:, None] & m_d[None, :], other=0.0)
+            m_00 = (m_y0 & m_x0)[:, None] & m_d[None, :]  # (BLOCK_Q, BLOCK_D)
+            m_01 = (m_y0 & m_x1)[:, None] & m_d[None, :]
+            m_10 = (m_y1 & m_x0)[:, None] & m_d[None, :]
+            m_11 = (m_y1 & m_x1)[:, None] & m_d[None, :]
+            b_v00 = tl.load(p_value_l + o_00[:, None] + o_d[None, :], mask=m_00, other=0.0)  # (BLOCK_Q, BLOCK_D)
+            b_v01 = tl.load(p_value_l + o_01[:, None] + o_d[None, :], mask=m_01, other=0.0)
+            b_v10 = tl.load(p_value_l + o_10[:, None] + o_d[None, :], mask=m_10, other=0.0)
+            b_v11 = tl.load(p_value_l + o_11[:, None] + o_d[None, :], mask=m_11, other=0.0)
             b_gx = 1.0 - b_fx
             b_gy = 1.0 - b_fy
             b_acc += (b_a * b_gy * b_gx)[:, None] * b_v00.to(tl.float32)
@@ -263,10 +268,14 @@ def ms_deform_attn_bwd_kernel(
             # Every gradient but grad_value needs a corner only through s_c = <grad_out, value row c> (one
             # number per query), so each corner tile dies right after its load: ~half the registers of keeping
             # all four. Corners outside the map read as 0, exactly grid_sample's zero padding.
-            b_s00 = tl.sum(b_go * tl.load(p_value_l + o_00[:, None] + o_d[None, :], mask=m_00, other=0.0).to(tl.float32), axis=1)
-            b_s01 = tl.sum(b_go * tl.load(p_value_l + o_01[:, None] + o_d[None, :], mask=m_01, other=0.0).to(tl.float32), axis=1)
-            b_s10 = tl.sum(b_go * tl.load(p_value_l + o_10[:, None] + o_d[None, :], mask=m_10, other=0.0).to(tl.float32), axis=1)
-            b_s11 = tl.sum(b_go * tl.load(p_value_l + o_11[:, None] + o_d[None, :], mask=m_11, other=0.0).to(tl.float32), axis=1)
+            b_v = tl.load(p_value_l + o_00[:, None] + o_d[None, :], mask=m_00, other=0.0)  # (BLOCK_Q, BLOCK_D)
+            b_s00 = tl.sum(b_go * b_v.to(tl.float32), axis=1)  # (BLOCK_Q,)
+            b_v = tl.load(p_value_l + o_01[:, None] + o_d[None, :], mask=m_01, other=0.0)
+            b_s01 = tl.sum(b_go * b_v.to(tl.float32), axis=1)
+            b_v = tl.load(p_value_l + o_10[:, None] + o_d[None, :], mask=m_10, other=0.0)
+            b_s10 = tl.sum(b_go * b_v.to(tl.float32), axis=1)
+            b_v = tl.load(p_value_l + o_11[:, None] + o_d[None, :], mask=m_11, other=0.0)
+            b_s11 = tl.sum(b_go * b_v.to(tl.float32), axis=1)
             # d out / d attn = <grad_out, bilinear sample>.
             b_grad_a = b_gy * (b_gx * b_s00 + b_fx * b_s01) + b_fy * (b_gx * b_s10 + b_fx * b_s11)
             # d sample / d fx = gy (v01 - v00) + fy (v11 - v10); fx = x * W - 0.5 - floor(.), so d fx / d x = W.
@@ -278,10 +287,11 @@ def ms_deform_attn_bwd_kernel(
 
             # d out / d value at each corner = attn * bilinear weight * grad_out; scattered with atomics.
             b_ago = b_a[:, None] * b_go
-            tl.atomic_add(p_grad_value_l + o_00[:, None] + o_d[None, :], (b_gy * b_gx)[:, None] * b_ago, mask=m_00, sem="relaxed")
-            tl.atomic_add(p_grad_value_l + o_01[:, None] + o_d[None, :], (b_gy * b_fx)[:, None] * b_ago, mask=m_01, sem="relaxed")
-            tl.atomic_add(p_grad_value_l + o_10[:, None] + o_d[None, :], (b_fy * b_gx)[:, None] * b_ago, mask=m_10, sem="relaxed")
-            tl.atomic_add(p_grad_value_l + o_11[:, None] + o_d[None, :], (b_fy * b_fx)[:, None] * b_ago, mask=m_11, sem="relaxed")
+            p_gv = p_grad_value_l + o_d[None, :]
+            tl.atomic_add(p_gv + o_00[:, None], (b_gy * b_gx)[:, None] * b_ago, mask=m_00, sem="relaxed")
+            tl.atomic_add(p_gv + o_01[:, None], (b_gy * b_fx)[:, None] * b_ago, mask=m_01, sem="relaxed")
+            tl.atomic_add(p_gv + o_10[:, None], (b_fy * b_gx)[:, None] * b_ago, mask=m_10, sem="relaxed")
+            tl.atomic_add(p_gv + o_11[:, None], (b_fy * b_fx)[:, None] * b_ago, mask=m_11, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------------------
