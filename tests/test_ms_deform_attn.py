@@ -7,7 +7,6 @@ locations on and outside the borders. Outputs are poisoned with NaN before the k
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -17,18 +16,6 @@ from m2f.kernels import ms_deform_attn
 from m2f.kernels.ms_deform_attn import ms_deform_attn_torch, triton_kernels
 from tests.utils import poisoned_like, rel_err
 
-class _SeededGenerator(torch.Generator):
-    """A Generator that can carry its seed: torch 2.13's Generator takes no new attributes, so conftest's
-    ``g.seed_value = seed`` raises. This local ``rng`` keeps conftest's contract (fresh seed, ``seed_value``)."""
-
-
-@pytest.fixture
-def rng() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    g = _SeededGenerator()
-    g.manual_seed(seed)
-    g.seed_value = seed
-    return g
 
 
 HALF_TOL = 1e-2

@@ -7,9 +7,7 @@ Triton's interpreter on a tiny config.
 """
 from __future__ import annotations
 
-import os
 
-import pytest
 import torch
 
 import m2f
@@ -18,17 +16,6 @@ from m2f.pixel_decoder import MSDeformAttnPixelDecoder
 from tests.utils import rel_err
 
 
-class _SeededGenerator(torch.Generator):
-    """A Generator that carries its seed (torch 2.13's Generator takes no new attributes)."""
-
-
-@pytest.fixture
-def rng() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    g = _SeededGenerator()
-    g.manual_seed(seed)
-    g.seed_value = seed
-    return g
 
 
 def tiny_config() -> Mask2FormerConfig:
