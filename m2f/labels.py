@@ -19,9 +19,14 @@ For the two semantic label sets ``thing_classes`` still records which classes ar
 """
 from __future__ import annotations
 
+import colorsys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import M2FError
+
+if TYPE_CHECKING:
+    from .config import Mask2FormerConfig
 
 Color = tuple[int, int, int]
 
@@ -407,3 +412,33 @@ def dataset_labels(name: str) -> DatasetLabels:
     except KeyError:
         raise M2FError(f"unknown dataset {name!r}; choose one of: {', '.join(_DATASETS)}") from None
     return build()
+
+
+def generated_colors(count: int) -> tuple[Color, ...]:
+    """``count`` distinct, deterministic colours (golden-ratio hue steps) for label sets without their own."""
+    colors = []
+    for i in range(count):
+        hue = (i * 0.618033988749895) % 1.0
+        saturation = 0.65 + 0.35 * ((i * 7) % 3) / 2
+        value = 0.95 - 0.3 * ((i * 5) % 4) / 3
+        r, g, b = colorsys.hsv_to_rgb(hue, saturation, value)
+        colors.append((int(round(r * 255)), int(round(g * 255)), int(round(b * 255))))
+    return tuple(colors)
+
+
+def labels_for_config(config: "Mask2FormerConfig") -> DatasetLabels:
+    """The label set a model config describes. Names, things and dataset ids come from the config; colours from
+    the known dataset with the same class names, else :func:`generated_colors`."""
+    names = tuple(config.class_name(i) for i in range(config.num_classes))
+    colors = None
+    for build in _DATASETS.values():
+        known = build()
+        if known.names == names:
+            colors = known.colors
+            break
+    return DatasetLabels(
+        names=names,
+        thing_classes=tuple(sorted(set(int(i) for i in config.thing_classes))),
+        dataset_ids=tuple(config.dataset_id(i) for i in range(config.num_classes)),
+        colors=colors if colors is not None else generated_colors(config.num_classes),
+    )

@@ -5,7 +5,8 @@ import pytest
 
 from m2f.config import DATASET_PRESETS, preset, preset_names
 from m2f.errors import M2FError
-from m2f.labels import dataset_labels, dataset_names
+from m2f.config import Mask2FormerConfig
+from m2f.labels import dataset_labels, dataset_names, generated_colors, labels_for_config
 
 
 @pytest.mark.parametrize("name", dataset_names())
@@ -65,3 +66,15 @@ def test_every_preset_builds_with_labels(name):
     labels = dataset_labels(dataset)
     assert cfg.class_names == labels.names and cfg.num_classes == labels.num_classes
     assert cfg.dataset_id(cfg.num_classes - 1) == labels.dataset_ids[-1]
+
+
+def test_labels_for_config_uses_known_colours_or_generates_them():
+    cfg = preset("r50-coco-panoptic")
+    labels = labels_for_config(cfg)
+    assert labels == dataset_labels("coco-panoptic")
+    custom = Mask2FormerConfig(num_classes=5, thing_classes=(3, 1))
+    labels = labels_for_config(custom)
+    assert labels.names == ("class_0", "class_1", "class_2", "class_3", "class_4")
+    assert labels.thing_classes == (1, 3) and labels.dataset_ids == (0, 1, 2, 3, 4)
+    assert labels.colors == generated_colors(5) and len(set(labels.colors)) == 5
+    assert len(set(generated_colors(300))) == 300
