@@ -215,3 +215,19 @@ def test_prediction_loop_panoptic_files_are_consistent(tmp_path, rng):
             assert s["isthing"] == (config.dataset_ids.index(s["category_id"]) in config.thing_classes)
         overlay = np.asarray(Image.open(out / e.outputs["overlay"]))
         assert overlay.shape == (e.height, e.width, 3)
+
+
+def test_subprocess_exit_status_on_bad_input(tmp_path):
+    import subprocess
+    import sys
+
+    out_dir = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "m2f", "predict", str(tmp_path / "missing.png"), "--checkpoint", str(tmp_path),
+         "--out", str(out_dir)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"m2f: error: image {tmp_path / 'missing.png'} does not exist; "
+                                               "check the path"]
+    assert not out_dir.exists()

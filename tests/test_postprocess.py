@@ -68,7 +68,7 @@ def _official_panoptic(mask_cls, mask_logits, thing_ids, object_mask_threshold, 
     cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], mask_pred[keep]
     cur_prob_masks = cur_scores.view(-1, 1, 1) * cur_masks
     h, w = mask_pred.shape[-2:]
-    seg = torch.zeros((h, w), dtype=torch.int32)
+    seg = torch.zeros((h, w), dtype=torch.int32, device=mask_logits.device)
     infos = []
     if cur_masks.shape[0] == 0:
         return seg, infos
@@ -394,3 +394,18 @@ def test_bad_shapes_raise_input_error():
         instance(cls, masks, [(8, 8), (8, 8)], [(8, 8)], (32, 32))
     with pytest.raises(InputError, match="thing_classes"):
         panoptic(cls, masks, [(8, 8)], [(8, 8)], (32, 32), thing_classes=(7,))
+
+
+@pytest.mark.gpu
+def test_panoptic_on_gpu_equals_official_loop_on_gpu(rng):
+    num_classes, thing_ids = 7, (0, 2, 3)
+    cls, masks = _random_outputs(rng, 2, 24, num_classes, (16, 16))
+    cls, masks = cls.cuda(), masks.cuda()
+    sizes, originals = [(64, 60), (50, 64)], [(64, 60), (77, 90)]
+    results = panoptic(cls, masks, sizes, originals, (64, 64), thing_classes=thing_ids, object_mask_threshold=0.6)
+    upsampled = _official_upsample(masks, (64, 64), sizes, originals)
+    for i, result in enumerate(results):
+        assert result.segmentation.is_cuda
+        ref_seg, ref_infos = _official_panoptic(cls[i], upsampled[i], thing_ids, 0.6, 0.8)
+        assert torch.equal(result.segmentation.cpu(), ref_seg.cpu()), f"seed {rng.seed_value}"
+        assert [(s.id, s.label) for s in result.segments] == [(d["id"], d["category_id"]) for d in ref_infos]
