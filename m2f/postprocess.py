@@ -125,7 +125,9 @@ def _check_inputs(
     return padded_size
 
 
-def resize_mask_logits(mask_logits: torch.Tensor, padded_size: Size, image_size: Size, original_size: Size) -> torch.Tensor:
+def resize_mask_logits(
+    mask_logits: torch.Tensor, padded_size: Size, image_size: Size, original_size: Size
+) -> torch.Tensor:
     """(N, h', w') stride-4 logits -> (N, H, W) at the original size, as the official eval path does.
 
     Upsample to the padded input size, crop the image's region, resize to the original size (detectron2

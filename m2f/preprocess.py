@@ -46,7 +46,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise InputError(f"image {path} is too large to decode safely ({_one_line(exc)})") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated / corrupt data, unreadable file
-        raise InputError(f"image {path} cannot be decoded ({_one_line(exc)}); the file is corrupt or truncated") from None
+        problem = _one_line(exc)
+        raise InputError(f"image {path} cannot be decoded ({problem}); the file is corrupt or truncated") from None
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 
