@@ -231,3 +231,213 @@ def test_subprocess_exit_status_on_bad_input(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"m2f: error: image {tmp_path / 'missing.png'} does not exist; "
                                                "check the path"]
     assert not out_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end: a tiny random m2f model saved with save_pretrained, run through `m2f predict`
+# ---------------------------------------------------------------------------------------------------------------
+
+# (H, W) and format: padded sizes 64x64 (four images) and 32x96 (one)
+E2E_IMAGES = [("a.png", 40, 60), ("b.jpg", 33, 64), ("c.png", 64, 64), ("d.jpg", 50, 50), ("e.png", 20, 90)]
+
+
+@pytest.fixture(scope="module")
+def e2e_images(tmp_path_factory) -> list[Path]:
+    g = _SeededGenerator()
+    g.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    folder = tmp_path_factory.mktemp("images")
+    return [_write_image(folder / name, g, h, w) for name, h, w in E2E_IMAGES]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, e2e_images) -> tuple[Path, int]:
+    """A small random Mask2Former (ResNet backbone), saved with m2f's save_pretrained.
+
+    At its initialisation every query of a random decoder gives about the same output (so all say "no object", or
+    all overlap and fail the overlap test): spread the query features and sharpen the class and mask heads, and
+    draw fresh seeds until the first test image gets at least one panoptic segment, so the tests see real ones.
+    """
+    import m2f
+    from m2f.checkpoints.native import save_pretrained
+    from m2f.config import PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
+    from m2f.postprocess import panoptic
+    from m2f.preprocess import load_image, preprocess
+
+    config = Mask2FormerConfig(
+        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=8, hidden_sizes=(16, 32, 48, 64)),
+        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=1, num_heads=4, ffn_dim=64,
+                                         norm_groups=8),
+        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=10, num_heads=4, ffn_dim=64,
+                                                     num_layers=2),
+        num_classes=6,
+        class_names=("person", "car", "dog", "road", "sky", "grass"),
+        thing_classes=(0, 1, 2),
+        dataset_ids=(1, 3, 18, 149, 187, 193),
+        default_task="panoptic",
+        name="tiny-test",
+    )
+    probe = preprocess([load_image(e2e_images[0])], config)
+    seeds = []
+    for _ in range(30):
+        seed = int.from_bytes(os.urandom(4), "little")
+        seeds.append(seed)
+        torch.manual_seed(seed)
+        model = m2f.build_model(config).eval()
+        with torch.no_grad():
+            decoder = model.transformer_decoder
+            decoder.query_feat.weight.normal_(0.0, 3.0)
+            decoder.class_embed.weight.mul_(10.0)
+            decoder.mask_embed.layers[-1].weight.mul_(10.0)
+            out = model(probe.pixel_values)
+        (result,) = panoptic(out.pred_logits, out.pred_masks, probe.image_sizes, probe.original_sizes,
+                             probe.padded_size, thing_classes=config.thing_classes)
+        if result.segments:
+            path = tmp_path_factory.mktemp("ckpt") / "tiny"
+            save_pretrained(model, path)
+            return path, seed
+    raise AssertionError(f"no random model among seeds {seeds} gave a panoptic segment")
+
+
+def _predict(images, checkpoint, out, *extra) -> int:
+    return main(["predict", *map(str, images), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
+                 *extra])
+
+
+@pytest.mark.parametrize("task", ["panoptic", "instance", "semantic"])
+def test_e2e_predict_writes_every_file(tmp_path, tiny_checkpoint, e2e_images, task, capsys):
+    from pycocotools import mask as mask_util
+
+    checkpoint, seed = tiny_checkpoint
+    out = tmp_path / "out"
+    assert _predict(e2e_images, checkpoint, out, "--task", task) == 0, capsys.readouterr().err
+    index = json.loads((out / "predictions.json").read_text())
+    assert index["task"] == task and index["model"] == "tiny-test" and len(index["images"]) == len(e2e_images)
+    expected_files = {"predictions.json"}
+    config_ids = (1, 3, 18, 149, 187, 193)
+    nonempty = 0
+    for item, (name, h, w) in zip(index["images"], E2E_IMAGES):
+        stem = Path(name).stem
+        assert item["image"].endswith(name) and (item["height"], item["width"]) == (h, w)
+        names = output_names(stem, task)
+        assert {k: item[k] for k in names} == names
+        expected_files.update(names.values())
+        overlay = np.asarray(Image.open(out / names["overlay"]))
+        assert overlay.shape == (h, w, 3) and overlay.dtype == np.uint8
+        if task == "panoptic":
+            ids = rgb_to_id(np.asarray(Image.open(out / names["panoptic_png"])))
+            info = json.loads((out / names["panoptic_json"]).read_text())
+            assert ids.shape == (h, w) and info["file_name"] == names["panoptic_png"] and info["image_id"] == stem
+            assert sorted(int(i) for i in np.unique(ids) if i) == sorted(s["id"] for s in info["segments_info"])
+            for s in info["segments_info"]:
+                assert s["area"] == int((ids == s["id"]).sum()) > 0
+                assert s["category_id"] in config_ids and 0.8 < s["score"] <= 1.0
+            nonempty += bool(info["segments_info"])
+        elif task == "instance":
+            anns = json.loads((out / names["instances_json"]).read_text())
+            assert len(anns) > 0
+            for ann in anns:
+                assert ann["image_id"] == stem and ann["category_id"] in (1, 3, 18), "panoptic model: things only"
+                rle = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
+                assert mask_util.decode(rle).shape == (h, w)
+            assert [a["score"] for a in anns] == sorted((a["score"] for a in anns), reverse=True)
+            nonempty += 1
+        else:
+            ids = np.asarray(Image.open(out / names["semantic_png"]))
+            assert ids.shape == (h, w) and ids.dtype == np.uint8 and set(np.unique(ids).tolist()) <= set(config_ids)
+            nonempty += 1
+    assert nonempty > 0, f"checkpoint seed {seed}: no image produced any segment"  # the fixture ensures one
+    assert set(os.listdir(out)) == expected_files, "exactly the planned files, no temporaries"
+
+
+def test_e2e_batch_size_two_equals_batch_size_one(tmp_path, tiny_checkpoint, e2e_images, capsys):
+    # Only images of the same padded size share a batch, so each image's input tensor is the same as at batch
+    # size 1; what remains is float noise of batched convolutions (~1e-5 on the CPU), hence the tolerances.
+    checkpoint, seed = tiny_checkpoint
+    runs = {}
+    for batch_size in (1, 2):
+        out = tmp_path / f"bs{batch_size}"
+        assert _predict(e2e_images, checkpoint, out, "--batch-size", str(batch_size)) == 0, capsys.readouterr().err
+        runs[batch_size] = out
+    for name, h, w in E2E_IMAGES:
+        stem = Path(name).stem
+        a = rgb_to_id(np.asarray(Image.open(runs[1] / f"{stem}_panoptic.png")))
+        b = rgb_to_id(np.asarray(Image.open(runs[2] / f"{stem}_panoptic.png")))
+        assert (a == b).mean() >= 0.999, f"{name}: checkpoint seed {seed}"
+        ia = json.loads((runs[1] / f"{stem}_panoptic.json").read_text())["segments_info"]
+        ib = json.loads((runs[2] / f"{stem}_panoptic.json").read_text())["segments_info"]
+        assert [(s["id"], s["category_id"]) for s in ia] == [(s["id"], s["category_id"]) for s in ib], name
+        assert [s["score"] for s in ia] == pytest.approx([s["score"] for s in ib], rel=1e-4), name
+
+
+def test_e2e_resize_reports_at_original_size(tmp_path, tiny_checkpoint, e2e_images, capsys):
+    checkpoint, _ = tiny_checkpoint
+    out = tmp_path / "out"
+    code = _predict(e2e_images[:2], checkpoint, out, "--task", "semantic", "--resize-shortest", "48",
+                    "--max-size", "80")
+    assert code == 0, capsys.readouterr().err
+    index = json.loads((out / "predictions.json").read_text())
+    assert index["resize_shortest"] == 48 and index["max_size"] == 80
+    for name, h, w in E2E_IMAGES[:2]:
+        assert np.asarray(Image.open(out / f"{Path(name).stem}_semantic.png")).shape == (h, w)
+
+
+def test_e2e_bad_checkpoints_and_existing_outputs(tmp_path, tiny_checkpoint, e2e_images, capsys):
+    checkpoint, _ = tiny_checkpoint
+    text = tmp_path / "weights.pth"
+    text.write_text("not a checkpoint\n")
+    empty_dir = tmp_path / "empty_dir"
+    empty_dir.mkdir()
+    cases = {
+        "text file": text,
+        "an image": e2e_images[0],
+        "empty directory": empty_dir,
+        "missing path": tmp_path / "nowhere",
+    }
+    for case, bad in cases.items():
+        out = tmp_path / f"out_{case.replace(' ', '_')}"
+        code = _predict(e2e_images, bad, out)
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("m2f: error: "), f"{case}: {err!r}"
+        assert "Traceback" not in err and not out.exists(), case
+
+    # a good checkpoint with one corrupt image among good ones: still nothing written
+    corrupt = tmp_path / "z.png"
+    corrupt.write_bytes(e2e_images[0].read_bytes()[:80])
+    out = tmp_path / "out_corrupt"
+    assert _predict([*e2e_images, corrupt], checkpoint, out) == 2
+    assert "z.png" in capsys.readouterr().err and not out.exists()
+
+    # existing outputs are not overwritten without --force, and nothing else is written either
+    out = tmp_path / "out_existing"
+    out.mkdir()
+    (out / "b_overlay.png").write_bytes(b"keep me")
+    assert _predict(e2e_images[:2], checkpoint, out) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(out) == ["b_overlay.png"] and (out / "b_overlay.png").read_bytes() == b"keep me"
+    assert _predict(e2e_images[:2], checkpoint, out, "--force") == 0
+    assert (out / "b_overlay.png").read_bytes() != b"keep me"
+
+
+def test_e2e_subprocess(tmp_path, tiny_checkpoint, e2e_images):
+    import subprocess
+    import sys
+
+    checkpoint, _ = tiny_checkpoint
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "m2f", "predict", str(e2e_images[0]), str(e2e_images[4]), "--checkpoint",
+         str(checkpoint), "--out", str(out), "--device", "cpu", "--task", "instance"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["a_instances.json", "a_overlay.png", "e_instances.json", "e_overlay.png",
+                                       "predictions.json"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "m2f", "predict", str(e2e_images[0]), "--checkpoint", str(e2e_images[1]),
+         "--out", str(tmp_path / "bad")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("m2f: error: ") and len(bad.stderr.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
