@@ -47,8 +47,8 @@ def _boundaries(segment_map: np.ndarray) -> np.ndarray:
 
 
 def _label_anchors(segment_map: np.ndarray, ids: list[int]) -> dict[int, tuple[int, int]]:
-    """For each id, the (x, y) of its pixel farthest from a segment boundary / the image border (the middle one,
-    in raster order, of those tied at that distance)."""
+    """For each id, the (x, y) of its pixel farthest from a segment boundary / the image border (of those tied at
+    that distance, the one nearest their centroid)."""
     inner = ~_boundaries(segment_map)
     inner[0, :] = inner[-1, :] = inner[:, 0] = inner[:, -1] = False
     distance = ndimage.distance_transform_edt(inner)
@@ -63,8 +63,10 @@ def _label_anchors(segment_map: np.ndarray, ids: list[int]) -> dict[int, tuple[i
         if first == last:
             continue
         tied = int(np.count_nonzero(sorted_dist[first:last] == sorted_dist[first]))
-        y, x = divmod(int(order[first + tied // 2]), width)
-        anchors[seg_id] = (x, y)
+        ys, xs = np.divmod(order[first : first + tied], width)
+        # of the tied pixels (a ridge, e.g. the middle line of a rectangle), the one nearest their centroid
+        pick = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+        anchors[seg_id] = (int(xs[pick]), int(ys[pick]))
     return anchors
 
 
