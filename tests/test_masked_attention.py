@@ -126,15 +126,15 @@ def test_normalize_allow_opens_empty_rows():
 
 # (B, H, Nq, Nk, D, density, empty rows, per-head mask, mask kind, forced keys per split)
 FORWARD_CASES = {
-    "logits-prescan-d24": (2, 3, 19, 77, 24, 0.3, 3, False, "logits", None),
+    "logits-one-split-d24": (2, 3, 19, 77, 24, 0.3, 3, False, "logits", None),
     "bool-split-perhead": (2, 2, 21, 83, 32, 0.05, 2, True, "bool", 32),
-    "dense90-split16": (1, 2, 17, 61, 16, 0.9, 1, False, "logits", 16),
-    "sparse1pct-split": (1, 2, 18, 97, 24, 0.01, 0, False, "bool", 48),
+    "dense90-split32": (1, 2, 17, 61, 16, 0.9, 1, False, "logits", 32),
+    "sparse1pct-split": (1, 2, 18, 97, 24, 0.01, 0, False, "bool", 64),
     "all-allowed": (1, 2, 9, 40, 32, 2.0, 0, False, "logits", None),
-    "all-forbidden-split": (1, 2, 9, 40, 32, -1.0, 0, True, "bool", 16),
-    "nq1": (2, 2, 1, 50, 32, 0.2, 0, False, "logits", 16),
+    "all-forbidden-split": (1, 2, 9, 40, 32, -1.0, 0, True, "bool", 32),
+    "nq1": (2, 2, 1, 50, 32, 0.2, 0, False, "logits", 32),
     "nk1": (2, 2, 7, 1, 32, 0.5, 0, False, "bool", None),
-    "odd-nk-d20-split": (1, 1, 5, 33, 20, 0.5, 2, False, "logits", 16),
+    "odd-nk-d20-split": (1, 1, 5, 33, 20, 0.5, 2, False, "logits", 32),
 }
 
 
@@ -164,7 +164,7 @@ def test_forward_float32(rng, poison_scratch, name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kps", [None, 16])
+@pytest.mark.parametrize("kps", [None, 32])
 def test_forward_half(rng, poison_scratch, dtype, kps):
     B, H, n_q, n_k, D = 2, 2, 19, 71, 24
     (q64, k64, v64), (q, k, v) = make_qkv(rng, B, H, n_q, n_k, D, dtype)
@@ -184,10 +184,10 @@ def test_forward_block_skipping_configs(rng, poison_scratch, skip):
     B, H, n_q, n_k, D = 1, 2, 20, 80, 16
     (q64, k64, v64), (q, k, v) = make_qkv(rng, B, H, n_q, n_k, D, torch.float32)
     allow = torch.zeros(B, n_q, n_k, dtype=torch.bool)
-    allow[:, :10, 16:32] = torch.rand(B, 10, 16, generator=rng) < 0.5  # only block 1 for tile 0
-    allow[:, :10, 20] = True
-    allow[:, 10:, 64:] = True  # tile 1 (rows 16..19 share it with rows 10..15)
-    config = {"BLOCK_Q": 16, "BLOCK_K": 16, "SKIP_EMPTY": skip, "num_warps": 1, "num_stages": 1}
+    allow[:, :10, 32:48] = torch.rand(B, 10, 16, generator=rng) < 0.5  # key block 1 only ...
+    allow[:, :10, 40] = True
+    allow[:, 10:, 64:] = True  # ... and block 2: tile 0 skips block 0, tile 1 (rows 16..19) blocks 0 and 1
+    config = {"BLOCK_Q": 16, "BLOCK_K": 32, "SKIP_EMPTY": skip, "num_warps": 1, "num_stages": 1}
     for kps in (None, 32):
         got, _ = tk.masked_attention_fwd(q, k, v, allow.to(DEVICE), False, keys_per_split=kps, config=config,
                                          out=poisoned_like(q))
@@ -197,26 +197,42 @@ def test_forward_block_skipping_configs(rng, poison_scratch, skip):
 
 def test_empty_rows_compose_with_splits(rng, poison_scratch):
     """Rows whose only allowed key sits in the last split, rows allowed in one middle split, and empty rows."""
-    B, H, n_q, n_k, D = 1, 2, 6, 64, 16
+    B, H, n_q, n_k, D = 1, 2, 6, 96, 16
     (q64, k64, v64), (q, k, v) = make_qkv(rng, B, H, n_q, n_k, D, torch.float32)
     allow = torch.zeros(B, n_q, n_k, dtype=torch.bool)
-    allow[0, 0, 63] = True
+    allow[0, 0, 95] = True
     allow[0, 1, 20:28] = True
     allow[0, 2, 0] = True
     allow[0, 3, ::7] = True  # rows 4, 5 stay empty
     ref = reference(q64, k64, v64, allow)
-    for kps in (16, 32, None):
+    for kps in (32, 64, None):
         got, _ = tk.masked_attention_fwd(q, k, v, allow.to(DEVICE), False, keys_per_split=kps, out=poisoned_like(q))
         err = rel_err(got, ref)
         assert err <= 1e-5, f"kps={kps} seed {rng.seed_value}: {err}"
 
 
-def test_row_empty_flags(rng, poison_scratch):
-    logits = make_logits(rng, (2, 3, 9, 150), 0.02, empty_rows=4)
-    flags = tk.row_empty_flags(logits.to(DEVICE), True)
-    assert torch.equal(flags.cpu().bool(), ~(logits >= 0).any(-1)), f"seed {rng.seed_value}"
-    flags = tk.row_empty_flags((logits >= 0).view(torch.uint8).to(DEVICE), False)
-    assert torch.equal(flags.cpu().bool(), ~(logits >= 0).any(-1)), f"seed {rng.seed_value}"
+def unpack(bits, n_k):
+    """(B, Hm, Nq, W) int32 words -> (B, Hm, Nq, Nk) bool."""
+    shifts = torch.arange(32, dtype=torch.int64)
+    unpacked = (bits.cpu().long()[..., None] >> shifts) & 1  # (B, Hm, Nq, W, 32)
+    return unpacked.flatten(-2)[..., :n_k].bool()
+
+
+@pytest.mark.parametrize("n_k", [1, 31, 32, 150])
+def test_pack_mask_opens_empty_rows(rng, poison_scratch, n_k):
+    logits = make_logits(rng, (2, 3, 9, n_k), 0.05, empty_rows=4)
+    want = normalize_allow(logits >= 0, 3)
+    bits = tk.pack_mask(logits.to(DEVICE), True, 3)
+    assert bits.shape == (2, 3, 9, (n_k + 31) // 32)
+    assert torch.equal(unpack(bits, n_k), want), f"seed {rng.seed_value}"
+    bits = tk.pack_mask((logits >= 0).to(DEVICE), False, 3)
+    assert torch.equal(unpack(bits, n_k), want), f"seed {rng.seed_value}"
+    # bits past Nk stay clear, also in opened rows
+    words = bits.cpu().long() & 0xFFFFFFFF
+    if n_k % 32:
+        assert int((words[..., -1] >> (n_k % 32)).max()) == 0, f"seed {rng.seed_value}"
+    # a mask shared by the heads packs once
+    assert tk.pack_mask(logits[:, 0].to(DEVICE), True, 3).shape == (2, 1, 9, (n_k + 31) // 32)
 
 
 def test_broadcast_head_mask(rng):
@@ -263,7 +279,7 @@ def test_autograd_float32(rng, poison_scratch, per_head, kind):
         assert err <= 1e-4, f"d{name} seed {rng.seed_value}: rel_err {err}"
 
 
-@pytest.mark.parametrize("dtype, kps", [(torch.float32, 16), (torch.bfloat16, None)])
+@pytest.mark.parametrize("dtype, kps", [(torch.float32, 32), (torch.bfloat16, None)])
 def test_backward_split(rng, poison_scratch, dtype, kps):
     """dQ split over keys (float32 partials summed), dK/dV with empty rows and an odd key count."""
     B, H, n_q, n_k, D = 1, 2, 18, 53, 32
