@@ -72,14 +72,14 @@ GPU_CONFIGS = {
     "fwd": {
         "half": [(64, 64, True, 4, 2), (64, 128, True, 4, 2), (128, 64, True, 8, 2), (64, 64, False, 4, 3),
                  (64, 128, False, 4, 3), (128, 64, False, 8, 3)],
-        "fp32": [(32, 32, True, 4, 2), (32, 32, False, 4, 3), (64, 32, True, 4, 2), (32, 64, True, 8, 2)],
+        "fp32": [(32, 32, True, 4, 2), (32, 32, False, 4, 3), (64, 32, True, 8, 2), (32, 64, True, 8, 2)],
     },
     "dkdv": {
         "half": [(32, 64, True, 4, 2), (64, 64, True, 4, 2), (32, 128, True, 8, 2), (32, 64, False, 4, 3)],
-        "fp32": [(32, 32, True, 4, 2), (16, 64, True, 4, 2), (32, 32, False, 4, 3)],
+        "fp32": [(32, 32, True, 4, 2), (32, 64, True, 8, 2), (32, 32, False, 4, 3)],
     },
     "dq": {
-        "half": [(64, 64, True, 4, 2), (64, 128, True, 8, 2), (64, 64, False, 4, 3)],
+        "half": [(64, 64, True, 4, 2), (128, 64, True, 8, 2), (64, 64, False, 4, 3)],
         "fp32": [(32, 32, True, 4, 2), (32, 32, False, 4, 3), (64, 32, True, 8, 2)],
     },
 }
@@ -365,11 +365,10 @@ def _bwd_dkdv_kernel(
     for q0 in range(0, n_q, BLOCK_Q):
         offs_q = q0 + offs_q0
         q_in = offs_q < n_q
-        in_range = k_in[:, None] & q_in[None, :]
         b_w = tl.load(bits_base + word[:, None] + offs_q[None, :] * stride_bq,
                       mask=(word < n_words)[:, None] & q_in[None, :], other=0)  # (BK / 32, BQ)
-        # (BK / 32, 32, BQ) -> (BK, BQ): key 32 w + j is bit j of word w
-        b_allow = (tl.reshape((b_w[:, None, :] >> offs_j[None, :, None]) & 1, (BLOCK_K, BLOCK_Q)) != 0) & in_range
+        # (BK / 32, 32, BQ) -> (BK, BQ): key 32 w + j is bit j of word w (bits past Nk are clear)
+        b_allow = tl.reshape((b_w[:, None, :] >> offs_j[None, :, None]) & 1, (BLOCK_K, BLOCK_Q)) != 0
         if SKIP_EMPTY:
             run = tl.reduce((b_w != 0).to(tl.int32), None, _MAX) > 0
         else:
