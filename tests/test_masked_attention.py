@@ -345,3 +345,21 @@ def test_input_errors(rng):
         masked_attention(q.double(), k.double(), v.double(), good, backend="triton")
     with pytest.raises(InputError, match="share one floating dtype"):
         masked_attention(q, k.half(), v, good, backend="torch")
+
+
+def test_torch_compile_fullgraph(rng):
+    """The ops trace without graph breaks (fake kernels + registered autograd) and give the eager result."""
+    (q64, k64, v64), (q, k, v) = make_qkv(rng, 1, 2, 9, 40, 16, torch.float32, layout="bnhd")
+    logits = make_logits(rng, (1, 9, 40), 0.3, empty_rows=1).to(DEVICE)
+    q.requires_grad_(True)
+
+    def layer(q, k, v, logits):
+        out = masked_attention_from_logits(q, k, v, logits, backend="triton")
+        return out.transpose(1, 2).reshape(1, 9, 32)
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v, logits)
+    out.sum().backward()
+    ref = masked_attention_torch(q64, k64, v64, logits.cpu() >= 0).transpose(1, 2).reshape(1, 9, 32)
+    assert rel_err(out, ref) <= 1e-5, f"seed {rng.seed_value}"
+    assert q.grad is not None and torch.isfinite(q.grad).all()
