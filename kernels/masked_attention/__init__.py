@@ -1,7 +1,8 @@
 """Masked cross-attention of the Mask2Former transformer decoder.
 
-``naive.py`` holds the plain-PyTorch reference; ``triton_kernels.py`` the fused Triton kernels (mask read in place,
-empty-row rule and split-KV inside; see its header); ``op.py`` their ``torch.library`` ops
+``naive.py`` holds the plain-PyTorch reference; ``triton_kernels.py`` the fused Triton kernels (the mask, bool or
+logits, packed to bits by a pre-pass that also applies the empty-row rule; split-KV flash attention; FA2-style
+backward; see its header); ``op.py`` their ``torch.library`` ops
 (``m2f::masked_attention``, ``m2f::masked_attention_from_logits``) with fake kernels and autograd; ``lowres.py``
 mask logits computed directly at the keys' resolution.
 """

@@ -8,6 +8,10 @@ The mask is never expanded over heads: it is a bool tensor (allowed ⇔ True) or
 (B, H, Nq, Nk) per head (a head stride of 0 counts as shared). Scores are never materialised: online softmax with
 float32 statistics and accumulators.
 
+(The official code tests sigmoid(logit) < 0.5 in the logits' dtype. In float32 that equals logit < 0 except for
+logits within ~2e-7 below 0; in bfloat16 / float16 sigmoid rounds to 0.5 for logits above -2^-8 / -2^-11 (measured on the
+CPU), so the official rule then also allows those keys. m2f applies logit >= 0 in every dtype.)
+
 Design
   * One pre-pass packs the mask to bits and applies the empty-row rule. ``_pack_mask_kernel`` (one program per
     mask row) streams the row once, writes one int32 word per 32 keys and, for a row with no allowed key, then
@@ -238,7 +242,8 @@ def _fwd_kernel(
     l_safe = tl.where(has_keys, l_i, 1.0)
     b_o = acc / l_safe[:, None]
     b_lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("-inf"))
-    p_o = OUT + b * stride_ob + h * stride_oh + split * stride_os + offs_q[:, None] * stride_oq + offs_d[None, :] * stride_od
+    p_o = OUT + b * stride_ob + h * stride_oh + split * stride_os
+    p_o = p_o + offs_q[:, None] * stride_oq + offs_d[None, :] * stride_od
     tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=q_in[:, None] & d_in[None, :])
     tl.store(LSE + b * stride_lb + h * stride_lh + split * stride_ls + offs_q, b_lse, mask=q_in)
 
@@ -475,7 +480,8 @@ def _bwd_dq_kernel(
             # (BQ, BK) x (BK, BD) -> (BQ, BD)
             b_dq += tl.dot(b_ds.to(b_k.dtype).to(DOT_DTYPE), b_k.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     b_dq = b_dq * sm_scale
-    p_dq = DQ + b * stride_db + h * stride_dh + split * stride_ds + offs_q[:, None] * stride_dq + offs_d[None, :] * stride_dd
+    p_dq = DQ + b * stride_db + h * stride_dh + split * stride_ds
+    p_dq = p_dq + offs_q[:, None] * stride_dq + offs_d[None, :] * stride_dd
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
