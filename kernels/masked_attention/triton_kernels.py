@@ -9,8 +9,8 @@ The mask is never expanded over heads: it is a bool tensor (allowed ⇔ True) or
 float32 statistics and accumulators.
 
 (The official code tests sigmoid(logit) < 0.5 in the logits' dtype. In float32 that equals logit < 0 except for
-logits within ~2e-7 below 0; in bfloat16 / float16 sigmoid rounds to 0.5 for logits above -2^-8 / -2^-11 (measured on the
-CPU), so the official rule then also allows those keys. m2f applies logit >= 0 in every dtype.)
+logits within ~2e-7 below 0; in bfloat16 / float16 sigmoid rounds to 0.5 for logits above -2^-8 / -2^-11
+(measured on the CPU), so the official rule then also allows those keys. m2f applies logit >= 0 in every dtype.)
 
 Design
   * One pre-pass packs the mask to bits and applies the empty-row rule. ``_pack_mask_kernel`` (one program per
