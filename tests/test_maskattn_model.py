@@ -75,3 +75,43 @@ def test_decoder_triton_gradients_match_torch(rng):  # noqa: F811
 
 def F_interp(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(masks, size=size, mode="bilinear", align_corners=False).flatten(2)
+
+
+def tiny_model_pair(gen: torch.Generator):
+    """A tiny random Mask2Former built with backend "torch" and the same weights with backend "triton" (both
+    attention kernels: deformable attention in the pixel decoder, masked attention in the transformer decoder)."""
+    import m2f
+    from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig
+
+    torch.manual_seed(gen.seed_value)
+    config = Mask2FormerConfig(
+        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=(32, 32, 64, 64)),
+        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=1, num_heads=4, ffn_dim=64),
+        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=6, num_heads=4, ffn_dim=64,
+                                                     num_layers=3),
+        num_classes=3,
+    )
+    ref = m2f.build_model(config, backend="torch").eval()
+    perturb_(ref, gen)
+    attn = ref.pixel_decoder.transformer.encoder.layers[0].self_attn
+    with torch.no_grad():  # zero-initialised in Deformable DETR: make every query sample its own places / weights
+        attn.sampling_offsets.weight.normal_(0.0, 0.5, generator=gen)
+        attn.attention_weights.weight.normal_(0.0, 0.5, generator=gen)
+        ref.transformer_decoder.mask_embed.layers[-1].bias[0] -= 1.0  # some empty masks
+    tri = m2f.build_model(config, backend="triton").eval()
+    tri.load_state_dict(ref.state_dict(), strict=True)
+    return ref, tri
+
+
+def test_model_with_both_triton_kernels_matches_torch(rng):  # noqa: F811
+    ref, tri = tiny_model_pair(rng)
+    assert tri.backend == "triton"
+    x = torch.randn(1, 3, 70, 98, generator=rng)  # odd level sizes: 9x13, 5x7, 3x4
+    with torch.no_grad():
+        want, got = ref(x), tri(x)
+    e_logits, e_masks = rel_err(got.pred_logits, want.pred_logits), rel_err(got.pred_masks, want.pred_masks)
+    print(f"triton model vs torch model: logits rel_err {e_logits:.3g}, masks rel_err {e_masks:.3g}")
+    assert e_logits <= 1e-4, f"seed {rng.seed_value}: logits rel_err {e_logits:.3g}"
+    assert e_masks <= 1e-4, f"seed {rng.seed_value}: masks rel_err {e_masks:.3g}"
+    for i, ((c, m), (rc, rm)) in enumerate(zip(got.aux_outputs, want.aux_outputs)):
+        assert rel_err(c, rc) <= 1e-4 and rel_err(m, rm) <= 1e-4, f"aux {i} (seed {rng.seed_value})"
