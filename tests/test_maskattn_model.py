@@ -115,3 +115,55 @@ def test_model_with_both_triton_kernels_matches_torch(rng):  # noqa: F811
     assert e_masks <= 1e-4, f"seed {rng.seed_value}: masks rel_err {e_masks:.3g}"
     for i, ((c, m), (rc, rm)) in enumerate(zip(got.aux_outputs, want.aux_outputs)):
         assert rel_err(c, rc) <= 1e-4 and rel_err(m, rm) <= 1e-4, f"aux {i} (seed {rng.seed_value})"
+
+
+def test_model_with_both_triton_kernels_gives_the_same_panoptic_output(rng):  # noqa: F811
+    """Official panoptic inference (m2f.postprocess) on the outputs of the Triton and the torch model: the same
+    segments (ids, labels, thing / stuff), and the same segment map except at pixels whose decision is a tie
+    within rounding in the reference (two queries' score x prob, or the winner's prob and 0.5, within 1e-5).
+    The tiny random model is neither confident nor clean, so its classes are pushed away from no-object and the
+    thresholds lowered (object 0.3, overlap 0) to keep segments; the assertion below makes sure the comparison is
+    not between two empty results (>= 1 segment on 30 of 30 seeds tried; on 1 seed of 40 one tied pixel of 21600
+    differed)."""
+    from m2f.postprocess import panoptic
+
+    ref, tri = tiny_model_pair(rng)
+    with torch.no_grad():
+        ref.transformer_decoder.class_embed.bias[:3] += 3.0
+        ref.transformer_decoder.class_embed.bias[3] -= 3.0  # no-object
+        tri.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 64, 96, generator=rng)
+    with torch.no_grad():
+        want, got = ref(x), tri(x)
+    kwargs = dict(image_sizes=[(60, 90)], original_sizes=[(120, 180)], thing_classes=[0, 1],
+                  object_mask_threshold=0.3, overlap_threshold=0.0)
+    (p_want,) = panoptic(want.pred_logits, want.pred_masks, **kwargs)
+    (p_got,) = panoptic(got.pred_logits, got.pred_masks, **kwargs)
+    assert len(p_want.segments) > 0, f"no segment kept: the comparison would be vacuous (seed {rng.seed_value})"
+    assert [(s.id, s.label, s.is_thing) for s in p_got.segments] == \
+        [(s.id, s.label, s.is_thing) for s in p_want.segments], f"seed {rng.seed_value}"
+    differ = p_got.segmentation != p_want.segmentation
+    n_differ = int(differ.sum())
+    for s_got, s_want in zip(p_got.segments, p_want.segments):
+        assert abs(s_got.score - s_want.score) <= 1e-5, f"seed {rng.seed_value}"
+        assert abs(s_got.area - s_want.area) <= n_differ, f"seed {rng.seed_value}"
+    if n_differ:
+        ties = near_ties(want.pred_logits[0], want.pred_masks[0], object_mask_threshold=0.3,
+                         image_size=(60, 90), original_size=(120, 180))
+        assert n_differ <= 1e-3 * differ.numel() and bool(ties[differ].all()), \
+            f"{n_differ} pixels differ, not all at rounding ties (seed {rng.seed_value})"
+
+
+def near_ties(logits, masks, object_mask_threshold, image_size, original_size, rtol=1e-5) -> torch.Tensor:
+    """(H, W) bool: pixels where the panoptic decision of the official algorithm is within ``rtol`` of a tie."""
+    from m2f.postprocess import resize_mask_logits
+
+    scores, labels = logits.float().softmax(-1).max(-1)
+    keep = labels.ne(logits.shape[-1] - 1) & (scores > object_mask_threshold)
+    padded = (masks.shape[-2] * 4, masks.shape[-1] * 4)
+    probs = resize_mask_logits(masks[keep], padded, image_size, original_size).sigmoid()  # (N, H, W)
+    weighted = scores[keep].view(-1, 1, 1) * probs
+    top = weighted.topk(min(2, weighted.shape[0]), dim=0).values
+    tie = (top[0] - top[-1]) <= rtol * top[0] if top.shape[0] == 2 else torch.zeros_like(top[0], dtype=torch.bool)
+    winner_prob = probs.gather(0, weighted.argmax(0, keepdim=True))[0]
+    return tie | ((winner_prob - 0.5).abs() <= rtol)
