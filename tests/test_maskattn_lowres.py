@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from m2f.kernels.masked_attention import lowres_mask_logits, official_mask_logits
-from tests.test_masked_attention import rng  # noqa: F401  (seeded generator fixture)
 from tests.utils import rel_err
 
 # stride-4 feature size -> attention level sizes (1/32, 1/16, 1/8 of the input): 256x256 and 800x1344 inputs

@@ -6,7 +6,6 @@ import torch
 
 from m2f.config import TransformerDecoderConfig
 from m2f.transformer_decoder import MultiScaleMaskedTransformerDecoder
-from tests.test_masked_attention import rng  # noqa: F401  (seeded generator fixture)
 from tests.test_pixel_decoder import perturb_
 from tests.utils import rel_err
 

@@ -3,7 +3,6 @@ against a float64 reference, forward and backward, every mask corner case, the s
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -19,18 +18,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-class _SeededGenerator(torch.Generator):
-    """torch.Generator that can carry its seed (torch 2.13's Generator has no __dict__, so conftest's
-    ``g.seed_value = seed`` raises; this local fixture overrides conftest's ``rng`` with the same contract)."""
-
-
-@pytest.fixture
-def rng() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    g = _SeededGenerator()
-    g.manual_seed(seed)
-    g.seed_value = seed
-    return g
 
 
 @pytest.fixture
