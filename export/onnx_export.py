@@ -3,7 +3,8 @@
 The exporter is ``torch.onnx.export(dynamo=True)`` (torch.export + the onnxscript translator): with
 ``dynamic=True`` batch, height and width are symbolic (height and width as 32 x a symbolic integer, so every
 shape derived from them stays symbolic instead of being baked into constants). Opsets below 18 are produced by
-the exporter's version conversion.
+the exporter's version conversion, which works for static graphs and fails for dynamic ones (onnx's converter
+cannot move a computed ``axes`` input back into an attribute): the default opset is 18, the exporter's own.
 
 Deformable attention:
 
@@ -42,7 +43,7 @@ log = logging.getLogger("m2f.export")
 
 MSDA_MODES = ("decomposed", "plugin")
 POSTPROCESS_MODES = ("none", "semantic", "instance")
-MIN_OPSET = 16  # GridSample
+MIN_OPSET = 18  # the dynamo exporter emits 18; onnx cannot convert the Mask2Former graph down (GridSample needs 16)
 MAX_OPSET = 24  # the newest TensorRT 10.x parses (and ONNX Runtime 1.2x runs)
 MAX_DYNAMIC_SIDE = 4096  # upper bound of the symbolic height / width (multiples of 32)
 MAX_DYNAMIC_BATCH = 64
@@ -202,7 +203,7 @@ def validate_export_args(height: int, width: int, batch: int, opset: int, msda: 
     if batch < 1:
         raise InputError(f"--batch must be >= 1, got {batch}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise InputError(f"opset {opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET} (GridSample needs >= 16)")
+        raise InputError(f"opset {opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET} (the exporter emits opset 18 and cannot convert this graph lower; TensorRT 10.x parses up to 24)")
     if msda not in MSDA_MODES:
         raise InputError(f"--msda must be one of {', '.join(MSDA_MODES)}, got {msda!r}")
     if postprocess not in POSTPROCESS_MODES:
@@ -281,7 +282,7 @@ def to_onnx(
     half: bool = False,
     msda: str = "decomposed",
     postprocess: str = "none",
-    opset: int = 17,
+    opset: int = 18,
     topk: int | None = None,
     simplify: bool = True,
     force: bool = False,
@@ -313,7 +314,8 @@ def to_onnx(
             m.backend = "triton"  # the model-level switch: the custom op m2f::ms_deform_attn appears in the trace
         translation = _msda_translation()
         expected_plugin_nodes = len(msda_modules)
-    example = torch.randn(batch, 3, height, width, dtype=dtype)
+    # torch.export specialises a dimension traced at size 1: trace a dynamic batch at >= 2.
+    example = torch.randn(max(batch, 2) if dynamic else batch, 3, height, width, dtype=dtype)
     notes: list[str] = []
 
     with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
@@ -350,6 +352,12 @@ def to_onnx(
             for leftover in tmp.parent.glob(tmp.name + ".*"):
                 leftover.unlink()
         inputs, outputs = _io_specs(tmp)
+        written_opset = _opset_of(tmp)
+        if written_opset != opset:  # the exporter's down-conversion failed and it kept its own opset
+            raise InputError(
+                f"the exporter could not convert this graph to opset {opset} (it emits opset {written_opset}; "
+                f"onnx's version converter cannot rewrite its dynamic-axes ops); use --opset {written_opset}"
+            )
         plugin_nodes = _plugin_count(tmp)
         if msda == "plugin" and plugin_nodes != expected_plugin_nodes:
             raise RuntimeError(f"plugin export produced {plugin_nodes} {TRT_MSDA.op_type} nodes for "
@@ -381,6 +389,13 @@ def to_onnx(
     return ExportResult(path, manifest_path(path), manifest, time.perf_counter() - start, simplified, notes)
 
 
+def _opset_of(path: Path) -> int:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def _plugin_count(path: Path) -> int:
     import onnx
 
@@ -407,7 +422,7 @@ def load_checkpoint_model(checkpoint: str | Path, preset: str | None = None) -> 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, preset: str | None = None, **kwargs: Any) -> ExportResult:
     """Load ``checkpoint`` and export it; the manifest records its path, sha256 and preset."""
     validate_export_args(kwargs.get("height", 512), kwargs.get("width", 512), kwargs.get("batch", 1),
-                         kwargs.get("opset", 17), kwargs.get("msda", "decomposed"), kwargs.get("postprocess", "none"))
+                         kwargs.get("opset", 18), kwargs.get("msda", "decomposed"), kwargs.get("postprocess", "none"))
     check_can_write(output, force=kwargs.get("force", False))
     model = load_checkpoint_model(checkpoint, preset)
     source = {"path": str(Path(checkpoint).resolve()), "sha256": sha256_source(checkpoint), "preset": preset}

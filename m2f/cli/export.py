@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="deformable attention as 'decomposed' GridSample ops (default for onnxruntime) or one TensorRT "
                         "'plugin' node per call (default for tensorrt)")
     o.add_argument("--postprocess", default="none", help="none (default), semantic or instance outputs in the graph")
-    o.add_argument("--opset", type=_int, default=17, help="ONNX opset, 16..24 (17)")
+    o.add_argument("--opset", type=_int, default=18,
+                   help="ONNX opset, 18..24 (18)")
     o.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     o.add_argument("--check", action="store_true", help="run `m2f export check` on the result")
     o.add_argument("--force", action="store_true", help="overwrite an existing output")
