@@ -228,17 +228,47 @@ def run_parity(
     torch_dtype = torch.float16 if dtype == "float16" else torch.float32
     results = []
     for size in sizes:
-        x = torch.randn(size.batch, 3, size.height, size.width, generator=generator)  # normalised pixels
-        with torch.no_grad():
-            ref = module(x.to(torch_dtype))
+        x, ref, skipped = _stable_input(module, size, generator, torch_dtype)
         ref_np = {n: t.detach().float().numpy() if t.is_floating_point() else t.numpy() for n, t in zip(output_names, ref)}
         start = time.perf_counter()
-        got = session.run(list(output_names), {input_name: x.numpy().astype(np.float16 if dtype == "float16" else np.float32)})
+        got = session.run(list(output_names), {input_name: x.float().numpy().astype(np.float16 if dtype == "float16" else np.float32)})
         ort_s = time.perf_counter() - start
         got_np = {n: (g.astype(np.float32) if np.issubdtype(g.dtype, np.floating) else g) for n, g in zip(output_names, got)}
-        results.append({**size.as_dict(), "seed": seed, "ort_seconds": round(ort_s, 3),
+        results.append({**size.as_dict(), "seed": seed, "ort_seconds": round(ort_s, 3), "unstable_draws_skipped": skipped,
                         "outputs": compare_outputs(got_np, ref_np)})
     return results
+
+
+STABILITY_PROBE = 1e-6  # relative input perturbation of the stability probe
+UNSTABLE_CHANGE = 3e-5  # output change (rel) under the probe that marks an input as sitting on a mask threshold
+MAX_DRAWS = 6
+
+
+def _stable_input(module: Any, size: CheckSize, generator: Any, dtype: Any) -> tuple[Any, Any, int]:
+    """A random input away from Mask2Former's discontinuities, with the PyTorch outputs on it.
+
+    The masked attention thresholds mask logits at 0 (sigmoid < 0.5): an input whose logits sit within rounding
+    distance of 0 flips attention masks between any two float32 implementations (PyTorch against itself on
+    another machine included), which moves the outputs by ~1e-4 with no bug anywhere. Such inputs are detected
+    by perturbing the input by 1e-6 (relative) and are redrawn; the report counts them.
+    """
+    import torch
+
+    def rel(a: Any, b: Any) -> float:
+        return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+    skipped = 0
+    for _ in range(MAX_DRAWS):
+        x = torch.randn(size.batch, 3, size.height, size.width, generator=generator).to(dtype)  # normalised pixels
+        with torch.no_grad():
+            ref = module(x)
+            noise = torch.randn(x.shape, generator=generator).to(dtype)
+            probe = module(x + STABILITY_PROBE * x.abs().mean() * noise)
+        change = max(rel(p, r) for p, r in zip(probe, ref) if r.is_floating_point())
+        if dtype != torch.float32 or change <= UNSTABLE_CHANGE:
+            return x, ref, skipped
+        skipped += 1
+    return x, ref, skipped  # every draw unstable: compare anyway (the report shows the count)
 
 
 def other_size(batch: int, height: int, width: int) -> CheckSize:
