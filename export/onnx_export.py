@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import time
@@ -242,7 +243,8 @@ def _slim(src: Path, dst: Path) -> bool:
         log.warning("onnxslim is not installed: the graph is not simplified (pip install onnxslim)")
         return False
     try:
-        onnxslim.slim(str(src), output_model=str(dst))
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxslim prints a summary table
+            onnxslim.slim(str(src), output_model=str(dst))
     except Exception as exc:  # a simplifier failure must never fail the export
         log.warning("onnxslim failed (%s: %s): keeping the unsimplified graph", type(exc).__name__, exc)
         return False
@@ -285,6 +287,7 @@ def to_onnx(
     opset: int = 18,
     topk: int | None = None,
     simplify: bool = True,
+    optimize: bool = True,
     force: bool = False,
     source: dict[str, Any] | None = None,
 ) -> ExportResult:
@@ -292,7 +295,8 @@ def to_onnx(
 
     ``pixel_values`` is (batch, 3, height, width), normalised as for ``model(...)``. ``dynamic`` makes batch,
     height and width symbolic (height / width multiples of 32). ``source`` ({"path", "sha256", "preset"}) is
-    recorded in the manifest.
+    recorded in the manifest. ``optimize`` runs the exporter's onnxscript optimizer (constant folding, dead-code
+    removal; most of the export time of a dynamic graph); ``simplify`` runs onnxslim after it.
     """
     start = time.perf_counter()
     validate_export_args(height, width, batch, opset, msda, postprocess)
@@ -328,6 +332,7 @@ def to_onnx(
                 input_names=["pixel_values"], output_names=list(module.output_names),
                 dynamic_shapes=_dynamic_shapes(batch) if dynamic else None,
                 custom_translation_table=translation or None, external_data=False, verbose=False,
+                optimize=optimize,
             )
             simplified = False
             if simplify:
@@ -378,6 +383,7 @@ def to_onnx(
             plugin_nodes=plugin_nodes,
             postprocess=postprocess,
             topk=topk if postprocess == "instance" else None,
+            optimized=optimize,
             simplified=simplified,
             pixel_mean=list(config.pixel_mean) if config is not None else None,
             pixel_std=list(config.pixel_std) if config is not None else None,

@@ -111,7 +111,7 @@ def test_plugin_mode_graph(tmp_path):
     seed = _fresh_seed()
     model = _full_model("r50", seed)
     path = tmp_path / "r50_plugin.onnx"
-    result = to_onnx(model, path, height=HEIGHT, width=WIDTH, dynamic=True, msda="plugin")
+    result = to_onnx(model, path, height=HEIGHT, width=WIDTH, msda="plugin")
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     nodes = [n for n in proto.graph.node if n.op_type == TRT_MSDA.op_type]
@@ -154,32 +154,56 @@ def _tiny_hf_dir(tmp_path_factory, backbone: str) -> tuple[Path, int]:
     return path, seed
 
 
-@pytest.fixture(scope="module", params=["swin", "resnet"])
-def hf_checkpoint(request, tmp_path_factory):
-    return request.param, *_tiny_hf_dir(tmp_path_factory, request.param)
+@pytest.fixture(scope="module")
+def hf_swin(tmp_path_factory):
+    return _tiny_hf_dir(tmp_path_factory, "swin")
 
 
-@pytest.mark.parametrize("postprocess", ["none", "semantic", "instance"])
-def test_hf_checkpoint_cli_export_and_check(hf_checkpoint, postprocess, tmp_path, capsys):
-    backbone, ckpt, seed = hf_checkpoint
-    out = tmp_path / f"{backbone}_{postprocess}.onnx"
+@pytest.fixture(scope="module")
+def hf_resnet(tmp_path_factory):
+    return _tiny_hf_dir(tmp_path_factory, "resnet")
+
+
+def _cli_export_and_check(ckpt: Path, out: Path, postprocess: str, seed: int, capsys) -> dict:
     code = main(["export", "onnx", "--checkpoint", str(ckpt), "--output", str(out), "--height", "96", "--width", "160",
                  "--dynamic", "--postprocess", postprocess])
     assert code == 0, capsys.readouterr().err
-    report_path = tmp_path / "report.json"
+    report_path = out.with_name(out.stem + ".check.json")
     code = main(["export", "check", str(out), "--report", str(report_path)])
     printed = capsys.readouterr().out
     report = json.loads(report_path.read_text())
     assert code == 0, (printed, report["reasons"])
     _assert_parity(report, sizes=2, seed=seed)
-    names = [o["name"] for o in json.loads(out.with_name(out.name + ".json").read_text())["outputs"]]
-    expected = {"none": [], "semantic": ["semantic_probs", "semantic_map"],
-                "instance": ["instance_scores", "instance_labels", "instance_masks"]}[postprocess]
-    assert names == ["pred_logits", "pred_masks", *expected]
     manifest = json.loads(out.with_name(out.name + ".json").read_text())
     assert manifest["source"]["path"] == str(ckpt.resolve()) and len(manifest["source"]["sha256"]) == 64
+    expected = {"none": [], "semantic": ["semantic_probs", "semantic_map"],
+                "instance": ["instance_scores", "instance_labels", "instance_masks"]}[postprocess]
+    assert [o["name"] for o in manifest["outputs"]] == ["pred_logits", "pred_masks", *expected]
+    return manifest
+
+
+def test_hf_swin_checkpoint_cli_export_and_check(hf_swin, tmp_path, capsys):
+    ckpt, seed = hf_swin
+    _cli_export_and_check(ckpt, tmp_path / "swin.onnx", "none", seed, capsys)
+
+
+@pytest.mark.parametrize("postprocess", ["semantic", "instance"])
+def test_hf_resnet_checkpoint_cli_export_with_postprocess(hf_resnet, postprocess, tmp_path, capsys):
+    ckpt, seed = hf_resnet
+    manifest = _cli_export_and_check(ckpt, tmp_path / f"resnet_{postprocess}.onnx", postprocess, seed, capsys)
     if postprocess == "instance":
         assert manifest["outputs"][2]["shape"][1] == min(100, 7 * 5)  # top-k over Q x K
+    else:
+        assert manifest["outputs"][2]["shape"][1] == 5  # K classes
+    # a real subprocess: check the file again, and refuse to overwrite it without --force
+    out = tmp_path / f"resnet_{postprocess}.onnx"
+    if postprocess == "semantic":
+        proc = subprocess.run([sys.executable, "-m", "m2f", "export", "check", str(out)], capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0 and ": pass" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+        again = subprocess.run([sys.executable, "-m", "m2f", "export", "onnx", "--checkpoint", str(ckpt), "--output",
+                                str(out)], capture_output=True, text=True, timeout=300)
+        assert again.returncode == 2 and again.stderr.startswith("m2f: error: ") and "--force" in again.stderr
 
 
 def test_non_checkpoint_file_is_a_clean_error(tmp_path, capsys):
@@ -205,14 +229,14 @@ def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
 
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("plugins", ["m2f", "tensorrt"])
-def test_tensorrt_engine_matches_onnxruntime(hf_checkpoint, plugins, tmp_path):
+def test_tensorrt_engine_matches_onnxruntime(hf_resnet, plugins, tmp_path):
     import numpy as np
     import onnxruntime as ort
 
     from m2f.export import TensorRTRunner, build_engine
     from m2f.export.onnx_export import export_checkpoint
 
-    backbone, ckpt, seed = hf_checkpoint
+    ckpt, seed = hf_resnet
     decomposed = export_checkpoint(ckpt, tmp_path / "d.onnx", height=96, width=160, dynamic=True).path
     plugin = export_checkpoint(ckpt, tmp_path / "p.onnx", height=96, width=160, dynamic=True, msda="plugin").path
     engine = build_engine(plugin, tmp_path / "p.engine", precision="fp32", plugins=plugins,
@@ -225,18 +249,3 @@ def test_tensorrt_engine_matches_onnxruntime(hf_checkpoint, plugins, tmp_path):
             for name in ref:
                 err = np.linalg.norm(got[name] - ref[name]) / np.linalg.norm(ref[name])
                 assert err <= 1e-4, (name, shape, err, seed)
-
-
-def test_cli_subprocess_export_check_roundtrip(hf_checkpoint, tmp_path):
-    backbone, ckpt, seed = hf_checkpoint
-    if backbone != "resnet":
-        pytest.skip("one real subprocess round trip is enough")
-    out = tmp_path / "m.onnx"
-    proc = subprocess.run([sys.executable, "-m", "m2f", "export", "onnx", "--checkpoint", str(ckpt), "--output",
-                           str(out), "--height", "64", "--width", "96", "--check"],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "pass" in proc.stdout and out.exists() and out.with_name("m.onnx.json").exists()
-    again = subprocess.run([sys.executable, "-m", "m2f", "export", "onnx", "--checkpoint", str(ckpt), "--output",
-                            str(out), "--height", "64", "--width", "96"], capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and again.stderr.startswith("m2f: error: ") and "--force" in again.stderr

@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--opset", type=_int, default=18,
                    help="ONNX opset, 18..24 (18)")
     o.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    o.add_argument("--no-optimize", action="store_true",
+                   help="skip the exporter's graph optimizer (faster export, larger graph)")
     o.add_argument("--check", action="store_true", help="run `m2f export check` on the result")
     o.add_argument("--force", action="store_true", help="overwrite an existing output")
     o.set_defaults(func=run_onnx)
@@ -105,7 +107,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     result = export_checkpoint(
         args.checkpoint, args.output, preset=args.preset, height=args.height, width=args.width, batch=args.batch,
         dynamic=args.dynamic, half=args.half, msda=msda, postprocess=args.postprocess, opset=args.opset,
-        simplify=not args.no_simplify, force=args.force,
+        simplify=not args.no_simplify, optimize=not args.no_optimize, force=args.force,
     )
     m = result.manifest
     extra = f", {m['plugin_nodes']} {m['msda']} nodes" if m["msda"] == "plugin" else ""
