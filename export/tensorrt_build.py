@@ -118,7 +118,7 @@ def _image_batches(folder: Path, shape: Shape, mean: Sequence[float], std: Seque
         yield np.ascontiguousarray(np.stack(images))
 
 
-def _make_calibrator(trt: Any, batches: Any, cache_path: Path | None) -> Any:
+def _make_calibrator(trt: Any, batches: Any, batch_size: int, cache_path: Path | None) -> Any:
     from ._trt import check_cuda, import_cudart
 
     cudart = import_cudart()
@@ -129,7 +129,7 @@ def _make_calibrator(trt: Any, batches: Any, cache_path: Path | None) -> Any:
             self._batches = iter(batches)
             self._device = None
             self._nbytes = 0
-            self._batch_size = 1
+            self._batch_size = batch_size
 
         def get_batch_size(self) -> int:
             return self._batch_size
@@ -139,7 +139,6 @@ def _make_calibrator(trt: Any, batches: Any, cache_path: Path | None) -> Any:
                 batch = next(self._batches)
             except StopIteration:
                 return None
-            self._batch_size = batch.shape[0]
             if self._device is None or batch.nbytes > self._nbytes:
                 if self._device is not None:
                     check_cuda(cudart.cudaFree(self._device))
@@ -222,7 +221,7 @@ def build_engine(
         config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot take fall back to fp16, not fp32
         batches = _image_batches(Path(calib_dir), profile.opt, manifest["pixel_mean"], manifest["pixel_std"],
                                  calib_images)
-        config.int8_calibrator = _make_calibrator(trt, batches, output.with_name(output.name + ".calib"))
+        config.int8_calibrator = _make_calibrator(trt, batches, profile.opt[0], output.with_name(output.name + ".calib"))
 
     input_name = manifest["inputs"][0]["name"]
     trt_profile = builder.create_optimization_profile()
