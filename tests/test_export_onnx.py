@@ -69,8 +69,16 @@ def swin_dynamic(tmp_path_factory):
     return _dynamic_export(tmp_path_factory, "swin-t")
 
 
+FULL = os.environ.get("M2F_EXPORT_FULL", "") not in ("", "0")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["r50_dynamic", "swin_dynamic"])
+@pytest.mark.parametrize("which", [
+    "r50_dynamic",
+    pytest.param("swin_dynamic", marks=pytest.mark.skipif(
+        not FULL, reason="full-size Swin-T dynamic export takes minutes on 2 CPU cores (Swin is covered by the tiny "
+                         "HF checkpoint test); set M2F_EXPORT_FULL=1 to run it")),
+])
 def test_full_size_dynamic_export_matches_pytorch(which, request):
     manifest, report, seed = request.getfixturevalue(which)
     print(json.dumps([{k: v for k, v in r.items() if k != "outputs"} | {
