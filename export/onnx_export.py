@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import io
 import logging
 import os
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m2f.errors import CheckpointError, InputError
+from m2f.errors import BackendUnavailableError, CheckpointError, InputError
 from m2f.io import atomic_path, check_can_write
 
 from .manifest import manifest_path, new_manifest, sha256_source, write_manifest
@@ -169,6 +170,17 @@ def _msda_translation() -> dict[Any, Any]:
         return op.Reshape(out, op.Constant(value_ints=[0, 0, -1]))  # (N, Lq, M * D)
 
     return {torch.ops.m2f.ms_deform_attn.default: ms_deform_attn_to_trt_plugin}
+
+
+def _require_msda_op() -> None:
+    try:
+        importlib.import_module("m2f.kernels.ms_deform_attn.op")
+        torch.ops.m2f.ms_deform_attn.default  # noqa: B018
+    except (ImportError, AttributeError, RuntimeError):
+        raise BackendUnavailableError(
+            "--msda plugin needs the m2f::ms_deform_attn custom op of m2f.kernels (Triton MSDA), which this build "
+            "lacks; export with --msda decomposed"
+        ) from None
 
 
 def _msda_modules(model: nn.Module) -> list[nn.Module]:
@@ -313,6 +325,7 @@ def to_onnx(
     translation: dict[Any, Any] = {}
     expected_plugin_nodes = None
     if msda == "plugin":
+        _require_msda_op()
         msda_modules = _msda_modules(module)
         for m in msda_modules:
             m.backend = "triton"  # the model-level switch: the custom op m2f::ms_deform_attn appears in the trace
