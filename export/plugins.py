@@ -142,8 +142,10 @@ def masked_attention_output_shape(
 # Kernels (PTX for a target GPU, no GPU needed)
 # ---------------------------------------------------------------------------------------------------
 
-MSDA_BLOCK_Q = 64  # queries per program in the engine (the kernel's autotuner is not available ahead of time)
-MSDA_NUM_WARPS = 8  # 64 x 32 fp32 accumulator over 256 threads: 180 registers, no spills on sm_90 / sm_87
+# Fallback launch config when m2f.kernels does not publish one (AOT_CONFIGS): 64 queries x 8 warps compiled with
+# no spills on sm_90 / sm_87 for the first version of the kernel.
+MSDA_BLOCK_Q = 64
+MSDA_NUM_WARPS = 8
 TRITON_TYPES = {"float32": "fp32", "float16": "fp16"}
 
 
@@ -176,10 +178,10 @@ def msda_trt_plugin_kernel(
     num_keys, num_queries, num_heads,  # int32 scalars: S, Lq, M
     out_ptr,  # output (N, Lq, M, D)
     NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
+    ROW_ALIGNED: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     _msda_body(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr, num_keys, num_queries, num_heads,
-               NUM_LEVELS, NUM_POINTS, HEAD_DIM, BLOCK_D, BLOCK_Q)
+               NUM_LEVELS, NUM_POINTS, HEAD_DIM, BLOCK_D, ROW_ALIGNED, BLOCK_Q)
 
 
 def msda_plugin_kernel() -> Any:
@@ -204,14 +206,29 @@ def msda_signature(dtype: str) -> dict[str, str]:
         "value_ptr": f"*{t}", "shapes_ptr": "*i32", "starts_ptr": "*i32", "loc_ptr": f"*{t}", "attn_ptr": f"*{t}",
         "num_keys": "i32", "num_queries": "i32", "num_heads": "i32", "out_ptr": f"*{t}",
         "NUM_LEVELS": "constexpr", "NUM_POINTS": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr",
-        "BLOCK_Q": "constexpr",
+        "ROW_ALIGNED": "constexpr", "BLOCK_Q": "constexpr",
     }
 
 
-def msda_constexprs(num_levels: int, num_points: int, head_dim: int, block_q: int = MSDA_BLOCK_Q) -> dict[str, int]:
+def msda_constexprs(num_levels: int, num_points: int, head_dim: int, dtype: str = "float32",
+                    block_q: int | None = None) -> dict[str, Any]:
+    """Compile-time parameters. ROW_ALIGNED (16-byte vector loads of each (key, head) row) holds when a row is a
+    multiple of 16 bytes: TensorRT's device buffers are 256-byte aligned, so every row then starts aligned."""
     block_d = 1 << max(0, (head_dim - 1).bit_length())
+    itemsize = 2 if dtype == "float16" else 4
     return {"NUM_LEVELS": num_levels, "NUM_POINTS": num_points, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
-            "BLOCK_Q": block_q}
+            "ROW_ALIGNED": head_dim * itemsize % 16 == 0, "BLOCK_Q": block_q or msda_aot_config()[0]}
+
+
+def msda_aot_config() -> tuple[int, int]:
+    """(BLOCK_Q, num_warps) of the forward kernel's ahead-of-time config in m2f.kernels (checked there for
+    register spills on sm_90 / sm_87); the engine cannot autotune a Triton kernel."""
+    try:
+        from m2f.kernels.ms_deform_attn.triton_kernels import AOT_CONFIGS
+
+        return int(AOT_CONFIGS["fwd"]["BLOCK_Q"]), int(AOT_CONFIGS["fwd"]["num_warps"])
+    except (ImportError, KeyError):
+        return MSDA_BLOCK_Q, MSDA_NUM_WARPS
 
 
 def compile_msda_plugin_kernel(target: str, dtype: str = "float32", num_levels: int = 3, num_points: int = 4,
@@ -226,8 +243,8 @@ def compile_msda_plugin_kernel(target: str, dtype: str = "float32", num_levels: 
 
     args = (target, dtype, num_levels, num_points, head_dim)
     if not triton_interpreter_enabled():
-        return compile_for(msda_plugin_kernel(), msda_signature(dtype), msda_constexprs(*args[2:]),
-                           target=target, num_warps=MSDA_NUM_WARPS, num_stages=1)
+        return compile_for(msda_plugin_kernel(), msda_signature(dtype), msda_constexprs(*args[2:], dtype=dtype),
+                           target=target, num_warps=msda_aot_config()[1], num_stages=1)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "m2f.export.plugins", *map(str, args)], env=env,
                           capture_output=True, text=True)
@@ -300,12 +317,14 @@ def register_tensorrt_plugins() -> None:
         dtype = "float16" if value.dtype == trt.float16 else "float32"
         loc = sampling_locations.shape_expr
         constexprs = msda_constexprs(_const(loc[3], "levels"), _const(loc[4], "points"),
-                                     _const(value.shape_expr[3], "head dim"))
+                                     _const(value.shape_expr[3], "head dim"), dtype=dtype)
+        block_q, num_warps = msda_aot_config()
         major, minor = _device_capability()
         src = triton.compiler.ASTSource(fn=msda_plugin_kernel(), signature=msda_signature(dtype), constexprs=constexprs)
         kernel = triton.compile(src, target=GPUTarget("cuda", major * 10 + minor, 32),
-                                options={"num_warps": MSDA_NUM_WARPS, "num_stages": 1})
-        launch = msda_launch([value.shape_expr[i] for i in range(4)], [loc[i] for i in range(6)], cdiv=trtp.cdiv)
+                                options={"num_warps": num_warps, "num_stages": 1})
+        launch = msda_launch([value.shape_expr[i] for i in range(4)], [loc[i] for i in range(6)], cdiv=trtp.cdiv,
+                             block_q=block_q, num_warps=num_warps)
         params = trtp.KernelLaunchParams()
         params.grid_x, params.grid_y = launch.grid[0], launch.grid[1]
         params.block_x = launch.block

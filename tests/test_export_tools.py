@@ -159,7 +159,7 @@ def test_msda_plugin_kernel_compiles_to_ptx(target):
         assert entry is not None and entry.group(1) == kernel.name == "msda_trt_plugin_kernel"
         # QDP order: 5 input pointers, 3 int32 scalars, the output pointer (+ Triton's trailing scratch pointers)
         params = [p.strip().split()[1] for p in entry.group(2).split(",")]
-        assert params[:9] == ["u64"] * 5 + ["u32"] * 3 + ["u64"], params
+        assert params[:9] == [".u64"] * 5 + [".u32"] * 3 + [".u64"], params
         assert kernel.spill_stores == 0 and kernel.spill_loads == 0, kernel.summary()
         assert f".target {target}" in kernel.ptx or f".target {target}a" in kernel.ptx
 
