@@ -91,7 +91,7 @@ def semantic_inference(class_logits: np.ndarray, mask_logits: np.ndarray) -> np.
 
 @dataclass
 class InstanceResult:
-    scores: np.ndarray  # (k,) float32, sorted descending
+    scores: np.ndarray  # (k,) float32: class prob x mean mask prob, sorted descending
     labels: np.ndarray  # (k,) int64 contiguous class ids
     masks: np.ndarray  # (k, H, W) bool
     query_indices: np.ndarray  # (k,) int64: which query each instance comes from
@@ -118,11 +118,13 @@ def instance_inference(
     binary = masks > 0
     flat_bin = binary.reshape(len(queries), -1).astype(np.float32)
     mask_scores = (sigmoid(masks).reshape(len(queries), -1) * flat_bin).sum(1) / (flat_bin.sum(1) + 1e-6)
+    final = (top_scores * mask_scores).astype(np.float32)
+    by_score = np.argsort(-final, kind="stable")  # sorted by final score, as m2f.postprocess.instance
     return InstanceResult(
-        scores=(top_scores * mask_scores).astype(np.float32),
-        labels=labels.astype(np.int64),
-        masks=binary,
-        query_indices=queries.astype(np.int64),
+        scores=final[by_score],
+        labels=labels[by_score].astype(np.int64),
+        masks=binary[by_score],
+        query_indices=queries[by_score].astype(np.int64),
     )
 
 
