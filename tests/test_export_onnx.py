@@ -4,6 +4,7 @@ export size and, for dynamic graphs, at another size and batch. Exports are shar
 (exporting a full-size Mask2Former takes a minute or more on two CPU cores)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -212,6 +213,24 @@ def test_hf_resnet_checkpoint_cli_export_with_postprocess(hf_resnet, postprocess
         again = subprocess.run([sys.executable, "-m", "m2f", "export", "onnx", "--checkpoint", str(ckpt), "--output",
                                 str(out)], capture_output=True, text=True, timeout=300)
         assert again.returncode == 2 and again.stderr.startswith("m2f: error: ") and "--force" in again.stderr
+
+
+def test_pipeline_workdir(hf_resnet, tmp_path, capsys):
+    ckpt, seed = hf_resnet
+    work = tmp_path / "work"
+    if importlib.util.find_spec("tensorrt") is None:  # TensorRT stages refused before any work is done
+        code = main(["export", "pipeline", "--checkpoint", str(ckpt), "--workdir", str(work), "--tensorrt"])
+        assert code == 2 and "TensorRT >= 10.7 is not installed" in capsys.readouterr().err
+        assert list(tmp_path.iterdir()) == []
+    code = main(["export", "pipeline", "--checkpoint", str(ckpt), "--workdir", str(work), "--height", "64",
+                 "--width", "96"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert sorted(p.name for p in work.iterdir()) == ["check.json", "model.onnx", "model.onnx.json", "pipeline.json"]
+    record = json.loads((work / "pipeline.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == ["export", "check"] and record["verdict"] == "pass"
+    assert all(s["status"] == "ok" for s in record["stages"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # no .partial / .failed left
 
 
 def test_non_checkpoint_file_is_a_clean_error(tmp_path, capsys):

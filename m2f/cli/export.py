@@ -78,6 +78,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--force", action="store_true", help="overwrite an existing engine")
     t.set_defaults(func=run_tensorrt)
 
+    w = esub.add_parser("pipeline", help="export -> check [-> TensorRT build -> run -> compare] in one work dir")
+    w.add_argument("--checkpoint", required=True, help="checkpoint (file or directory)")
+    w.add_argument("--workdir", required=True, help="directory for every stage's artifact + pipeline.json")
+    w.add_argument("--preset", default=None, help="architecture preset when the checkpoint has no config")
+    w.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32 (512)")
+    w.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32 (512)")
+    w.add_argument("--batch", type=_int, default=1, help="batch size of the export (1)")
+    w.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
+    w.add_argument("--msda", default="decomposed", help="decomposed (default) or plugin")
+    w.add_argument("--tensorrt", action="store_true", help="also build an fp16 engine, run it and compare")
+    w.add_argument("--force", action="store_true", help="replace an existing work dir")
+    w.set_defaults(func=run_pipeline_cmd)
+
     r = esub.add_parser("triton-repo", help="a Triton Inference Server model repository from an .onnx / .engine")
     r.add_argument("--model", required=True, help="exported .onnx, .engine or .plan")
     r.add_argument("--output", required=True, help="model repository directory")
@@ -162,6 +175,18 @@ def run_tensorrt(args: argparse.Namespace) -> int:
                         force=args.force, **shapes)
     print(f"wrote {path} ({precision}) and {path}.json")
     return 0
+
+
+def run_pipeline_cmd(args: argparse.Namespace) -> int:
+    _setup_logging()
+    from m2f.export.pipeline import run_pipeline
+
+    record = run_pipeline(args.checkpoint, args.workdir, tensorrt=args.tensorrt, force=args.force, preset=args.preset,
+                          height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic, msda=args.msda)
+    for st in record["stages"]:
+        print(f"{st['stage']:>12}: {st['status']} ({st['seconds']} s){'  -> ' + st['artifact'] if 'artifact' in st else ''}")
+    print(f"{args.workdir}/pipeline.json: verdict {record['verdict']}")
+    return 0 if record["verdict"] == "pass" else 1
 
 
 def run_triton_repo(args: argparse.Namespace) -> int:
