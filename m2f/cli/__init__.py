@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "presets": "presets",
     "bench": "bench",
     "export": "export",
+    "predict": "predict",
     "convert": "convert",
 }
 
