@@ -39,6 +39,9 @@ def _full_model(backbone: str, seed: int) -> torch.nn.Module:
 
 def _assert_parity(report: dict, sizes: int, seed: int) -> None:
     runs = report["parity"]["runs"]
+    for run in runs:  # shown with -s: the measured errors
+        errs = {n: e.get("rel_err", e.get("mismatch")) for n, e in run["outputs"].items()}
+        print(f"{Path(report['file']).name} {run['batch']}x3x{run['height']}x{run['width']}: {errs}")
     assert len(runs) == sizes, runs
     for run in runs:
         for name, entry in run["outputs"].items():
