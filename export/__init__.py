@@ -6,7 +6,7 @@
 
 TensorRT (>= 10.7, a CUDA GPU; imported lazily, BackendUnavailableError where absent): ``build_engine``,
 ``TensorRTRunner`` (NumPy in / out, no PyTorch), ``register_tensorrt_plugins``. Triton Inference Server:
-``write_triton_repo``. See export/README.md for what was verified where.
+``write_triton_repo``. The whole chain in one work directory: ``run_pipeline``. See export/README.md for what was verified where.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ _LAZY = {
     "TensorRTRunner": "runner",
     "register_tensorrt_plugins": "plugins",
     "write_triton_repo": "triton_repo",
+    "run_pipeline": "pipeline",
 }
 
 
