@@ -103,7 +103,7 @@ def instance_inference(
     topk: int = 100,
     thing_classes: Sequence[int] | None = None,  # keep only these labels (panoptic models), None keeps all
 ) -> InstanceResult:
-    num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+    num_classes = class_logits.shape[1] - 1
     scores = softmax(class_logits)[:, :-1].reshape(-1)  # (Q*K,) query-major
     k = min(topk, scores.size)
     # Descending by score; ties broken by the lower flat index (torch.topk leaves tie order unspecified).

@@ -1,17 +1,27 @@
 """Ahead-of-time compilation of Triton kernels for a GPU that is not here (sm_90 H100, sm_87 Jetson Orin).
 
 Used by the tests (to prove each kernel builds for each target and to report its resources) and by the
-TensorRT plugins (whose AOT implementation embeds the PTX). Needs no GPU: Triton's bundled ptxas and
-cuobjdump do the work.
+TensorRT plugins (whose AOT implementation embeds the PTX). Needs no GPU: Triton's bundled ptxas does the work.
+
+Under ``TRITON_INTERPRET=1`` (the CPU test set-up) ``@triton.jit`` functions, Triton's own library helpers
+(``tl.sum``, ``tl.zeros``, ...) included, are interpreter wrappers that the compiler cannot lower. Builds then run
+in one child process with the interpreter off; callers see no difference.
+
+    spec = KernelSpec(fn=my_kernel, signature={"x_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+                      constexprs={"BLOCK": 128}, divisible_by_16=("x_ptr", "n"))
+    [k90, k87] = compile_many([spec.for_target("sm_90"), spec.for_target("sm_87")])
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 TARGETS = {"sm_90": 90, "sm_87": 87}  # H100 / H200, Jetson AGX Orin
 
@@ -36,6 +46,123 @@ class CompiledKernel:
         )
 
 
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel build: a @triton.jit (or autotuned) module-level function and how to specialise it."""
+
+    fn: Any
+    signature: dict[str, str]  # argument -> Triton type ("*fp32", "i32", "fp32", "constexpr")
+    constexprs: dict[str, Any]  # values of the constexpr arguments (autotuned ones included)
+    target: str = "sm_90"
+    num_warps: int = 4
+    num_stages: int = 2
+    # Pointer / integer arguments a real launch would find divisible by 16 (aligned pointers, sizes and strides
+    # that are multiples of 16): Triton specialises on it (vector loads), so register reports match real launches.
+    divisible_by_16: Sequence[str] = ()
+
+    def for_target(self, target: str) -> "KernelSpec":
+        return dataclasses.replace(self, target=target)
+
+
+def compile_for(
+    fn: Any,
+    signature: dict[str, str],
+    constexprs: dict[str, Any],
+    target: str = "sm_90",
+    num_warps: int = 4,
+    num_stages: int = 2,
+    divisible_by_16: Sequence[str] = (),
+) -> CompiledKernel:
+    """Compile one kernel for ``target`` without a GPU; see :class:`KernelSpec` for the arguments."""
+    spec = KernelSpec(fn, signature, constexprs, target, num_warps, num_stages, tuple(divisible_by_16))
+    return compile_many([spec])[0]
+
+
+def compile_many(specs: Sequence[KernelSpec]) -> list[CompiledKernel]:
+    """Compile every spec (in a child process when the Triton interpreter is on here)."""
+    from ._backend import triton_interpreter_enabled
+
+    if triton_interpreter_enabled():
+        return _compile_in_child(specs)
+    return [_compile(spec) for spec in specs]
+
+
+def _compile(spec: KernelSpec) -> CompiledKernel:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    if spec.target not in TARGETS:
+        raise ValueError(f"unknown target {spec.target!r}; choose one of {', '.join(TARGETS)}")
+    jit_fn = _as_jit_function(spec.fn)
+    unknown = set(spec.divisible_by_16) - set(jit_fn.arg_names)
+    if unknown:
+        raise ValueError(f"divisible_by_16 names arguments {sorted(unknown)} that {jit_fn.__name__} does not have")
+    attrs = {(jit_fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible_by_16}
+    src = triton.compiler.ASTSource(fn=jit_fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    kernel = triton.compile(
+        src,
+        target=GPUTarget("cuda", TARGETS[spec.target], 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
+    ptx = kernel.asm["ptx"]
+    usage = ptxas_usage(ptx, spec.target)
+    return CompiledKernel(
+        name=kernel.name,
+        target=spec.target,
+        ptx=ptx,
+        cubin=kernel.asm["cubin"],
+        num_warps=spec.num_warps,
+        registers=usage["registers"],
+        shared_bytes=int(kernel.metadata.shared),
+        spill_stores=usage["spill_stores"],
+        spill_loads=usage["spill_loads"],
+        stack_bytes=usage["stack"],
+    )
+
+
+# -- the interpreter case: build in a child process ------------------------------------------------------------
+
+
+def _python_function(fn: Any) -> Any:
+    """The plain Python function under jit / autotune / heuristics / interpreter wrappers."""
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
+def _compile_in_child(specs: Sequence[KernelSpec]) -> list[CompiledKernel]:
+    requests = []
+    for spec in specs:
+        py = _python_function(spec.fn)
+        if "<locals>" in py.__qualname__:
+            raise ValueError(f"{py.__qualname__} is not a module-level kernel: it cannot be rebuilt in a child process")
+        requests.append({**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "fn"},
+                         "module": py.__module__, "qualname": py.__qualname__})
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-m", "m2f.kernels.aot"], input=pickle.dumps(requests), env=env,
+                          capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ahead-of-time build failed in the child process:\n{proc.stderr.decode()[-4000:]}")
+    return pickle.loads(proc.stdout)
+
+
+def _child_main() -> None:
+    """``python -m m2f.kernels.aot``: pickled build requests on stdin, pickled CompiledKernels on stdout."""
+    import importlib
+
+    requests = pickle.loads(sys.stdin.buffer.read())
+    built = []
+    for req in requests:
+        fn = importlib.import_module(req.pop("module"))
+        for part in req.pop("qualname").split("."):
+            fn = getattr(fn, part)
+        built.append(_compile(KernelSpec(fn=fn, **req)))
+    sys.stdout.buffer.write(pickle.dumps(built))
+
+
+# -- tools ------------------------------------------------------------------------------------------------------
+
+
 def _nvidia_bin(tool: str) -> str:
     import triton
 
@@ -52,51 +179,14 @@ def _ptxas_for(capability: int) -> str:
         return _nvidia_bin("ptxas")
 
 
-def compile_for(
-    fn: Any,  # a @triton.jit function (not autotuned: pass the config's constexprs explicitly)
-    signature: dict[str, str],  # argument -> Triton type, e.g. {"x_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
-    constexprs: dict[str, Any],
-    target: str = "sm_90",
-    num_warps: int = 4,
-    num_stages: int = 2,
-) -> CompiledKernel:
-    """Compile ``fn`` for ``target`` without a GPU and read registers / shared memory / spills from ptxas."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    src = triton.compiler.ASTSource(fn=_as_jit_function(fn), signature=signature, constexprs=constexprs)
-    kernel = triton.compile(
-        src, target=GPUTarget("cuda", TARGETS[target], 32), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
-    ptx = kernel.asm["ptx"]
-    usage = ptxas_usage(ptx, target)
-    return CompiledKernel(
-        name=kernel.name,
-        target=target,
-        ptx=ptx,
-        cubin=kernel.asm["cubin"],
-        num_warps=num_warps,
-        registers=usage["registers"],
-        shared_bytes=int(kernel.metadata.shared),
-        spill_stores=usage["spill_stores"],
-        spill_loads=usage["spill_loads"],
-        stack_bytes=usage["stack"],
-    )
-
-
 def _as_jit_function(fn: Any) -> Any:
-    """The JITFunction behind ``fn``: unwraps autotuners / heuristics, and rebuilds a JITFunction from the
-    Python function when ``TRITON_INTERPRET=1`` turned ``@triton.jit`` into an interpreter wrapper (as in tests)."""
+    """The JITFunction behind ``fn`` (unwrapping autotuners / heuristics)."""
     from triton.runtime.jit import JITFunction
 
     while not isinstance(fn, JITFunction):
         inner = getattr(fn, "fn", None)
         if inner is None:
             raise TypeError(f"{fn!r} is not a Triton kernel")
-        if not hasattr(inner, "fn") and callable(inner) and not isinstance(inner, JITFunction):
-            return JITFunction(inner)  # plain Python function under the interpreter
         fn = inner
     return fn
 
@@ -111,7 +201,7 @@ def ptxas_usage(ptx: str, target: str) -> dict[str, int]:
         with open(ptx_path, "w") as f:
             f.write(ptx)
         proc = subprocess.run(
-            [_ptxas_for(TARGETS[target]), "-v", "--gpu-name", arch, ptx_path, "-o", os.path.join(tmp, "kernel.cubin")],
+            [_ptxas_for(TARGETS[target]), "-v", "--gpu-name", arch, ptx_path, "-o", os.path.join(tmp, "k.cubin")],
             capture_output=True,
             text=True,
         )
@@ -131,3 +221,10 @@ def ptxas_usage(ptx: str, target: str) -> dict[str, int]:
         "spill_loads": grab(r"(\d+) bytes spill loads"),
         "stack": grab(r"(\d+) bytes stack frame"),
     }
+
+
+if __name__ == "__main__":
+    # Re-import under the package name so the pickled CompiledKernels name m2f.kernels.aot, not __main__.
+    from m2f.kernels.aot import _child_main as main
+
+    main()

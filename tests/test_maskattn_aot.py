@@ -2,51 +2,35 @@
 Orin) with no GPU, without register spills; prints registers / shared memory / spills (pytest -s shows them)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+import torch
+
+from m2f.kernels.aot import KernelSpec, compile_many
+from m2f.kernels.masked_attention import triton_kernels as tk
 
 pytest.importorskip("triton")
 
-# Compiled in a fresh interpreter: under TRITON_INTERPRET=1 (set by conftest.py on a CPU machine) Triton's own
-# @jit library functions that the kernels call are interpreter wrappers, which the compiler cannot lower.
-SCRIPT = r"""
-import json, torch
-from m2f.kernels.aot import compile_for
-from m2f.kernels.masked_attention import triton_kernels as tk
-
-rows = []
-for target, dtype, mask_dtype in (("sm_90", torch.bfloat16, torch.float32), ("sm_90", torch.float32, torch.float32),
-                                  ("sm_87", torch.float16, torch.bool), ("sm_87", torch.float32, torch.float16)):
-    for s in tk.aot_specs(dtype, mask_dtype, head_dim=32):
-        ck = compile_for(s["fn"], s["signature"], s["constexprs"], target=target, num_warps=s["num_warps"],
-                         num_stages=s["num_stages"])
-        rows.append(dict(name=s["name"], target=target, dtype=str(dtype).replace("torch.", ""),
-                         mask=str(mask_dtype).replace("torch.", ""), warps=ck.num_warps, registers=ck.registers,
-                         shared=ck.shared_bytes, spill_stores=ck.spill_stores, spill_loads=ck.spill_loads,
-                         ptx_lines=ck.ptx.count("\n"), cubin_bytes=len(ck.cubin)))
-print(json.dumps(rows))
-"""
-
 KERNELS = {"pack_mask", "fwd", "fwd_split", "merge", "bwd_delta", "bwd_dkdv", "bwd_dq_split"}
+# (target, q/k/v dtype, mask dtype): both targets, every dtype, bool and logits masks
+CASES = [("sm_90", torch.bfloat16, torch.float32), ("sm_90", torch.float32, torch.float32),
+         ("sm_87", torch.float16, torch.bool), ("sm_87", torch.float32, torch.float16)]
 
 
 def test_every_kernel_compiles_for_sm90_and_sm87():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset; 1 is its current default
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    keys, specs = [], []
+    for target, dtype, mask_dtype in CASES:
+        for s in tk.aot_specs(dtype, mask_dtype, head_dim=32):
+            keys.append((s["name"], target, str(dtype).replace("torch.", ""), str(mask_dtype).replace("torch.", "")))
+            specs.append(KernelSpec(s["fn"], s["signature"], s["constexprs"], target=target,
+                                    num_warps=s["num_warps"], num_stages=s["num_stages"],
+                                    divisible_by_16=tuple(s["divisible"])))
+    built = compile_many(specs)
     print()
-    for r in rows:
-        print(f"{r['target']} {r['dtype']:8s} mask={r['mask']:7s} {r['name']:12s} warps={r['warps']} "
-              f"regs={r['registers']:3d} smem={r['shared']:6d}B spills={r['spill_stores']}/{r['spill_loads']}B")
+    for (name, target, dtype, mask), k in zip(keys, built):
+        print(f"{target} {dtype:8s} mask={mask:7s} {name:12s} {k.summary()}")
     for target in ("sm_90", "sm_87"):
-        assert {r["name"] for r in rows if r["target"] == target} == KERNELS
-    for r in rows:
-        assert r["cubin_bytes"] > 0 and r["ptx_lines"] > 0, r
-        assert r["registers"] <= 255, r
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"register spills: {r}"
+        assert {name for name, t, _, _ in keys if t == target} == KERNELS
+    for key, k in zip(keys, built):
+        assert k.target == key[1] and k.cubin and k.ptx.count("\n") > 0, key
+        assert k.registers <= 255, (key, k.summary())
+        assert k.spill_stores == 0 and k.spill_loads == 0, f"register spills: {key} {k.summary()}"

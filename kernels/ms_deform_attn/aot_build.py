@@ -4,21 +4,11 @@
 (3 levels, 4 points, 32 channels per head) with ``m2f.kernels.aot.compile_for`` and returns the PTX / cubin
 with registers, shared memory and spills. The TensorRT plugin embeds the same PTX.
 
-Triton's interpreter (``TRITON_INTERPRET=1``) turns the standard library's own ``@triton.jit`` helpers
-(``tl.sum``, ``tl.zeros``) into interpreted functions that the compiler cannot lower, so under the interpreter
-the build runs in a child process with the interpreter off.
-
-    python -m m2f.kernels.ms_deform_attn.aot_build [--targets sm_90,sm_87] [--json]
+    python -m m2f.kernels.ms_deform_attn.aot_build [--targets sm_90,sm_87] [--dtypes float32,float16]
 """
 from __future__ import annotations
 
 import argparse
-import base64
-import dataclasses
-import json
-import os
-import subprocess
-import sys
 from typing import Any, Sequence
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -56,50 +46,26 @@ def kernel_spec(kind: str, dtype: str, loc_dtype: str | None = None) -> tuple[An
 def compile_all(targets: Sequence[str] = TARGETS, dtypes: Sequence[str] = DTYPES) -> list[tuple[str, str, Any]]:
     """Every (kernel, dtype, target) compiled ahead of time: (kind "fwd" / "bwd", value dtype,
     ``m2f.kernels.aot.CompiledKernel``) for each."""
-    from .._backend import triton_interpreter_enabled
+    from ..aot import KernelSpec, compile_many
 
-    if triton_interpreter_enabled():
-        return _compile_in_child(targets, dtypes)
-    from ..aot import compile_for
-
-    built = []
+    keys, specs = [], []
     for target in targets:
         for dtype in dtypes:
             for kind in ("fwd", "bwd"):
                 kernel, signature, constexprs, num_warps = kernel_spec(kind, dtype)
-                built.append((kind, dtype, compile_for(kernel, signature, constexprs, target=target,
-                                                       num_warps=num_warps, num_stages=1)))
-    return built
-
-
-def _compile_in_child(targets: Sequence[str], dtypes: Sequence[str]) -> list:
-    from ..aot import CompiledKernel
-
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    cmd = [sys.executable, "-m", "m2f.kernels.ms_deform_attn.aot_build", "--json",
-           "--targets", ",".join(targets), "--dtypes", ",".join(dtypes)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ahead-of-time build failed:\n{proc.stderr[-4000:]}")
-    records = json.loads(proc.stdout)
-    return [(r.pop("kind"), r.pop("dtype"), CompiledKernel(**{**r, "cubin": base64.b64decode(r["cubin"])}))
-            for r in records]
+                keys.append((kind, dtype))
+                specs.append(KernelSpec(kernel, signature, constexprs, target=target, num_warps=num_warps,
+                                        num_stages=1))
+    return [(kind, dtype, built) for (kind, dtype), built in zip(keys, compile_many(specs))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
-    parser.add_argument("--json", action="store_true", help="print every build (PTX, cubin in base64) as JSON")
     args = parser.parse_args(argv)
-    built = compile_all(args.targets.split(","), args.dtypes.split(","))
-    if args.json:
-        records = [{**dataclasses.asdict(k), "cubin": base64.b64encode(k.cubin).decode(), "kind": kind,
-                    "dtype": dtype} for kind, dtype, k in built]
-        json.dump(records, sys.stdout)
-    else:
-        for kind, dtype, k in built:
-            print(f"{dtype:>8} {k.summary()}")
+    for kind, dtype, k in compile_all(args.targets.split(","), args.dtypes.split(",")):
+        print(f"{kind} {dtype:>8} {k.summary()}")
     return 0
 
 
