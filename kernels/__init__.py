@@ -5,8 +5,8 @@
 
 ``backend`` is "torch", "triton" or "auto" (Triton on CUDA, PyTorch elsewhere).
 """
-from ._backend import BACKENDS, resolve_backend
+from ._backend import BACKENDS, check_backend_name, resolve_backend
 from .masked_attention import masked_attention, masked_attention_from_logits
 from .ms_deform_attn import ms_deform_attn
 
-__all__ = ["BACKENDS", "resolve_backend", "ms_deform_attn", "masked_attention", "masked_attention_from_logits"]
+__all__ = ["BACKENDS", "check_backend_name", "resolve_backend", "ms_deform_attn", "masked_attention", "masked_attention_from_logits"]

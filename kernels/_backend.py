@@ -22,14 +22,20 @@ def triton_importable() -> bool:
     return True
 
 
+def check_backend_name(backend: str) -> str:
+    """``backend`` if it names a backend; a one-line error listing the valid names otherwise."""
+    if backend not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn "auto" into a concrete backend for tensors on ``device``; check that the one asked for can run.
 
     "auto" picks Triton on CUDA when Triton imports, the PyTorch reference otherwise (CPU, MPS, or no Triton).
     Triton on the CPU runs only under ``TRITON_INTERPRET=1`` (slow; meant for tests).
     """
-    if backend not in BACKENDS:
-        raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend_name(backend)
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_importable() else "torch"
     if backend == "triton":

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from m2f.config import Mask2FormerConfig
-from m2f.errors import BackendUnavailableError, InputError
-from m2f.kernels import BACKENDS
+from m2f.errors import InputError
+from m2f.kernels import check_backend_name
 from m2f.pixel_decoder import MSDeformAttnPixelDecoder
 from m2f.transformer_decoder import MultiScaleMaskedTransformerDecoder
 
@@ -50,8 +50,7 @@ class Mask2Former(nn.Module):
 
     def __init__(self, config: Mask2FormerConfig, backend: str = "torch") -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend_name(backend)
         from m2f.backbones import build_backbone  # the backbones package is only needed when a model is built
 
         self.config = config

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2f.config import PixelDecoderConfig
-from m2f.kernels import BACKENDS, ms_deform_attn
+from m2f.kernels import check_backend_name, ms_deform_attn
 from m2f.position_encoding import PositionEmbeddingSine
 
 Shapes = list[tuple[int, int]]
@@ -268,8 +268,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         backend: str = "torch",
     ) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend_name(backend)
         self.config = config
         self.backend = backend
         conv_dim, groups = config.conv_dim, config.norm_groups

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2f.config import TransformerDecoderConfig
-from m2f.kernels import BACKENDS, masked_attention_from_logits
+from m2f.kernels import check_backend_name, masked_attention_from_logits
 from m2f.pixel_decoder import c2_xavier_fill
 from m2f.position_encoding import PositionEmbeddingSine
 
@@ -190,8 +190,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         backend: str = "torch",
     ) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend_name(backend)
         self.config = config
         self.backend = backend
         hidden, heads, eps = config.hidden_dim, config.num_heads, config.layer_norm_eps
