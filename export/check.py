@@ -8,11 +8,12 @@ One JSON report with:
 * ``tensorrt``: every op against the list TensorRT 10.x's ONNX parser imports (custom plugin nodes allowed and
   listed), with the restrictions that apply;
 * ``plugins``: for plugin-mode graphs, each ``MultiscaleDeformableAttnPlugin_TRT`` node's inputs (ranks, dtypes,
-  order) against the plugin's interface;
+  order) against the plugin's interface; ``masked_attention_plugins`` likewise for ``m2f::masked_attention``
+  nodes (``--masked-attn plugin``), with the attributes TensorRT's parser reads;
 * ``parity``: ONNX Runtime against the PyTorch model (the checkpoint named by the manifest, or given) on fresh
   random inputs, at the export size and, for a dynamic graph, at another size and batch: relative error
-  ``||ort - torch|| / ||torch||`` per float output, mismatch fraction per integer / bool output. Plugin-mode graphs
-  cannot run in ONNX Runtime (it has no such op): they are checked structurally only, and the report says so;
+  ``||ort - torch|| / ||torch||`` per float output, mismatch fraction per integer / bool output. Graphs with plugin
+  nodes cannot run in ONNX Runtime (it has no such ops): they are checked structurally only, and the report says so;
 * ``verdict``: "pass" / "fail" with the reasons.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from m2f.io import write_json_atomic
 
 from . import tensorrt_onnx_ops
 from .manifest import read_manifest, sha256_file
-from .plugins import MSDA_INPUTS, TRT_MSDA
+from .plugins import M2F_MASKED_ATTENTION, MASKED_ATTENTION_INPUTS, MSDA_INPUTS, TRT_MSDA
 
 log = logging.getLogger("m2f.export")
 
@@ -168,6 +169,53 @@ def msda_plugin_nodes(model: Any) -> dict[str, Any]:
     if nodes and TRT_MSDA.domain not in domains:
         problems.append(f"domain {TRT_MSDA.domain!r} of the plugin nodes is not in opset_import")
     return {"op_type": TRT_MSDA.op_type, "count": len(nodes), "nodes": nodes, "problems": problems}
+
+
+def masked_attention_plugin_nodes(model: Any) -> dict[str, Any]:
+    """Each ``m2f::masked_attention`` node against the plugin's interface: inputs q, k, v (rank 4), mask logits
+    (rank 3), all one float dtype (the plugin's type combinations); one output; attributes plugin_namespace "m2f"
+    (how the parser finds the plugin) and aot 1 (TensorRT's ahead-of-time implementation)."""
+    import onnx
+    from onnx import helper
+
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    ranks = (4, 4, 4, 3)
+    types = _value_types(model)
+    plugin = M2F_MASKED_ATTENTION
+    nodes, problems = [], []
+    for node in model.graph.node:
+        if node.op_type != plugin.op_type:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+        entry = {"name": node.name, "domain": node.domain, "inputs": list(node.input), "attributes": attrs}
+        if node.domain != plugin.domain:
+            problems.append(f"{node.name}: domain {node.domain!r}, expected {plugin.domain!r}")
+        if len(node.input) != len(MASKED_ATTENTION_INPUTS) or len(node.output) != 1:
+            problems.append(f"{node.name}: {len(node.input)} inputs / {len(node.output)} outputs, expected 4 / 1")
+        if attrs != plugin.attributes:
+            problems.append(f"{node.name}: attributes {attrs}, expected {plugin.attributes}")
+        elems = set()
+        for i, (name, rank) in enumerate(zip(node.input, ranks)):
+            elem, got_rank = types.get(name, (0, None))
+            if got_rank is not None and got_rank != rank:
+                problems.append(f"{node.name}: input {i} ({MASKED_ATTENTION_INPUTS[i]}) has rank {got_rank}, "
+                                f"expected {rank}")
+            if elem:
+                elems.add(elem)
+                if elem not in float_types:
+                    problems.append(f"{node.name}: input {i} ({MASKED_ATTENTION_INPUTS[i]}) has dtype "
+                                    f"{onnx.TensorProto.DataType.Name(elem)}")
+        if len(elems) > 1:
+            problems.append(f"{node.name}: inputs of dtypes {sorted(onnx.TensorProto.DataType.Name(e) for e in elems)};"
+                            " the plugin takes one dtype for all")
+        entry["dtype"] = onnx.TensorProto.DataType.Name(elems.pop()) if len(elems) == 1 else None
+        nodes.append(entry)
+    if any(f.name == plugin.op_type for f in model.functions):  # the parser would import the function body instead
+        problems.append(f"the model defines a local function named {plugin.op_type}; TensorRT would inline it")
+    if nodes and plugin.domain not in {o.domain for o in model.opset_import}:
+        problems.append(f"domain {plugin.domain!r} of the masked-attention plugin nodes is not in opset_import")
+    return {"op_type": plugin.op_type, "count": len(nodes), "nodes": nodes, "problems": problems}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,8 +360,8 @@ def check_onnx(
     out: dict[str, Any] = {
         "file": str(onnx_path),
         "sha256": sha256_file(onnx_path),
-        "manifest": {k: manifest.get(k) for k in ("opset", "msda", "dtype", "dynamic", "batch", "height", "width",
-                                                  "postprocess", "source")} if manifest else None,
+        "manifest": {k: manifest.get(k) for k in ("opset", "msda", "masked_attn", "dtype", "dynamic", "batch",
+                                                  "height", "width", "postprocess", "source")} if manifest else None,
         "opset": opset,
         "checker": run_checker(proto),
         "census": census,
@@ -334,16 +382,27 @@ def check_onnx(
         reasons.append(f"ops TensorRT's parser does not import: {out['tensorrt']['unsupported_ops']}")
 
     plugin_info = msda_plugin_nodes(proto)
-    plugin_mode = plugin_info["count"] > 0 or manifest.get("msda") == "plugin"
-    if plugin_mode:
+    masked_info = masked_attention_plugin_nodes(proto)
+    skipped_ops = []
+    if plugin_info["count"] > 0 or manifest.get("msda") == "plugin":
         out["plugins"] = plugin_info
         reasons.extend(plugin_info["problems"])
         expected = manifest.get("expected_plugin_nodes")
         if expected is not None and plugin_info["count"] != expected:
             reasons.append(f"{plugin_info['count']} MSDA plugin nodes, expected {expected} (one per encoder layer)")
-        out["parity"] = {"skipped": "plugin-mode graph: ONNX Runtime has no MultiscaleDeformableAttnPlugin_TRT "
-                                    "kernel, so the graph was checked structurally only (checker, op census, "
-                                    "plugin node interface)"}
+        skipped_ops.append(TRT_MSDA.op_type)
+    if masked_info["count"] > 0 or manifest.get("masked_attn") == "plugin":
+        out["masked_attention_plugins"] = masked_info
+        reasons.extend(masked_info["problems"])
+        expected = manifest.get("expected_masked_attention_nodes")
+        if expected is not None and masked_info["count"] != expected:
+            reasons.append(f"{masked_info['count']} masked-attention plugin nodes, expected {expected} "
+                           "(one per decoder layer)")
+        skipped_ops.append(f"{M2F_MASKED_ATTENTION.domain}::{M2F_MASKED_ATTENTION.op_type}")
+    if skipped_ops:
+        out["parity"] = {"skipped": f"plugin-mode graph: ONNX Runtime has no {' / '.join(skipped_ops)} kernel, so "
+                                    "the graph was checked structurally only (checker, op census, plugin node "
+                                    "interface)"}
     else:
         out["parity"] = _parity_section(onnx_path, manifest, checkpoint, model, extra_sizes, seed, reasons)
     out["verdict"] = "pass" if not reasons else "fail"

@@ -16,7 +16,14 @@ Deformable attention:
   ``m2f::ms_deform_attn`` (never run during export: torch.export traces its fake kernel) is translated into the
   plugin node.
 
-Masked attention is always exported from the PyTorch reference (standard ops, no data-dependent indexing).
+Masked attention:
+
+* ``masked_attn="standard"`` - the PyTorch reference (MatMul / Softmax / Where; no data-dependent indexing).
+* ``masked_attn="plugin"`` - one ``m2f::masked_attention`` node per masked cross-attention call (one per decoder
+  layer), which TensorRT's ONNX parser resolves to m2f's TensorRT Python plugin of the same name (see
+  :mod:`m2f.export.plugins`): the cross-attention layers of the copy use the "triton" backend, whose custom op
+  ``m2f::masked_attention_from_logits`` (traced through its fake kernel) is translated into the plugin node,
+  with the plugin's (B, N, H, D) layout on both sides.
 """
 from __future__ import annotations
 
@@ -39,11 +46,12 @@ from m2f.errors import BackendUnavailableError, CheckpointError, InputError
 from m2f.io import atomic_path, check_can_write
 
 from .manifest import manifest_path, new_manifest, sha256_source, write_manifest
-from .plugins import TRT_MSDA
+from .plugins import M2F_MASKED_ATTENTION, MASKED_ATTENTION_INPUTS, TRT_MSDA
 
 log = logging.getLogger("m2f.export")
 
 MSDA_MODES = ("decomposed", "plugin")
+MASKED_ATTN_MODES = ("standard", "plugin")
 POSTPROCESS_MODES = ("none", "semantic", "instance")
 MIN_OPSET = 18  # the dynamo exporter emits 18; onnx cannot convert the Mask2Former graph down (GridSample needs 16)
 MAX_OPSET = 24  # the newest TensorRT 10.x parses (and ONNX Runtime 1.2x runs)
@@ -143,10 +151,23 @@ def _register_plugin_schema() -> None:
         outputs=[param("output", t)],
         type_constraints=[(t, ["tensor(float)", "tensor(float16)"], "value dtype"), (i, ["tensor(int32)"], "int32")],
     )
-    try:
-        onnx.defs.register_schema(schema)
-    except Exception:  # already registered by an earlier import of another copy of this module
-        pass
+    masked = M2F_MASKED_ATTENTION
+    attr = OpSchema.Attribute
+    masked_schema = OpSchema(
+        masked.op_type, masked.domain, 1,
+        doc="m2f TensorRT Python plugin m2f::masked_attention: q (B, Nq, H, D), k, v (B, Nk, H, D), mask logits "
+            "(B, Nq, Nk) (allowed where >= 0; a row with none attends everywhere) -> (B, Nq, H, D)",
+        inputs=[param(name, t) for name in MASKED_ATTENTION_INPUTS],
+        outputs=[param("output", t)],
+        type_constraints=[(t, ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "one float dtype")],
+        attributes=[attr("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=True),
+                    attr("aot", OpSchema.AttrType.INT, "1: TensorRT's ahead-of-time implementation", required=True)],
+    )
+    for s in (schema, masked_schema):
+        try:
+            onnx.defs.register_schema(s)
+        except Exception:  # already registered by an earlier import of another copy of this module
+            pass
     _SCHEMA_REGISTERED = True
 
 
@@ -170,6 +191,46 @@ def _msda_translation() -> dict[Any, Any]:
         return op.Reshape(out, op.Constant(value_ints=[0, 0, -1]))  # (N, Lq, M * D)
 
     return {torch.ops.m2f.ms_deform_attn.default: ms_deform_attn_to_trt_plugin}
+
+
+def _masked_attention_translation() -> dict[Any, Any]:
+    """custom_translation_table entry: m2f::masked_attention_from_logits -> the m2f::masked_attention plugin node,
+    between Transposes to / from its (B, N, H, D) layout (they cancel the graph's own head split / merge)."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    _register_plugin_schema()
+    m2f_plugins = onnxscript.values.Opset(M2F_MASKED_ATTENTION.domain, 1)
+    attributes = M2F_MASKED_ATTENTION.attributes
+
+    def masked_attention_to_plugin(q, k, v, mask_logits):
+        to_bnhd = [0, 2, 1, 3]  # (B, H, N, D) <-> (B, N, H, D)
+        out = getattr(m2f_plugins, M2F_MASKED_ATTENTION.op_type)(
+            op.Transpose(q, perm=to_bnhd), op.Transpose(k, perm=to_bnhd), op.Transpose(v, perm=to_bnhd),
+            mask_logits, **attributes,
+        )  # (B, Nq, H, D)
+        # The custom op also returns the log-sum-exp (for its backward); the exported graph never reads it, so
+        # an empty stand-in fills its place and the optimizer removes it.
+        return op.Transpose(out, perm=to_bnhd), op.Constant(value_floats=[])
+
+    return {torch.ops.m2f.masked_attention_from_logits.default: masked_attention_to_plugin}
+
+
+def _require_masked_attention_op() -> None:
+    try:
+        importlib.import_module("m2f.kernels.masked_attention.op")
+        torch.ops.m2f.masked_attention_from_logits.default  # noqa: B018
+    except (ImportError, AttributeError, RuntimeError):
+        raise BackendUnavailableError(
+            "--masked-attn plugin needs the m2f::masked_attention_from_logits custom op of m2f.kernels (Triton "
+            "masked attention), which this build lacks; export with --masked-attn standard"
+        ) from None
+
+
+def _masked_attention_layers(model: nn.Module) -> list[nn.Module]:
+    from m2f.transformer_decoder import CrossAttentionLayer
+
+    return [m for m in model.modules() if isinstance(m, CrossAttentionLayer)]
 
 
 def _require_msda_op() -> None:
@@ -209,7 +270,8 @@ def _tracing_triton_op_on_cpu() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def validate_export_args(height: int, width: int, batch: int, opset: int, msda: str, postprocess: str) -> None:
+def validate_export_args(height: int, width: int, batch: int, opset: int, msda: str, postprocess: str,
+                         masked_attn: str = "standard") -> None:
     if height < 32 or width < 32 or height % 32 or width % 32:
         raise InputError(f"height and width must be positive multiples of 32, got {height}x{width}; "
                          f"e.g. {max(32, -(-height // 32) * 32)}x{max(32, -(-width // 32) * 32)}")
@@ -221,6 +283,8 @@ def validate_export_args(height: int, width: int, batch: int, opset: int, msda: 
         raise InputError(f"--msda must be one of {', '.join(MSDA_MODES)}, got {msda!r}")
     if postprocess not in POSTPROCESS_MODES:
         raise InputError(f"--postprocess must be one of {', '.join(POSTPROCESS_MODES)}, got {postprocess!r}")
+    if masked_attn not in MASKED_ATTN_MODES:
+        raise InputError(f"--masked-attn must be one of {', '.join(MASKED_ATTN_MODES)}, got {masked_attn!r}")
 
 
 def _dynamic_shapes(batch: int) -> dict[str, Any]:
@@ -297,6 +361,7 @@ def to_onnx(
     msda: str = "decomposed",
     postprocess: str = "none",
     opset: int = 18,
+    masked_attn: str = "standard",
     topk: int | None = None,
     simplify: bool = True,
     optimize: bool = True,
@@ -306,12 +371,13 @@ def to_onnx(
     """Export ``model`` (an m2f Mask2Former) to ``path`` with a manifest beside it.
 
     ``pixel_values`` is (batch, 3, height, width), normalised as for ``model(...)``. ``dynamic`` makes batch,
-    height and width symbolic (height / width multiples of 32). ``source`` ({"path", "sha256", "preset"}) is
+    height and width symbolic (height / width multiples of 32). ``msda`` / ``masked_attn`` choose standard ops or
+    one TensorRT plugin node per call for each attention op (module docstring). ``source`` ({"path", "sha256", "preset"}) is
     recorded in the manifest. ``optimize`` runs the exporter's onnxscript optimizer (constant folding, dead-code
     removal; most of the export time of a dynamic graph); ``simplify`` runs onnxslim after it.
     """
     start = time.perf_counter()
-    validate_export_args(height, width, batch, opset, msda, postprocess)
+    validate_export_args(height, width, batch, opset, msda, postprocess, masked_attn)
     path = Path(path)
     check_can_write(path, force=force)
     check_can_write(manifest_path(path), force=force)
@@ -329,14 +395,23 @@ def to_onnx(
         msda_modules = _msda_modules(module)
         for m in msda_modules:
             m.backend = "triton"  # the model-level switch: the custom op m2f::ms_deform_attn appears in the trace
-        translation = _msda_translation()
+        translation.update(_msda_translation())
         expected_plugin_nodes = len(msda_modules)
+    expected_masked_nodes = None
+    if masked_attn == "plugin":
+        _require_masked_attention_op()
+        layers = _masked_attention_layers(module)
+        for layer in layers:
+            layer.backend = "triton"  # the custom op m2f::masked_attention_from_logits appears in the trace
+        translation.update(_masked_attention_translation())
+        expected_masked_nodes = len(layers)
+    plugins_in_graph = msda == "plugin" or masked_attn == "plugin"
     # torch.export specialises a dimension traced at size 1: trace a dynamic batch at >= 2.
     example = torch.randn(max(batch, 2) if dynamic else batch, 3, height, width, dtype=dtype)
     notes: list[str] = []
 
     with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
-        if msda == "plugin":
+        if plugins_in_graph:
             stack.enter_context(_tracing_triton_op_on_cpu())
         raw = tmp.with_name(tmp.name + ".raw.onnx")
         try:
@@ -351,8 +426,8 @@ def to_onnx(
             if simplify:
                 slim = tmp.with_name(tmp.name + ".slim.onnx")
                 if _slim(raw, slim):
-                    if msda == "plugin":
-                        ok = _plugin_count(slim) == expected_plugin_nodes
+                    if plugins_in_graph:
+                        ok = _plugin_counts(slim) == (expected_plugin_nodes or 0, expected_masked_nodes or 0)
                     else:
                         ok = _same_outputs(raw, slim, (batch, 3, height, width), rtol=1e-3 if half else 1e-5)
                     if ok:
@@ -376,10 +451,13 @@ def to_onnx(
                 f"the exporter could not convert this graph to opset {opset} (it emits opset {written_opset}; "
                 f"onnx's version converter cannot rewrite its dynamic-axes ops); use --opset {written_opset}"
             )
-        plugin_nodes = _plugin_count(tmp)
+        plugin_nodes, masked_nodes = _plugin_counts(tmp)
         if msda == "plugin" and plugin_nodes != expected_plugin_nodes:
             raise RuntimeError(f"plugin export produced {plugin_nodes} {TRT_MSDA.op_type} nodes for "
                                f"{expected_plugin_nodes} deformable-attention calls")
+        if masked_attn == "plugin" and masked_nodes != expected_masked_nodes:
+            raise RuntimeError(f"plugin export produced {masked_nodes} {M2F_MASKED_ATTENTION.op_type} nodes for "
+                               f"{expected_masked_nodes} masked-attention calls")
         manifest = new_manifest(
             "onnx",
             file=path.name,
@@ -394,6 +472,9 @@ def to_onnx(
             msda=msda,
             expected_plugin_nodes=expected_plugin_nodes,
             plugin_nodes=plugin_nodes,
+            masked_attn=masked_attn,
+            expected_masked_attention_nodes=expected_masked_nodes,
+            masked_attention_nodes=masked_nodes,
             postprocess=postprocess,
             topk=topk if postprocess == "instance" else None,
             optimized=optimize,
@@ -415,11 +496,15 @@ def _opset_of(path: Path) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _plugin_count(path: Path) -> int:
+def _plugin_counts(path: Path) -> tuple[int, int]:
+    """(MSDA plugin nodes, masked-attention plugin nodes) in the file."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    return sum(1 for n in proto.graph.node if n.op_type == TRT_MSDA.op_type)
+    msda = sum(1 for n in proto.graph.node if n.op_type == TRT_MSDA.op_type)
+    masked = sum(1 for n in proto.graph.node
+                 if (n.op_type, n.domain) == (M2F_MASKED_ATTENTION.op_type, M2F_MASKED_ATTENTION.domain))
+    return msda, masked
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -441,7 +526,8 @@ def load_checkpoint_model(checkpoint: str | Path, preset: str | None = None) -> 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, preset: str | None = None, **kwargs: Any) -> ExportResult:
     """Load ``checkpoint`` and export it; the manifest records its path, sha256 and preset."""
     validate_export_args(kwargs.get("height", 512), kwargs.get("width", 512), kwargs.get("batch", 1),
-                         kwargs.get("opset", 18), kwargs.get("msda", "decomposed"), kwargs.get("postprocess", "none"))
+                         kwargs.get("opset", 18), kwargs.get("msda", "decomposed"), kwargs.get("postprocess", "none"),
+                         kwargs.get("masked_attn", "standard"))
     check_can_write(output, force=kwargs.get("force", False))
     model = load_checkpoint_model(checkpoint, preset)
     source = {"path": str(Path(checkpoint).resolve()), "sha256": sha256_source(checkpoint), "preset": preset}

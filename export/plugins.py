@@ -5,7 +5,8 @@ Two layers, so that everything but the TensorRT calls is testable without Tensor
 * Plain data and math (no TensorRT): the ONNX node of each plugin (op type, domain, attributes, input order),
   the output-shape rules (:func:`msda_output_shape`, :func:`masked_attention_output_shape`) written over any
   dimension type (ints here, TensorRT's symbolic ``ShapeExpr`` inside the engine builder), the launch geometry,
-  and the PTX of the plugin kernels for a given GPU (:func:`compile_msda_plugin_kernel`, no GPU needed).
+  and the PTX of the plugin kernels for a given GPU (:func:`compile_msda_plugin_kernel`,
+  :func:`compile_masked_attention_plugin_kernel`, no GPU needed).
 * :func:`register_tensorrt_plugins`: registers the plugins with ``tensorrt.plugin`` (TensorRT >= 10.7 Python
   "quickly deployable plugins"): ``@trtp.register`` (shape / dtype description) and ``@trtp.aot_impl`` (kernel
   name, PTX, launch grid, int32 scalar arguments). The PTX is embedded in the engine, so the engine runs the
@@ -15,11 +16,15 @@ The ONNX graph from ``m2f export onnx --msda plugin`` uses TensorRT's own interf
 (``MultiscaleDeformableAttnPlugin_TRT``, version "1", no attributes; inputs value [N,S,M,D], spatial_shapes [L,2]
 int32, level_start_index [L] int32, sampling_locations [N,Lq,M,L,P,2], attention_weights [N,Lq,M,L,P]; output
 [N,Lq,M,D]); ``m2f export tensorrt --plugins m2f`` retargets those nodes to the m2f plugin, which has the same
-inputs and output, before parsing.
+inputs and output, before parsing. Masked attention has no TensorRT plugin to stand in for it: ``m2f export onnx
+--masked-attn plugin`` writes the m2f node itself (op type ``masked_attention``, attribute ``plugin_namespace`` "m2f",
+so that the parser's plugin lookup (name = op type, version "1", namespace from the attribute) finds the registered
+``m2f::masked_attention``, and ``aot`` 1, which asks TensorRT for the ahead-of-time implementation).
 
 QDP calling convention for AOT kernels: tensor inputs (pointers) first, then the int32 scalars, then the outputs.
 The msda kernel of ``m2f.kernels`` takes the output pointer before its scalars, so :func:`msda_plugin_kernel`
-is a thin wrapper in that order that inlines it.
+is a thin wrapper in that order that inlines it. The masked-attention plugin runs a kernel written for it
+(``m2f.kernels.masked_attention.plugin_kernel``: one launch, empty-row rule inside), already in that order.
 """
 from __future__ import annotations
 
@@ -71,9 +76,12 @@ M2F_NAMESPACE = "m2f"
 M2F_MSDA = PluginNode(
     "ms_deform_attn", M2F_NAMESPACE, MSDA_INPUTS, ("output",), {"plugin_namespace": M2F_NAMESPACE, "aot": 1}
 )
-# m2f's Triton masked attention as "m2f::masked_attention" (q, k, v (B, H, N, D); mask logits (B, Nq, Nk)).
+# m2f's Triton masked attention as "m2f::masked_attention": q (B, Nq, H, D), k, v (B, Nk, H, D), mask logits
+# (B, Nq, Nk) (allowed where >= 0); output (B, Nq, H, D). Tokens-major ("BNHD") as the projections produce them,
+# so that the graph needs no transpose around the plugin.
+MASKED_ATTENTION_INPUTS = ("q", "k", "v", "mask_logits")
 M2F_MASKED_ATTENTION = PluginNode(
-    "masked_attention", M2F_NAMESPACE, ("q", "k", "v", "mask_logits"), ("output",),
+    "masked_attention", M2F_NAMESPACE, MASKED_ATTENTION_INPUTS, ("output",),
     {"plugin_namespace": M2F_NAMESPACE, "aot": 1},
 )
 
@@ -118,24 +126,25 @@ def msda_output_shape(
 
 
 def masked_attention_output_shape(
-    q: Sequence[Any],  # (B, H, Nq, D)
-    k: Sequence[Any],  # (B, H, Nk, D)
-    v: Sequence[Any],  # (B, H, Nk, D)
+    q: Sequence[Any],  # (B, Nq, H, D)
+    k: Sequence[Any],  # (B, Nk, H, D)
+    v: Sequence[Any],  # (B, Nk, H, D)
     mask_logits: Sequence[Any],  # (B, Nq, Nk)
-) -> tuple[Any, Any, Any, Any]:  # (B, H, Nq, D)
+) -> tuple[Any, Any, Any, Any]:  # (B, Nq, H, D)
+    """Output dims of the masked-attention plugin, after checking that the inputs fit together."""
     ranks = (len(q), len(k), len(v), len(mask_logits))
     if ranks != (4, 4, 4, 3):
         raise ValueError(f"masked attention plugin inputs must have ranks (4, 4, 4, 3), got {ranks}")
     checks = [
         (q[0], k[0], "batch of q / k"), (k[0], v[0], "batch of k / v"), (q[0], mask_logits[0], "batch of q / mask"),
-        (q[1], k[1], "heads of q / k"), (k[1], v[1], "heads of k / v"),
-        (q[3], k[3], "head dim of q / k"), (k[2], v[2], "keys of k / v"),
-        (q[2], mask_logits[1], "queries of q / mask"), (k[2], mask_logits[2], "keys of k / mask"),
+        (q[2], k[2], "heads of q / k"), (k[2], v[2], "heads of k / v"),
+        (q[3], k[3], "head dim of q / k"), (k[3], v[3], "head dim of k / v"), (k[1], v[1], "keys of k / v"),
+        (q[1], mask_logits[1], "queries of q / mask"), (k[1], mask_logits[2], "keys of k / mask"),
     ]
     for a, b, what in checks:
         if not _same(a, b):
             raise ValueError(f"masked attention plugin: {what} differ ({a} vs {b})")
-    return q[0], q[1], q[2], v[3]
+    return q[0], q[1], q[2], q[3]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,27 +248,92 @@ def compile_msda_plugin_kernel(target: str, dtype: str = "float32", num_levels: 
     code generator cannot inline into a device call, so the compilation runs in a child process without it.
     """
     from m2f.kernels._backend import triton_interpreter_enabled
-    from m2f.kernels.aot import CompiledKernel, compile_for
+    from m2f.kernels.aot import compile_for
 
     args = (target, dtype, num_levels, num_points, head_dim)
     if not triton_interpreter_enabled():
         return compile_for(msda_plugin_kernel(), msda_signature(dtype), msda_constexprs(*args[2:], dtype=dtype),
                            target=target, num_warps=msda_aot_config()[1], num_stages=1)
+    return _compile_in_child("msda", *args)
+
+
+# --- masked attention ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskedAttentionLaunch:
+    """Grid and scalar arguments of one masked-attention plugin launch, from the input dims (ints or ShapeExprs)."""
+
+    grid: tuple[Any, Any, Any]
+    block: int
+    scalars: tuple[Any, Any, Any]  # Nq, Nk, H (the kernel's int32 arguments)
+
+
+def masked_attention_launch(q: Sequence[Any], k: Sequence[Any], block_q: int, num_warps: int,
+                            cdiv: Any = None) -> MaskedAttentionLaunch:
+    """One program per (batch x head, BLOCK_Q queries), heads fastest (q (B, Nq, H, D), k (B, Nk, H, D))."""
+    from m2f.kernels.masked_attention.plugin_kernel import plugin_grid
+
+    batch, n_q, heads, _ = q
+    return MaskedAttentionLaunch(grid=plugin_grid(batch, heads, n_q, block_q, cdiv=cdiv), block=num_warps * 32,
+                                 scalars=(n_q, k[1], heads))
+
+
+def masked_attention_kernel_spec(dtype: str, head_dim: int, mask_dtype: str | None = None) -> dict[str, Any]:
+    """Everything an ahead-of-time build of the plugin kernel needs: fn, signature, constexprs, warps, stages.
+
+    Returned as a compilable JITFunction even under TRITON_INTERPRET=1: it is only ever compiled ahead of time."""
+    from m2f.kernels.aot import _as_jit_function
+    from m2f.kernels.masked_attention.plugin_kernel import (
+        masked_attention_plugin_kernel,
+        plugin_constexprs,
+        plugin_signature,
+        plugin_tile,
+    )
+
+    tile = plugin_tile(dtype)
+    return {"fn": _as_jit_function(masked_attention_plugin_kernel), "signature": plugin_signature(dtype, mask_dtype),
+            "constexprs": plugin_constexprs(head_dim, dtype, tile), "num_warps": tile.num_warps,
+            "num_stages": tile.num_stages, "block_q": tile.block_q}
+
+
+def compile_masked_attention_plugin_kernel(target: str, dtype: str = "float32", head_dim: int = 32) -> Any:
+    """PTX (+ cubin and resources) of the masked-attention plugin kernel for ``target`` ("sm_90", "sm_87"), as
+    :func:`compile_msda_plugin_kernel` (in a child process under TRITON_INTERPRET=1)."""
+    from m2f.kernels._backend import triton_interpreter_enabled
+    from m2f.kernels.aot import compile_for
+
+    if not triton_interpreter_enabled():
+        spec = masked_attention_kernel_spec(dtype, head_dim)
+        return compile_for(spec["fn"], spec["signature"], spec["constexprs"], target=target,
+                           num_warps=spec["num_warps"], num_stages=spec["num_stages"])
+    return _compile_in_child("masked_attention", target, dtype, head_dim)
+
+
+def _compile_in_child(kind: str, *args: Any) -> Any:
+    from m2f.kernels.aot import CompiledKernel
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "m2f.export.plugins", *map(str, args)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "m2f.export.plugins", kind, *map(str, args)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"compiling the MSDA plugin kernel for {target} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"compiling the {kind} plugin kernel for {args[0]} failed:\n{proc.stderr[-4000:]}")
     fields = json.loads(proc.stdout.strip().splitlines()[-1])
     fields["cubin"] = base64.b64decode(fields["cubin"])
     return CompiledKernel(**fields)
 
 
-def _main(argv: Sequence[str]) -> None:  # python -m m2f.export.plugins TARGET DTYPE L P D: one kernel as JSON
+def _main(argv: Sequence[str]) -> None:
+    """python -m m2f.export.plugins msda TARGET DTYPE L P D | masked_attention TARGET DTYPE D: one kernel as JSON."""
     import dataclasses
 
-    target, dtype, levels, points, head_dim = argv
-    kernel = compile_msda_plugin_kernel(target, dtype, int(levels), int(points), int(head_dim))
+    kind, target, dtype, *dims = argv
+    if kind == "msda":
+        kernel = compile_msda_plugin_kernel(target, dtype, *map(int, dims))
+    elif kind == "masked_attention":
+        kernel = compile_masked_attention_plugin_kernel(target, dtype, *map(int, dims))
+    else:
+        raise SystemExit(f"unknown plugin kernel {kind!r}; choose msda or masked_attention")
     fields = dataclasses.asdict(kernel)
     fields["cubin"] = base64.b64encode(kernel.cubin).decode()
     print(json.dumps(fields))
@@ -272,17 +346,18 @@ def _main(argv: Sequence[str]) -> None:  # python -m m2f.export.plugins TARGET D
 _REGISTERED = False
 
 
-def _const(expr: Any, what: str) -> int:
+def _const(expr: Any, what: str, plugin: str = "MSDA") -> int:
     """A ShapeExpr that must be a build-time constant (levels, points, head dim are fixed by the architecture)."""
     if isinstance(expr, int):
         return expr
     if not getattr(expr, "is_constant", False):
-        raise ValueError(f"MSDA plugin: {what} must be static in the ONNX graph")
+        raise ValueError(f"{plugin} plugin: {what} must be static in the ONNX graph")
     return int(expr.constant_value)
 
 
 def register_tensorrt_plugins() -> None:
-    """Register ``m2f::ms_deform_attn`` with TensorRT's Python plugin registry (idempotent)."""
+    """Register ``m2f::ms_deform_attn`` and ``m2f::masked_attention`` with TensorRT's Python plugin registry
+    (idempotent)."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -325,6 +400,45 @@ def register_tensorrt_plugins() -> None:
                                 options={"num_warps": num_warps, "num_stages": 1})
         launch = msda_launch([value.shape_expr[i] for i in range(4)], [loc[i] for i in range(6)], cdiv=trtp.cdiv,
                              block_q=block_q, num_warps=num_warps)
+        params = trtp.KernelLaunchParams()
+        params.grid_x, params.grid_y = launch.grid[0], launch.grid[1]
+        params.block_x = launch.block
+        params.shared_mem = kernel.metadata.shared
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in launch.scalars])
+        return kernel.metadata.name.encode(), kernel.asm["ptx"].encode(), params, extra
+
+    masked_id = f"{M2F_NAMESPACE}::{M2F_MASKED_ATTENTION.op_type}"
+    dtype_names = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
+
+    @trtp.register(masked_id)
+    def _masked_attention_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
+                               mask_logits: trtp.TensorDesc) -> trtp.TensorDesc:
+        dims = masked_attention_output_shape(
+            [q.shape_expr[i] for i in range(4)], [k.shape_expr[i] for i in range(4)],
+            [v.shape_expr[i] for i in range(4)], [mask_logits.shape_expr[i] for i in range(3)],
+        )
+        return trtp.from_shape_expr(dims, dtype=q.dtype)
+
+    @trtp.autotune(masked_id)
+    def _masked_attention_formats(q, k, v, mask_logits, outputs):
+        # positions: q, k, v, mask logits, output: one dtype for all ("|" alternatives pair up by position)
+        return [trtp.AutoTuneCombination("FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16, "
+                                         "FP32|FP16|BF16", "LINEAR")]
+
+    @trtp.aot_impl(masked_id)
+    def _masked_attention_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
+                              mask_logits: trtp.TensorDesc, outputs: tuple, tactic: int):
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        head_dim = _const(q.shape_expr[3], "head dim", plugin="masked attention")
+        spec = masked_attention_kernel_spec(dtype_names[q.dtype], head_dim, mask_dtype=dtype_names[mask_logits.dtype])
+        major, minor = _device_capability()
+        src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
+        kernel = triton.compile(src, target=GPUTarget("cuda", major * 10 + minor, 32),
+                                options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+        launch = masked_attention_launch([q.shape_expr[i] for i in range(4)], [k.shape_expr[i] for i in range(4)],
+                                         block_q=spec["block_q"], num_warps=spec["num_warps"], cdiv=trtp.cdiv)
         params = trtp.KernelLaunchParams()
         params.grid_x, params.grid_y = launch.grid[0], launch.grid[1]
         params.block_x = launch.block

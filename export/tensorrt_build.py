@@ -7,7 +7,9 @@ engine written atomically with a manifest beside it.
 Deformable-attention plugin nodes (``MultiscaleDeformableAttnPlugin_TRT``, from ``m2f export onnx --msda plugin``)
 run either TensorRT's own open-source plugin (``plugins="tensorrt"``, from libnvinfer_plugin) or m2f's Triton
 kernel compiled ahead of time into the engine (``plugins="m2f"``, see :mod:`m2f.export.plugins`): the nodes are
-retargeted to the m2f plugin before parsing; the file on disk is not changed.
+retargeted to the m2f plugin before parsing; the file on disk is not changed. Masked-attention plugin nodes
+(``m2f::masked_attention``, from ``m2f export onnx --masked-attn plugin``) always run m2f's plugin: m2f's
+plugins are registered whenever the graph holds a node of the "m2f" domain.
 
 Written against the documented TensorRT 10.x API; not run here (no TensorRT on the development machines):
 see export/README.md for what was verified where.
@@ -195,13 +197,12 @@ def build_engine(
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")  # TensorRT's own plugins, MultiscaleDeformableAttnPlugin_TRT among them
     model = onnx.load(str(onnx_path))
-    retargeted = 0
-    if plugins == "m2f":
-        retargeted = retarget_msda_nodes(model)
-        if retargeted or any(n.domain == "m2f" for n in model.graph.node):
-            from .plugins import register_tensorrt_plugins
+    retargeted = retarget_msda_nodes(model) if plugins == "m2f" else 0
+    m2f_nodes = sum(1 for n in model.graph.node if n.domain == "m2f")
+    if m2f_nodes:  # retargeted MSDA nodes and / or masked-attention plugin nodes
+        from .plugins import register_tensorrt_plugins
 
-            register_tensorrt_plugins()
+        register_tensorrt_plugins()
 
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
@@ -250,6 +251,8 @@ def build_engine(
         precision=precision,
         plugins=plugins if retargeted else "none",
         msda=manifest.get("msda"),
+        masked_attn=manifest.get("masked_attn", "standard"),
+        m2f_plugin_nodes=m2f_nodes,
         profile={"min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)},
         max_batch=profile.max[0],
         batch=manifest["batch"], height=manifest["height"], width=manifest["width"],

@@ -136,7 +136,7 @@ def test_msda_output_shape_rules():
 
 
 def test_masked_attention_output_shape_rules():
-    q, kv, mask = (2, 8, 100, 32), (2, 8, 1024, 32), (2, 100, 1024)
+    q, kv, mask = (2, 100, 8, 32), (2, 1024, 8, 32), (2, 100, 1024)  # the plugin's (B, N, H, D) layout
     assert masked_attention_output_shape(q, kv, kv, mask) == q
     with pytest.raises(ValueError, match="keys of k / mask"):
         masked_attention_output_shape(q, kv, kv, (2, 100, 512))

@@ -1,6 +1,6 @@
 """``m2f export``: ONNX with verified parity, TensorRT engines, Triton Inference Server repositories.
 
-    m2f export onnx --checkpoint CKPT --output m2f.onnx [--height 512 --width 512] [--dynamic] [--msda plugin]
+    m2f export onnx --checkpoint CKPT --output m2f.onnx [--height 512 --width 512] [--dynamic] [--target tensorrt]
     m2f export check m2f.onnx [--report report.json]
     m2f export tensorrt --onnx m2f.onnx --output m2f.engine [--fp16] [--min-shape 1x3x512x512 ...]
     m2f export triton-repo --model m2f.onnx --output model_repository [--max-batch 8]
@@ -16,6 +16,7 @@ import logging
 from m2f.errors import InputError
 
 MSDA_DEFAULT_FOR_TARGET = {"onnxruntime": "decomposed", "tensorrt": "plugin"}
+MASKED_ATTN_DEFAULT_FOR_TARGET = {"onnxruntime": "standard", "tensorrt": "plugin"}
 
 
 def _int(text: str) -> int:
@@ -39,10 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--batch", type=_int, default=1, help="batch size of the export (1)")
     o.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
     o.add_argument("--half", action="store_true", help="float16 weights and input")
-    o.add_argument("--target", default="onnxruntime", help="onnxruntime (default) or tensorrt: sets the --msda default")
+    o.add_argument("--target", default="onnxruntime",
+                   help="onnxruntime (default) or tensorrt: sets the --msda and --masked-attn defaults")
     o.add_argument("--msda", default=None,
                    help="deformable attention as 'decomposed' GridSample ops (default for onnxruntime) or one TensorRT "
                         "'plugin' node per call (default for tensorrt)")
+    o.add_argument("--masked-attn", default=None,
+                   help="masked attention as 'standard' ops (default for onnxruntime) or one m2f::masked_attention "
+                        "TensorRT 'plugin' node per decoder layer (default for tensorrt)")
     o.add_argument("--postprocess", default="none", help="none (default), semantic or instance outputs in the graph")
     o.add_argument("--opset", type=_int, default=18,
                    help="ONNX opset, 18..24 (18)")
@@ -74,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--timing-cache", default=None, help="timing cache file (read if present, then updated)")
     t.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB (4)")
     t.add_argument("--plugins", default="m2f",
-                   help="deformable-attention plugin nodes run 'm2f' (our Triton kernel, AOT) or 'tensorrt' (its own)")
+                   help="deformable-attention plugin nodes run 'm2f' (our Triton kernel, AOT) or 'tensorrt' (its own); "
+                        "masked-attention plugin nodes always run m2f's")
     t.add_argument("--force", action="store_true", help="overwrite an existing engine")
     t.set_defaults(func=run_tensorrt)
 
@@ -115,15 +121,18 @@ def run_onnx(args: argparse.Namespace) -> int:
     if args.target not in MSDA_DEFAULT_FOR_TARGET:
         raise InputError(f"--target must be onnxruntime or tensorrt, got {args.target!r}")
     msda = args.msda or MSDA_DEFAULT_FOR_TARGET[args.target]
+    masked_attn = args.masked_attn or MASKED_ATTN_DEFAULT_FOR_TARGET[args.target]
     from m2f.export.onnx_export import export_checkpoint
 
     result = export_checkpoint(
         args.checkpoint, args.output, preset=args.preset, height=args.height, width=args.width, batch=args.batch,
-        dynamic=args.dynamic, half=args.half, msda=msda, postprocess=args.postprocess, opset=args.opset,
-        simplify=not args.no_simplify, optimize=not args.no_optimize, force=args.force,
+        dynamic=args.dynamic, half=args.half, msda=msda, masked_attn=masked_attn, postprocess=args.postprocess,
+        opset=args.opset, simplify=not args.no_simplify, optimize=not args.no_optimize, force=args.force,
     )
     m = result.manifest
     extra = f", {m['plugin_nodes']} {m['msda']} nodes" if m["msda"] == "plugin" else ""
+    extra += f", masked_attn={m['masked_attn']}"
+    extra += f", {m['masked_attention_nodes']} plugin nodes" if m["masked_attn"] == "plugin" else ""
     print(f"wrote {result.path} (opset {m['opset']}, {m['dtype']}, msda={m['msda']}{extra}, "
           f"{'dynamic' if m['dynamic'] else 'static'} {m['batch']}x3x{m['height']}x{m['width']}, "
           f"{result.seconds:.1f} s) and {result.manifest_path}")
@@ -145,8 +154,9 @@ def _print_check(report: dict) -> int:
         errs = ", ".join(f"{k}={v['rel_err']:.2e}" if "rel_err" in v else f"{k} mismatch={v.get('mismatch', 0):.2%}"
                          for k, v in run["outputs"].items())
         print(f"  {run['batch']}x3x{run['height']}x{run['width']}: {errs}")
-    if "plugins" in report:
-        print(f"  {report['plugins']['count']} {report['plugins']['op_type']} nodes")
+    for key in ("plugins", "masked_attention_plugins"):
+        if key in report:
+            print(f"  {report[key]['count']} {report[key]['op_type']} nodes")
     for reason in report["reasons"]:
         print(f"  FAIL: {reason}")
     return 0 if report["verdict"] == "pass" else 1
