@@ -35,7 +35,8 @@ def run_pipeline(
     workdir = Path(workdir)
     validate_export_args(export_kwargs.get("height", 512), export_kwargs.get("width", 512),
                          export_kwargs.get("batch", 1), export_kwargs.get("opset", 18),
-                         export_kwargs.get("msda", "decomposed"), export_kwargs.get("postprocess", "none"))
+                         export_kwargs.get("msda", "decomposed"), export_kwargs.get("postprocess", "none"),
+                         export_kwargs.get("masked_attn", "standard"))
     check_can_write(workdir, force=force)
     if tensorrt:
         from ._trt import import_cudart, import_tensorrt

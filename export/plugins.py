@@ -28,11 +28,6 @@ is a thin wrapper in that order that inlines it. The masked-attention plugin run
 """
 from __future__ import annotations
 
-import base64
-import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -242,19 +237,13 @@ def msda_aot_config() -> tuple[int, int]:
 
 def compile_msda_plugin_kernel(target: str, dtype: str = "float32", num_levels: int = 3, num_points: int = 4,
                                head_dim: int = 32) -> Any:
-    """PTX (+ cubin and resources) of the plugin kernel for ``target`` ("sm_90", "sm_87") via m2f.kernels.aot.
+    """PTX (+ cubin and resources) of the plugin kernel for ``target`` ("sm_90", "sm_87") via m2f.kernels.aot."""
+    from m2f.kernels.aot import KernelSpec, compile_many
 
-    Under TRITON_INTERPRET=1 (the tests' CPU mode) Triton's language functions are interpreter objects that its
-    code generator cannot inline into a device call, so the compilation runs in a child process without it.
-    """
-    from m2f.kernels._backend import triton_interpreter_enabled
-    from m2f.kernels.aot import compile_for
-
-    args = (target, dtype, num_levels, num_points, head_dim)
-    if not triton_interpreter_enabled():
-        return compile_for(msda_plugin_kernel(), msda_signature(dtype), msda_constexprs(*args[2:], dtype=dtype),
-                           target=target, num_warps=msda_aot_config()[1], num_stages=1)
-    return _compile_in_child("msda", *args)
+    spec = KernelSpec(f"{__name__}:msda_plugin_kernel", msda_signature(dtype),
+                      msda_constexprs(num_levels, num_points, head_dim, dtype=dtype), target=target,
+                      num_warps=msda_aot_config()[1], num_stages=1)
+    return compile_many([spec])[0]
 
 
 # --- masked attention ------------------------------------------------------------------------------
@@ -298,45 +287,12 @@ def masked_attention_kernel_spec(dtype: str, head_dim: int, mask_dtype: str | No
 
 
 def compile_masked_attention_plugin_kernel(target: str, dtype: str = "float32", head_dim: int = 32) -> Any:
-    """PTX (+ cubin and resources) of the masked-attention plugin kernel for ``target`` ("sm_90", "sm_87"), as
-    :func:`compile_msda_plugin_kernel` (in a child process under TRITON_INTERPRET=1)."""
-    from m2f.kernels._backend import triton_interpreter_enabled
-    from m2f.kernels.aot import compile_for
+    """PTX (+ cubin and resources) of the masked-attention plugin kernel for ``target`` ("sm_90", "sm_87")."""
+    from m2f.kernels.aot import KernelSpec, compile_many
 
-    if not triton_interpreter_enabled():
-        spec = masked_attention_kernel_spec(dtype, head_dim)
-        return compile_for(spec["fn"], spec["signature"], spec["constexprs"], target=target,
-                           num_warps=spec["num_warps"], num_stages=spec["num_stages"])
-    return _compile_in_child("masked_attention", target, dtype, head_dim)
-
-
-def _compile_in_child(kind: str, *args: Any) -> Any:
-    from m2f.kernels.aot import CompiledKernel
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "m2f.export.plugins", kind, *map(str, args)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"compiling the {kind} plugin kernel for {args[0]} failed:\n{proc.stderr[-4000:]}")
-    fields = json.loads(proc.stdout.strip().splitlines()[-1])
-    fields["cubin"] = base64.b64decode(fields["cubin"])
-    return CompiledKernel(**fields)
-
-
-def _main(argv: Sequence[str]) -> None:
-    """python -m m2f.export.plugins msda TARGET DTYPE L P D | masked_attention TARGET DTYPE D: one kernel as JSON."""
-    import dataclasses
-
-    kind, target, dtype, *dims = argv
-    if kind == "msda":
-        kernel = compile_msda_plugin_kernel(target, dtype, *map(int, dims))
-    elif kind == "masked_attention":
-        kernel = compile_masked_attention_plugin_kernel(target, dtype, *map(int, dims))
-    else:
-        raise SystemExit(f"unknown plugin kernel {kind!r}; choose msda or masked_attention")
-    fields = dataclasses.asdict(kernel)
-    fields["cubin"] = base64.b64encode(kernel.cubin).decode()
-    print(json.dumps(fields))
+    spec = masked_attention_kernel_spec(dtype, head_dim)
+    return compile_many([KernelSpec(spec["fn"], spec["signature"], spec["constexprs"], target=target,
+                                    num_warps=spec["num_warps"], num_stages=spec["num_stages"])])[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -458,6 +414,3 @@ def _device_capability() -> tuple[int, int]:
     minor = check_cuda(cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, 0))
     return int(major), int(minor)
 
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])

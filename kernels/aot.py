@@ -50,6 +50,8 @@ class CompiledKernel:
 class KernelSpec:
     """One kernel build: a @triton.jit (or autotuned) module-level function and how to specialise it."""
 
+    # A @triton.jit / autotuned module-level function, or "module:name" naming one or naming a zero-argument
+    # factory that returns one (for kernels assembled at run time, e.g. the TensorRT plugins' wrappers).
     fn: Any
     signature: dict[str, str]  # argument -> Triton type ("*fp32", "i32", "fp32", "constexpr")
     constexprs: dict[str, Any]  # values of the constexpr arguments (autotuned ones included)
@@ -93,7 +95,7 @@ def _compile(spec: KernelSpec) -> CompiledKernel:
 
     if spec.target not in TARGETS:
         raise ValueError(f"unknown target {spec.target!r}; choose one of {', '.join(TARGETS)}")
-    jit_fn = _as_jit_function(spec.fn)
+    jit_fn = _as_jit_function(_resolve(spec.fn))
     unknown = set(spec.divisible_by_16) - set(jit_fn.arg_names)
     if unknown:
         raise ValueError(f"divisible_by_16 names arguments {sorted(unknown)} that {jit_fn.__name__} does not have")
@@ -123,6 +125,20 @@ def _compile(spec: KernelSpec) -> CompiledKernel:
 # -- the interpreter case: build in a child process ------------------------------------------------------------
 
 
+def _resolve(fn: Any) -> Any:
+    """A kernel object from a KernelSpec's ``fn`` (see there)."""
+    if not isinstance(fn, str):
+        return fn
+    import importlib
+
+    module, _, name = fn.partition(":")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    is_kernel = hasattr(obj, "fn") or type(obj).__name__ in ("JITFunction", "InterpretedFunction")
+    return obj if is_kernel else obj()
+
+
 def _python_function(fn: Any) -> Any:
     """The plain Python function under jit / autotune / heuristics / interpreter wrappers."""
     while hasattr(fn, "fn"):
@@ -133,11 +149,13 @@ def _python_function(fn: Any) -> Any:
 def _compile_in_child(specs: Sequence[KernelSpec]) -> list[CompiledKernel]:
     requests = []
     for spec in specs:
-        py = _python_function(spec.fn)
-        if "<locals>" in py.__qualname__:
-            raise ValueError(f"{py.__qualname__} is not a module-level kernel: it cannot be rebuilt in a child process")
-        requests.append({**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "fn"},
-                         "module": py.__module__, "qualname": py.__qualname__})
+        fn = spec.fn
+        if not isinstance(fn, str):
+            py = _python_function(fn)
+            if "<locals>" in py.__qualname__:
+                raise ValueError(f"{py.__qualname__} is not a module-level kernel: it cannot be rebuilt in a child")
+            fn = f"{py.__module__}:{py.__qualname__}"
+        requests.append(dataclasses.replace(spec, fn=fn))
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-m", "m2f.kernels.aot"], input=pickle.dumps(requests), env=env,
                           capture_output=True)
@@ -148,16 +166,8 @@ def _compile_in_child(specs: Sequence[KernelSpec]) -> list[CompiledKernel]:
 
 def _child_main() -> None:
     """``python -m m2f.kernels.aot``: pickled build requests on stdin, pickled CompiledKernels on stdout."""
-    import importlib
-
     requests = pickle.loads(sys.stdin.buffer.read())
-    built = []
-    for req in requests:
-        fn = importlib.import_module(req.pop("module"))
-        for part in req.pop("qualname").split("."):
-            fn = getattr(fn, part)
-        built.append(_compile(KernelSpec(fn=fn, **req)))
-    sys.stdout.buffer.write(pickle.dumps(built))
+    sys.stdout.buffer.write(pickle.dumps([_compile(spec) for spec in requests]))
 
 
 # -- tools ------------------------------------------------------------------------------------------------------
@@ -180,13 +190,17 @@ def _ptxas_for(capability: int) -> str:
 
 
 def _as_jit_function(fn: Any) -> Any:
-    """The JITFunction behind ``fn`` (unwrapping autotuners / heuristics)."""
+    """The JITFunction behind ``fn``: unwraps autotuners / heuristics, and rebuilds a JITFunction from the Python
+    function when ``TRITON_INTERPRET=1`` made ``@triton.jit`` an interpreter wrapper. (Such a rebuilt kernel still
+    calls interpreted library helpers; compile_many builds in a child process for that reason.)"""
     from triton.runtime.jit import JITFunction
 
     while not isinstance(fn, JITFunction):
         inner = getattr(fn, "fn", None)
         if inner is None:
             raise TypeError(f"{fn!r} is not a Triton kernel")
+        if not hasattr(inner, "fn") and callable(inner) and not isinstance(inner, JITFunction):
+            return JITFunction(inner)  # the plain Python function under the interpreter's wrapper
         fn = inner
     return fn
 

@@ -4,7 +4,8 @@
 logits, packed to bits by a pre-pass that also applies the empty-row rule; split-KV flash attention; FA2-style
 backward; see its header); ``op.py`` their ``torch.library`` ops
 (``m2f::masked_attention``, ``m2f::masked_attention_from_logits``) with fake kernels and autograd; ``lowres.py``
-mask logits computed directly at the keys' resolution.
+mask logits computed directly at the keys' resolution; ``plugin_kernel.py`` a single-kernel forward (mask logits
+read in place, empty-row rule inside) for the TensorRT plugin, which can launch only one kernel.
 """
 from __future__ import annotations
 

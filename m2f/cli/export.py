@@ -92,7 +92,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32 (512)")
     w.add_argument("--batch", type=_int, default=1, help="batch size of the export (1)")
     w.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
-    w.add_argument("--msda", default="decomposed", help="decomposed (default) or plugin")
+    w.add_argument("--msda", default=None, choices=("decomposed", "plugin"),
+                   help="deformable attention: plugin with --tensorrt, decomposed otherwise (default)")
+    w.add_argument("--masked-attn", default=None, choices=("standard", "plugin"),
+                   help="masked attention: plugin with --tensorrt, standard ops otherwise (default)")
     w.add_argument("--tensorrt", action="store_true", help="also build an fp16 engine, run it and compare")
     w.add_argument("--force", action="store_true", help="replace an existing work dir")
     w.set_defaults(func=run_pipeline_cmd)
@@ -191,8 +194,11 @@ def run_pipeline_cmd(args: argparse.Namespace) -> int:
     _setup_logging()
     from m2f.export.pipeline import run_pipeline
 
+    target = "tensorrt" if args.tensorrt else "onnxruntime"
     record = run_pipeline(args.checkpoint, args.workdir, tensorrt=args.tensorrt, force=args.force, preset=args.preset,
-                          height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic, msda=args.msda)
+                          height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic,
+                          msda=args.msda or MSDA_DEFAULT_FOR_TARGET[target],
+                          masked_attn=args.masked_attn or MASKED_ATTN_DEFAULT_FOR_TARGET[target])
     for st in record["stages"]:
         print(f"{st['stage']:>12}: {st['status']} ({st['seconds']} s){'  -> ' + st['artifact'] if 'artifact' in st else ''}")
     print(f"{args.workdir}/pipeline.json: verdict {record['verdict']}")
