@@ -17,6 +17,7 @@ from m2f.errors import M2FError
 SUBCOMMANDS: dict[str, str] = {
     "presets": "presets",
     "bench": "bench",
+    "data": "data",
 }
 
 
