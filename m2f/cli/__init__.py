@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, str] = {
     "presets": "presets",
     "bench": "bench",
     "data": "data",
+    "train": "train",
+    "eval": "eval",
 }
 
 

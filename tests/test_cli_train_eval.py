@@ -1,0 +1,112 @@
+"""`m2f train` / `m2f eval` / `m2f data` from the command line: user errors are one line with exit 2 and leave no
+output behind; a tiny end-to-end train -> eval run works."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from m2f.cli import main
+from m2f.data.synth import write_dataset
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "synth", num=4, seed=21, size=(64, 64))
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("m2f: error:"), err
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def _malformed(tmp_path: Path, synth: Path) -> Path:
+    bad = tmp_path / "bad"
+    shutil.copytree(synth, bad)
+    (bad / "panoptic.json").write_text('{"images": [1, 2', encoding="utf-8")
+    return bad
+
+
+def _wrong_schema(tmp_path: Path, synth: Path) -> Path:
+    bad = tmp_path / "schema"
+    shutil.copytree(synth, bad)
+    meta = json.loads((bad / "panoptic.json").read_text())
+    del meta["annotations"][0]["segments_info"][0]["category_id"]
+    (bad / "panoptic.json").write_text(json.dumps(meta))
+    return bad
+
+
+@pytest.fixture
+def TRAIN(tmp_path) -> list[str]:
+    """`m2f train` with a JSON config (the default architecture, 6 classes) and a 1-iteration budget."""
+    path = tmp_path / "tiny_config.json"
+    path.write_text(json.dumps({"num_classes": 6}))
+    return ["train", "--config", str(path), "--iters", "1", "--batch-size", "1", "--quiet"]
+
+
+@pytest.mark.parametrize("case", ["missing", "malformed", "schema", "empty"])
+def test_train_bad_data(tmp_path, synth, capsys, case, TRAIN):
+    data = {"missing": lambda: tmp_path / "nope", "malformed": lambda: _malformed(tmp_path, synth),
+            "schema": lambda: _wrong_schema(tmp_path, synth), "empty": lambda: tmp_path}[case]()
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--data", str(data), "--out", str(out)]) == 2
+    err = _one_line_error(capsys)
+    assert str(data.name) in err or "format" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("config, needle", [("no-such-preset", "neither a JSON file nor a preset"),
+                                            ("missing.json", "does not exist"),
+                                            ("broken.json", "not valid JSON"),
+                                            ("unknown_field.json", "unknown field")])
+def test_train_bad_config(tmp_path, synth, capsys, monkeypatch, config, needle):
+    monkeypatch.chdir(tmp_path)
+    Path("broken.json").write_text("{nope")
+    Path("unknown_field.json").write_text(json.dumps({"num_classes": 3, "colour": "red"}))
+    out = tmp_path / "run"
+    argv = ["train", "--config", config, "--data", str(synth), "--out", str(out), "--iters", "1", "--quiet"]
+    assert main(argv) == 2
+    assert needle in _one_line_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, needle", [(["--iters", "0"], "--iters"), (["--batch-size", "0"], "--batch-size"),
+                                           (["--scale-range", "2,1"], "--scale-range"),
+                                           (["--input-size", "12"], "--input-size"),
+                                           (["--resume"], "no checkpoint.pt")])
+def test_train_bad_options(tmp_path, synth, capsys, extra, needle, TRAIN):
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--data", str(synth), "--out", str(out), *extra]) == 2
+    assert needle in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_train_refuses_non_empty_out(tmp_path, synth, capsys, TRAIN):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main([*TRAIN, "--data", str(synth), "--out", str(out)]) == 2
+    assert "--resume" in _one_line_error(capsys)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("case", ["missing", "malformed"])
+def test_eval_bad_data(tmp_path, synth, capsys, case):
+    data = tmp_path / "nope" if case == "missing" else _malformed(tmp_path, synth)
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--data", str(data), "--json", str(out), "--quiet"]) == 2
+    _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_eval_missing_checkpoint_and_onnx(tmp_path, synth, capsys):
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--data", str(synth), "--checkpoint", str(tmp_path / "none"), "--json", str(out)]) == 2
+    assert "does not exist" in _one_line_error(capsys)
+    assert main(["eval", "--data", str(synth), "--onnx", str(tmp_path / "none.onnx"), "--json", str(out)]) == 2
+    _one_line_error(capsys)
+    assert not out.exists()
