@@ -286,7 +286,8 @@ class Trainer:
     def __init__(self, config: Mask2FormerConfig, dataset: SegmentationDataset, run_dir: str | Path,
                  options: TrainOptions, device: str = "auto", resume: bool = False,
                  init_state: dict[str, torch.Tensor] | None = None, progress: bool = True,
-                 env: DistEnv | None = None, resume_iters: int | None = None):
+                 env: DistEnv | None = None, resume_iters: int | None = None,
+                 model_factory: Callable[[Mask2FormerConfig, str], torch.nn.Module] | None = None):
         """On ``resume`` the model config and options come from RUN_DIR's checkpoint (``config`` and ``options``
         are ignored); ``resume_iters`` then sets a new total number of iterations."""
         self.env = env or dist_env_from()
@@ -312,14 +313,16 @@ class Trainer:
         if options.input_size is None:
             self.options = options = replace(options, input_size=_infer_input_size(dataset, config.size_divisibility))
         self.init_state = init_state
+        self.model_factory = model_factory
 
     # -- construction --------------------------------------------------------------------------------
     def _build(self):
-        from m2f.model import build_model
-
-        seed_everything(self.options.seed + self.env.rank)
+        if self.model_factory is None:
+            from m2f.model import build_model as factory
+        else:
+            factory = self.model_factory
         torch.manual_seed(self.options.seed)  # same initial weights on every rank
-        model = build_model(self.config, backend=self.options.backend)
+        model = factory(self.config, backend=self.options.backend)
         if self.init_state is not None:
             model.load_state_dict(self.init_state)
         model.to(self.device).train()
@@ -378,8 +381,11 @@ class Trainer:
         return int(ckpt["iteration"])
 
     # -- loop ----------------------------------------------------------------------------------------
-    def train(self) -> Path:
-        """Train to ``options.iters``; returns the final model folder (RUN_DIR/model)."""
+    def train(self, stop_after: int | None = None) -> Path | None:
+        """Train to ``options.iters``; returns the final model folder (RUN_DIR/model).
+
+        ``stop_after``: stop (with a checkpoint) once this iteration is done, as an interrupted run would; returns
+        None then. Resuming continues exactly as if the run had not stopped."""
         opts, env, device = self.options, self.env, self.device
         init_distributed(env, device)
         model, criterion, optimizer, scheduler, scaler = self._build()
@@ -441,20 +447,24 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
             if bar is not None:
                 bar.update(1)
-            if done % opts.checkpoint_every == 0 or done == opts.iters:
+            stopping = stop_after is not None and done >= stop_after
+            if done % opts.checkpoint_every == 0 or done == opts.iters or stopping:
                 self.save_checkpoint(done, model, optimizer, scheduler, scaler)
                 if log is not None:
                     log.plot()
+            if stopping:
+                break
             tick = time.perf_counter()
         if bar is not None:
             bar.close()
+        if stop_after is not None and stop_after < opts.iters:
+            return None
         out = self.run_dir / "model"
         if env.is_main:
-            from m2f.checkpoints import save_pretrained
             from m2f.io import atomic_dir
 
             with atomic_dir(out) as tmp:
-                save_pretrained(_unwrap(model), tmp)
+                save_model(_unwrap(model), tmp)
         if env.world_size > 1:
             dist.barrier()
         return out
@@ -469,6 +479,13 @@ class Trainer:
         row.update({k: float(v) for k, v in zip(keys, values)})
         row.update({"grad_norm": float(grad_norm), "iter_time": round(iter_time, 4), "data_time": round(data_time, 4)})
         return row
+
+
+def save_model(model: torch.nn.Module, folder: Path) -> None:
+    """Final weights in m2f's format: m2f_config.json + model.safetensors."""
+    from m2f.checkpoints import save_pretrained
+
+    save_pretrained(model, folder)
 
 
 def _unwrap(model):
