@@ -110,3 +110,29 @@ def test_eval_missing_checkpoint_and_onnx(tmp_path, synth, capsys):
     assert main(["eval", "--data", str(synth), "--onnx", str(tmp_path / "none.onnx"), "--json", str(out)]) == 2
     _one_line_error(capsys)
     assert not out.exists()
+
+
+def test_train_then_eval_end_to_end(tmp_path, synth, capsys):
+    """Two iterations of a tiny model from the CLI, resumed to three, then `m2f eval` on the result."""
+    from tests.test_train import tiny_config
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_config().to_dict()))
+    run = tmp_path / "run"
+    base = ["train", "--config", str(config), "--data", str(synth), "--out", str(run), "--batch-size", "2",
+            "--num-points", "196", "--device", "cpu", "--quiet", "--log-every", "1"]
+    assert main([*base, "--iters", "2"]) == 0
+    assert main(["train", "--data", str(synth), "--out", str(run), "--resume", "--iters", "3", "--quiet"]) == 0
+    assert [json.loads(r)["iter"] for r in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    capsys.readouterr()
+    metrics = tmp_path / "m" / "pq.json"
+    assert main(["eval", "--data", str(synth), "--checkpoint", str(run / "model"), "--json", str(metrics),
+                 "--limit", "2", "--quiet"]) == 0
+    result = json.loads(metrics.read_text())
+    assert result["task"] == "panoptic" and result["num_images"] == 2
+    assert 0.0 <= result["PQ"] <= 100.0 and {"PQ_th", "PQ_st", "SQ", "RQ"} <= set(result)
+    assert "PQ" in capsys.readouterr().out
+    # the same model as its own reference: identical predictions score 100 wherever it predicts anything
+    assert main(["eval", "--data", str(synth), "--checkpoint", str(run), "--reference-checkpoint", str(run / "model"),
+                 "--task", "semantic", "--json", str(metrics), "--limit", "2", "--quiet"]) == 0
+    assert json.loads(metrics.read_text())["mIoU"] == pytest.approx(100.0)

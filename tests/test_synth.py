@@ -86,3 +86,14 @@ def test_cli_synth_bad_arguments(tmp_path, capsys, argv):
     err = capsys.readouterr().err.strip()
     assert err.startswith("m2f: error:") and "\n" not in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_bundled_samples_are_synth_seed_4242():
+    """The demo images shipped in m2f/assets/samples are scenes 0.. of seed 4242 (never used to train or evaluate)."""
+    from m2f.assets import sample_images
+
+    paths = sample_images()
+    assert len(paths) >= 3
+    for i, path in enumerate(paths):
+        assert path.name == f"synth_4242_{i}.png"
+        assert np.array_equal(np.asarray(Image.open(path)), render_scene(4242, i).image)

@@ -74,6 +74,7 @@ def load_config(spec: str):
         if not isinstance(data, dict):
             raise InputError(f"config file {path} must hold a JSON object of Mask2FormerConfig fields")
         data = data.get("config", data) if isinstance(data.get("config"), dict) else data
+        data = {k: v for k, v in data.items() if k not in ("format", "format_version")}  # m2f_config.json markers
         try:
             return Mask2FormerConfig.from_dict(data)
         except M2FError as exc:

@@ -282,6 +282,25 @@ def load_checkpoint(run_dir: Path) -> dict:
         raise InputError(f"cannot read {path} ({type(exc).__name__}: {exc}); it is not an m2f training checkpoint")
 
 
+def model_from_run(path: str | Path, backend: str = "torch", device: str = "cpu") -> torch.nn.Module:
+    """The model of a training checkpoint (RUN_DIR or RUN_DIR/checkpoint.pt), in eval mode."""
+    from m2f.model import build_model
+
+    path = Path(path)
+    ckpt = load_checkpoint(path if path.is_dir() else path.parent)
+    model = build_model(Mask2FormerConfig.from_dict(ckpt["config"]), backend=backend)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def is_run_checkpoint(path: str | Path) -> bool:
+    """A training checkpoint.pt, or a run folder that has one but no final model yet."""
+    path = Path(path)
+    if path.is_file():
+        return path.name == CHECKPOINT
+    return (path / CHECKPOINT).is_file() and not (path / "model.safetensors").is_file()
+
+
 class Trainer:
     def __init__(self, config: Mask2FormerConfig, dataset: SegmentationDataset, run_dir: str | Path,
                  options: TrainOptions, device: str = "auto", resume: bool = False,
@@ -461,10 +480,7 @@ class Trainer:
             return None
         out = self.run_dir / "model"
         if env.is_main:
-            from m2f.io import atomic_dir
-
-            with atomic_dir(out) as tmp:
-                save_model(_unwrap(model), tmp)
+            save_model(_unwrap(model), out)
         if env.world_size > 1:
             dist.barrier()
         return out
@@ -485,7 +501,7 @@ def save_model(model: torch.nn.Module, folder: Path) -> None:
     """Final weights in m2f's format: m2f_config.json + model.safetensors."""
     from m2f.checkpoints import save_pretrained
 
-    save_pretrained(model, folder)
+    save_pretrained(model, folder, force=True)  # atomic: the old folder is replaced only once the new one is whole
 
 
 def _unwrap(model):

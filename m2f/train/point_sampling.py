@@ -39,7 +39,8 @@ def uncertain_point_coords(
     scores = uncertainty(point_sample(logits, coords))  # (N, 1, S)
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
-    top = torch.topk(scores[:, 0, :], k=num_uncertain, dim=1).indices  # (N, U)
+    # the chosen set is what matters (losses are means over points); unsorted top-k is ~3x faster on CPU
+    top = torch.topk(scores[:, 0, :], k=num_uncertain, dim=1, sorted=False).indices  # (N, U)
     coords = torch.gather(coords, 1, top.unsqueeze(-1).expand(-1, -1, 2))  # (N, U, 2)
     if num_random > 0:
         extra = torch.rand(n, num_random, 2, device=logits.device, generator=generator)
