@@ -136,3 +136,23 @@ def test_train_then_eval_end_to_end(tmp_path, synth, capsys):
     assert main(["eval", "--data", str(synth), "--checkpoint", str(run), "--reference-checkpoint", str(run / "model"),
                  "--task", "semantic", "--json", str(metrics), "--limit", "2", "--quiet"]) == 0
     assert json.loads(metrics.read_text())["mIoU"] == pytest.approx(100.0)
+
+
+def test_init_keeps_fitting_tensors_and_reinitialises_the_class_head(tmp_path, capsys):
+    """--init for fine-tuning on another label set: every tensor whose shape fits is copied, the rest is fresh."""
+    import torch
+
+    from m2f.checkpoints import save_pretrained
+    from m2f.cli.train import _init_state
+    from m2f.model import build_model
+    from tests.test_train import tiny_config
+
+    source = build_model(tiny_config(num_classes=6))
+    save_pretrained(source, tmp_path / "src")
+    state = _init_state(str(tmp_path / "src"), tiny_config(num_classes=3))
+    src = source.state_dict()
+    copied = [k for k in state if src[k].shape == state[k].shape and torch.equal(state[k], src[k])]
+    fresh = [k for k in state if src[k].shape != state[k].shape]
+    assert fresh and all("class" in k for k in fresh), fresh
+    assert len(copied) == len(state) - len(fresh)
+    assert "newly initialised" in capsys.readouterr().out

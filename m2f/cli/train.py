@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone-multiplier", type=float, default=0.1, help="backbone lr multiplier (0.1)")
     p.add_argument("--clip", type=float, default=0.01, help="full-model gradient-norm clip, 0 = off (0.01)")
     p.add_argument("--warmup-iters", type=int, default=0, help="linear lr warm-up iterations (0)")
+    p.add_argument("--warmup-factor", type=float, default=1.0,
+                   help="lr multiplier at iteration 0 of the warm-up (official: 1.0, i.e. no warm-up)")
     p.add_argument("--input-size", help="training crop HxW (default: the first image's size rounded up to 32)")
     p.add_argument("--scale-range", default="0.1,2.0", help="large-scale-jitter range MIN,MAX (0.1,2.0)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         iters=args.iters or 1000,
         batch_size=args.batch_size,
         optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay, backbone_multiplier=args.backbone_multiplier,
-                          clip_norm=args.clip, warmup_iters=args.warmup_iters),
+                          clip_norm=args.clip, warmup_iters=args.warmup_iters, warmup_factor=args.warmup_factor),
         loss=LossConfig(num_points=args.num_points),
         input_size=_parse_pair(args.input_size, "--input-size", int) if args.input_size else None,
         scale_range=_parse_pair(args.scale_range, "--scale-range"),
