@@ -1,0 +1,167 @@
+"""The full model: parity with Hugging Face Mask2FormerForUniversalSegmentation (Swin and ResNet backbones)
+through ``m2f.from_pretrained``, full-size forwards, the output structure, init and backend handling."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+import torch
+
+import m2f
+from m2f.config import BACKBONE_PRESETS, Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
+from m2f.errors import BackendUnavailableError, InputError
+from tests.test_pixel_decoder import perturb_, rng  # noqa: F401  (rng: fixture)
+from tests.utils import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+NUM_LABELS = 5
+NUM_QUERIES = 7
+# (B, 3, H, W): non-square; every Swin stage (24x40 .. 3x5) is larger than its window (2), so HF's Swin keeps
+# the configured window like the official one does.
+INPUT_SHAPE = (2, 3, 96, 160)
+
+
+def hf_swin_backbone():
+    return transformers.SwinConfig(
+        embed_dim=16, depths=[2, 1, 2, 2], num_heads=[1, 2, 2, 4], window_size=2, drop_path_rate=0.0,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+
+
+def hf_resnet_backbone():
+    return transformers.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 2, 1, 1], layer_type="bottleneck",
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+
+
+def tiny_hf_model(backbone_config, gen: torch.Generator):
+    """A small random HF Mask2Former with every tensor moved off its init value, in eval mode."""
+    torch.manual_seed(gen.seed_value)
+    config = transformers.Mask2FormerConfig(
+        backbone_config=backbone_config, feature_size=64, mask_feature_size=48, hidden_dim=64, encoder_layers=2,
+        encoder_feedforward_dim=96, num_attention_heads=8, decoder_layers=5, num_queries=NUM_QUERIES,
+        dim_feedforward=80, id2label={i: f"thing{i}" for i in range(NUM_LABELS)},
+    )
+    model = transformers.Mask2FormerForUniversalSegmentation(config).eval()
+    perturb_(model, gen)
+    return model
+
+
+def save_hf(model, path):
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("backbone", ["swin", "resnet"])
+def test_matches_transformers_through_from_pretrained(backbone, tmp_path, rng):
+    hf_backbone = hf_swin_backbone() if backbone == "swin" else hf_resnet_backbone()
+    hf = tiny_hf_model(hf_backbone, rng)
+    model = m2f.from_pretrained(save_hf(hf, tmp_path / "hf"))
+    assert not model.training and model.config.backbone.type == backbone
+    assert model.config.num_classes == NUM_LABELS and model.config.class_names == tuple(f"thing{i}" for i in range(5))
+    pixel_values = torch.randn(*INPUT_SHAPE, generator=rng)
+    with torch.no_grad():
+        out = model(pixel_values)
+        ref = hf(pixel_values, output_auxiliary_logits=True)
+    assert out.pred_logits.shape == (2, NUM_QUERIES, NUM_LABELS + 1)
+    assert out.pred_masks.shape == (2, NUM_QUERIES, 24, 40)
+    e_logits = rel_err(out.pred_logits, ref.class_queries_logits)
+    e_masks = rel_err(out.pred_masks, ref.masks_queries_logits)
+    print(f"{backbone}: rel_err logits {e_logits:.3g}, masks {e_masks:.3g}")
+    assert e_logits <= 1e-5, f"{backbone} logits rel_err {e_logits:.3g} (seed {rng.seed_value})"
+    assert e_masks <= 1e-5, f"{backbone} masks rel_err {e_masks:.3g} (seed {rng.seed_value})"
+    assert len(out.aux_outputs) == len(ref.auxiliary_logits) == 4
+    for i, ((logits, masks), aux) in enumerate(zip(out.aux_outputs, ref.auxiliary_logits)):
+        assert rel_err(logits, aux["class_queries_logits"]) <= 1e-5, f"aux {i} logits (seed {rng.seed_value})"
+        assert rel_err(masks, aux["masks_queries_logits"]) <= 1e-5, f"aux {i} masks (seed {rng.seed_value})"
+
+
+def small_resnet_config(**kw) -> Mask2FormerConfig:
+    base = dict(
+        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=(32, 32, 64, 64)),
+        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=1, num_heads=4, ffn_dim=64),
+        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=6, num_heads=4, ffn_dim=64, num_layers=4),
+        num_classes=3,
+    )
+    base.update(kw)
+    return Mask2FormerConfig(**base)
+
+
+def test_output_structure_and_odd_input_size(rng):
+    torch.manual_seed(rng.seed_value)
+    model = m2f.build_model(small_resnet_config()).eval()
+    assert model.training is False and model.backend == "torch"
+    x = torch.randn(1, 3, 70, 98, generator=rng)  # not a multiple of 32
+    with torch.no_grad():
+        out = model(x)
+    assert isinstance(out, m2f.Mask2FormerOutput)
+    assert out.pred_logits.shape == (1, 6, 4)
+    assert out.pred_masks.shape[:2] == (1, 6) and out.pred_masks.shape[2:] == (18, 25)
+    assert len(out.aux_outputs) == 4  # initial prediction + layers 1..3
+    assert all(a[0].shape == out.pred_logits.shape and a[1].shape == out.pred_masks.shape for a in out.aux_outputs)
+    assert all(torch.isfinite(t).all() for t in (out.pred_logits, out.pred_masks))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.pred_logits = out.pred_masks  # type: ignore[misc]
+    with pytest.raises(InputError, match=r"\(B, 3, H, W\)"):
+        model(x[:, :2])
+
+
+def test_model_exports_with_dynamic_image_size(rng):
+    """torch.export with symbolic H and W (multiples of 32): no data-dependent ops or value-based branching
+    anywhere (spatial shapes come from tensor shapes), and the exported program agrees at another size."""
+    from torch.export import Dim
+
+    torch.manual_seed(rng.seed_value)
+    model = m2f.build_model(small_resnet_config()).eval()
+    perturb_(model, rng)
+    h, w = Dim("h", min=2, max=64), Dim("w", min=2, max=64)
+    exported = torch.export.export(
+        model, (torch.randn(1, 3, 96, 128, generator=rng),), dynamic_shapes={"pixel_values": {2: 32 * h, 3: 32 * w}}
+    )
+    x = torch.randn(1, 3, 160, 64, generator=rng)
+    with torch.no_grad():
+        got, want = exported.module()(x), model(x)
+    assert got.pred_masks.shape == (1, 6, 40, 16)
+    assert rel_err(got.pred_masks, want.pred_masks) <= 1e-6, f"seed {rng.seed_value}"
+    assert rel_err(got.aux_outputs[0][0], want.aux_outputs[0][0]) <= 1e-6, f"seed {rng.seed_value}"
+
+
+def test_build_model_trains_and_rejects_unknown_backend():
+    model = m2f.build_model(small_resnet_config())
+    assert model.training
+    assert {n.split(".")[0] for n, _ in model.named_parameters()} == {"backbone", "pixel_decoder", "transformer_decoder"}
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    loss = out.pred_logits.square().mean() + out.pred_masks.square().mean() + sum(
+        l.square().mean() + m.square().mean() for l, m in out.aux_outputs
+    )
+    loss.backward()
+    dec = model.transformer_decoder
+    assert dec.query_feat.weight.grad is not None and dec.query_feat.weight.grad.abs().sum() > 0
+    # the offsets / weights projections start at zero (Deformable DETR's init) but do get gradients
+    attn = model.pixel_decoder.transformer.encoder.layers[0].self_attn
+    assert attn.attention_weights.weight.grad.abs().sum() > 0 and attn.sampling_offsets.weight.grad.abs().sum() > 0
+    with pytest.raises(BackendUnavailableError, match="unknown backend"):
+        m2f.Mask2Former(small_resnet_config(), backend="cuda-magic")
+    with pytest.raises(BackendUnavailableError, match="unknown backend"):
+        m2f.from_pretrained("/nonexistent", backend="cuda-magic")
+
+
+@pytest.mark.parametrize("backbone", ["swin-t", "r50"])
+def test_full_size_panoptic_architecture_forward(backbone, rng):
+    cfg = Mask2FormerConfig(backbone=BACKBONE_PRESETS[backbone], num_classes=133)
+    torch.manual_seed(rng.seed_value)
+    model = m2f.build_model(cfg).eval()
+    x = torch.randn(1, 3, 256, 384, generator=rng)
+    with torch.no_grad():
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out = model(x)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    print(f"{backbone} 1x3x256x384 forward: {elapsed:.2f} s wall, {cpu:.2f} s CPU ({torch.get_num_threads()} threads)")
+    assert out.pred_logits.shape == (1, 100, 134)
+    assert out.pred_masks.shape == (1, 100, 64, 96)
+    assert len(out.aux_outputs) == 9
+    assert torch.isfinite(out.pred_logits).all() and torch.isfinite(out.pred_masks).all()
