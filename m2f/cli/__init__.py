@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "data": "data",
     "train": "train",
     "eval": "eval",
+    "predict": "predict",
     "convert": "convert",
 }
 
