@@ -34,6 +34,7 @@ _LAZY = {
     "Mask2FormerOutput": "m2f.model",
     "build_model": "m2f.model",
     "from_pretrained": "m2f.checkpoints",
+    "save_pretrained": "m2f.checkpoints",
 }
 
 

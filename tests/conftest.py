@@ -25,11 +25,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_trt)
 
 
+class SeededGenerator(torch.Generator):
+    """A torch.Generator that remembers its seed (the C type takes no new attributes; a subclass does)."""
+
+    seed_value: int
+
+
 @pytest.fixture
 def rng() -> torch.Generator:
-    """A fresh seed per test run (printed on failure through the fixture value) so inputs are never fixed."""
+    """A fresh seed per test run, so inputs are never fixed; put ``rng.seed_value`` in assertion messages."""
     seed = int.from_bytes(os.urandom(4), "little")
-    g = torch.Generator().manual_seed(seed)
-    g.seed_value = seed  # type: ignore[attr-defined]
+    g = SeededGenerator()
+    g.manual_seed(seed)
+    g.seed_value = seed
     return g
 

@@ -2,7 +2,6 @@
 ONNX with dynamic batch / height / width (shapes are computed from tensor.shape, never baked in)."""
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -18,19 +17,6 @@ CONFIGS = {
 }
 
 
-class _SeededGenerator(torch.Generator):
-    """torch.Generator that can carry ``seed_value`` (torch 2.13's C Generator refuses new attributes)."""
-
-
-@pytest.fixture
-def rng() -> torch.Generator:
-    """Stop-gap for tests/conftest.py's ``rng``, which fails on torch 2.13 (``g.seed_value = ...`` raises
-    AttributeError); same contract: a fresh seed per run, exposed as ``rng.seed_value``."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    g = _SeededGenerator()
-    g.manual_seed(seed)
-    g.seed_value = seed
-    return g
 
 
 @torch.no_grad()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import pytest
 import torch
@@ -17,19 +16,6 @@ from m2f.config import SwinConfig
 from tests.utils import rel_err
 
 
-class _SeededGenerator(torch.Generator):
-    """torch.Generator that can carry ``seed_value`` (torch 2.13's C Generator refuses new attributes)."""
-
-
-@pytest.fixture
-def rng() -> torch.Generator:
-    """Stop-gap for tests/conftest.py's ``rng``, which fails on torch 2.13 (``g.seed_value = ...`` raises
-    AttributeError); same contract: a fresh seed per run, exposed as ``rng.seed_value``."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    g = _SeededGenerator()
-    g.manual_seed(seed)
-    g.seed_value = seed
-    return g
 
 
 @torch.no_grad()

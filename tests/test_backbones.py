@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 
 import pytest
 import torch
@@ -25,19 +24,6 @@ STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 TOL = 1e-5
 
 
-class _SeededGenerator(torch.Generator):
-    """torch.Generator that can carry ``seed_value`` (torch 2.13's C Generator refuses new attributes)."""
-
-
-@pytest.fixture
-def rng() -> torch.Generator:
-    """Stop-gap for tests/conftest.py's ``rng``, which fails on torch 2.13 (``g.seed_value = ...`` raises
-    AttributeError); same contract: a fresh seed per run, exposed as ``rng.seed_value``."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    g = _SeededGenerator()
-    g.manual_seed(seed)
-    g.seed_value = seed
-    return g
 
 
 # ---------------------------------------------------------------------------------------------------

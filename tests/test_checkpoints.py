@@ -15,7 +15,7 @@ from m2f.checkpoints.hf import config_from_hf
 from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, SwinConfig, TransformerDecoderConfig
 from m2f.errors import CheckpointError, M2FError
 from tests.test_model import hf_resnet_backbone, tiny_hf_model
-from tests.test_pixel_decoder import perturb_, rng  # noqa: F401  (rng: fixture)
+from tests.test_pixel_decoder import perturb_
 
 ENC_LAYERS, DEC_LAYERS = 2, 3
 

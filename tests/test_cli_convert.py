@@ -11,7 +11,6 @@ import torch
 import m2f
 from m2f.cli import main
 from tests.test_model import hf_resnet_backbone, tiny_hf_model
-from tests.test_pixel_decoder import rng  # noqa: F401  (rng: fixture)
 
 
 def test_convert_hf_round_trip(tmp_path, rng, capsys):

@@ -18,19 +18,6 @@ from m2f.config import Mask2FormerConfig
 from m2f.outputs import rgb_to_id
 
 
-class _SeededGenerator(torch.Generator):
-    seed_value: int
-
-
-@pytest.fixture
-def rng() -> torch.Generator:
-    """Same contract as tests/conftest.py's ``rng`` (fresh seed, ``.seed_value``), which fails on torch 2.13:
-    a plain ``torch.Generator`` takes no new attributes, a subclass does."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    g = _SeededGenerator()
-    g.manual_seed(seed)
-    g.seed_value = seed
-    return g
 
 
 def _write_image(path: Path, rng: torch.Generator, h: int, w: int) -> Path:
@@ -243,7 +230,7 @@ E2E_IMAGES = [("a.png", 40, 60), ("b.jpg", 33, 64), ("c.png", 64, 64), ("d.jpg",
 
 @pytest.fixture(scope="module")
 def e2e_images(tmp_path_factory) -> list[Path]:
-    g = _SeededGenerator()
+    g = torch.Generator()
     g.manual_seed(int.from_bytes(os.urandom(4), "little"))
     folder = tmp_path_factory.mktemp("images")
     return [_write_image(folder / name, g, h, w) for name, h, w in E2E_IMAGES]

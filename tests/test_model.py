@@ -11,7 +11,7 @@ import torch
 import m2f
 from m2f.config import BACKBONE_PRESETS, Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
 from m2f.errors import BackendUnavailableError, InputError
-from tests.test_pixel_decoder import perturb_, rng  # noqa: F401  (rng: fixture)
+from tests.test_pixel_decoder import perturb_
 from tests.utils import rel_err
 
 transformers = pytest.importorskip("transformers")

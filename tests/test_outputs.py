@@ -25,19 +25,6 @@ from m2f.postprocess import InstanceResult, PanopticResult, Segment, SemanticRes
 from m2f.visualize import draw_instances, draw_panoptic, draw_semantic
 
 
-class _SeededGenerator(torch.Generator):
-    seed_value: int
-
-
-@pytest.fixture
-def rng() -> torch.Generator:
-    """Same contract as tests/conftest.py's ``rng`` (fresh seed, ``.seed_value``), which fails on torch 2.13:
-    a plain ``torch.Generator`` takes no new attributes, a subclass does."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    g = _SeededGenerator()
-    g.manual_seed(seed)
-    g.seed_value = seed
-    return g
 
 
 def _panoptic_case() -> PanopticResult:

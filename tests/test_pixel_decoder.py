@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -20,21 +19,6 @@ STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 SIZES = {"res2": (25, 37), "res3": (13, 19), "res4": (7, 10), "res5": (4, 5)}
 
 
-class SeededGenerator(torch.Generator):
-    """torch.Generator that remembers its seed (a plain torch._C.Generator takes no new attributes)."""
-
-    seed_value: int
-
-
-@pytest.fixture
-def rng() -> SeededGenerator:
-    """Fresh seed per run, kept for assertion messages. Overrides tests/conftest.py's ``rng``, which fails on
-    this torch (``g.seed_value = ...`` on a torch._C.Generator raises AttributeError)."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    g = SeededGenerator()
-    g.manual_seed(seed)
-    g.seed_value = seed
-    return g
 
 
 def perturb_(module: torch.nn.Module, gen: torch.Generator, scale: float = 0.1) -> None:

@@ -3,7 +3,6 @@ panoptic against a plain loop of the official algorithm on random outputs."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -14,19 +13,6 @@ from m2f.postprocess import instance, mask_boxes, panoptic, resize_mask_logits, 
 from tests.utils import rel_err
 
 
-class _SeededGenerator(torch.Generator):
-    seed_value: int
-
-
-@pytest.fixture
-def rng() -> torch.Generator:
-    """Same contract as tests/conftest.py's ``rng`` (fresh seed, ``.seed_value``), which fails on torch 2.13:
-    a plain ``torch.Generator`` takes no new attributes, a subclass does."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    g = _SeededGenerator()
-    g.manual_seed(seed)
-    g.seed_value = seed
-    return g
 
 
 def _logit_for(prob: float) -> float:

@@ -1,7 +1,6 @@
 """Image loading and batching: EXIF, error messages, detectron2's resize rule, normalisation and padding."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -14,19 +13,6 @@ from m2f.preprocess import load_image, padded_shape, preprocess, resized_shape
 from tests.utils import rel_err
 
 
-class _SeededGenerator(torch.Generator):
-    seed_value: int
-
-
-@pytest.fixture
-def rng() -> torch.Generator:
-    """Same contract as tests/conftest.py's ``rng`` (fresh seed, ``.seed_value``), which fails on torch 2.13:
-    a plain ``torch.Generator`` takes no new attributes, a subclass does."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    g = _SeededGenerator()
-    g.manual_seed(seed)
-    g.seed_value = seed
-    return g
 
 
 def _random_image(rng: torch.Generator, h: int, w: int) -> np.ndarray:

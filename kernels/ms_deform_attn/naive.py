@@ -37,8 +37,9 @@ def ms_deform_attn_torch(
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     sampled = []
     for level, (h, w) in enumerate(shapes):
-        # (N, H*W, M, D) -> (N*M, D, H, W)
-        v = value_levels[level].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
+        # (N, H*W, M, D) -> (N*M, D, H, W). Contiguous: torch's CPU grid_sample reads garbage (NaN / huge
+        # values) from this channel-minor layout in float16 / bfloat16 (seen with torch 2.13).
+        v = value_levels[level].flatten(2).transpose(1, 2).reshape(N * M, D, h, w).contiguous()
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
         g = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         # (N*M, D, Lq, P)

@@ -71,18 +71,13 @@ def check_device(name: str):
 def run_kernels(args: argparse.Namespace) -> int:
     from m2f.bench.common import environment, write_results
 
-    device = check_device(args.device)
+    sizes, batches = parse_sizes(args.sizes), parse_ints(args.batch, "batch")
+    dtypes, device = parse_dtypes(args.dtype), check_device(args.device)
     ops = list(KERNEL_SUITES) if args.op == "all" else [args.op]
     env = environment()
     for op in ops:
         suite = importlib.import_module(KERNEL_SUITES[op])
-        rows = suite.run(
-            sizes=parse_sizes(args.sizes),
-            batches=parse_ints(args.batch, "batch"),
-            dtypes=parse_dtypes(args.dtype),
-            device=device,
-            backward=not args.no_backward,
-        )
+        rows = suite.run(sizes=sizes, batches=batches, dtypes=dtypes, device=device, backward=not args.no_backward)
         paths = write_results(rows, args.out, suite=f"kernels-{op}", title=f"{op} kernel benchmark", env=env,
                               plot=suite.plot)
         print(paths["md"].read_text())

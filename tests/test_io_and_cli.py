@@ -1,0 +1,93 @@
+"""Atomic output helpers, the CLI's error contract, and backend selection."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from m2f.cli import main
+from m2f.errors import BackendUnavailableError, M2FError
+from m2f.io import atomic_dir, atomic_path, check_can_write, write_json_atomic
+from m2f.kernels import resolve_backend
+
+
+def test_atomic_path_leaves_nothing_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer crashed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_replaces_on_success(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    write_json_atomic(target, {"a": 1})
+    assert target.read_text().strip().startswith("{") and list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_dir_is_all_or_nothing(tmp_path):
+    target = tmp_path / "model"
+    with pytest.raises(ValueError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("x")
+            raise ValueError("boom")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("x")
+    assert (target / "a.txt").read_text() == "x"
+
+
+def test_check_can_write_refuses_to_overwrite_without_force(tmp_path):
+    existing = tmp_path / "f.onnx"
+    existing.write_text("x")
+    with pytest.raises(M2FError, match="--force"):
+        check_can_write(existing)
+    assert check_can_write(existing, force=True) == existing
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "kernels", "--sizes", "800x", "--device", "cpu"], "bad size"),
+        (["bench", "kernels", "--batch", "1,x", "--device", "cpu"], "bad batch list"),
+        (["bench", "kernels", "--dtype", "float8", "--device", "cpu"], "unknown dtype"),
+        (["presets-unknown"], None),
+    ],
+)
+def test_cli_prints_user_errors_as_one_line_without_traceback(capsys, argv, message):
+    if message is None:  # argparse's own usage error
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"m2f: error: {message}") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
+def test_gpu_benchmark_without_a_gpu_says_so(capsys):
+    assert main(["bench", "kernels"]) == 2
+    assert "no CUDA GPU found" in capsys.readouterr().err
+
+
+def test_cli_exit_status_in_a_real_process():
+    proc = subprocess.run(
+        [sys.executable, "-m", "m2f", "bench", "kernels", "--sizes", "12x", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("m2f: error: bad size") and "Traceback" not in proc.stderr
+
+
+def test_backend_selection():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("torch", cpu) == "torch"
+    with pytest.raises(BackendUnavailableError, match="choose one of"):
+        resolve_backend("cuda", cpu)

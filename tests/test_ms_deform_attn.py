@@ -1,0 +1,276 @@
+"""Multi-scale deformable attention: the Triton kernels (forward and backward) against the float64 reference.
+
+Runs the kernels in Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1 when there is no
+GPU), so shapes are small but awkward: odd map sizes, head dims that are not powers of two, query tails,
+locations on and outside the borders. Outputs are poisoned with NaN before the kernels write them.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from m2f.errors import BackendUnavailableError, InputError
+from m2f.kernels import ms_deform_attn
+from m2f.kernels.ms_deform_attn import ms_deform_attn_torch, triton_kernels
+from tests.utils import poisoned_like, rel_err
+
+
+
+HALF_TOL = 1e-2
+F32_TOL = 1e-5
+GRAD_F32_TOL = 1e-4
+
+
+def make_inputs(rng, shapes, n=1, q=5, m=2, d=8, p=2, dtype=torch.float32, loc_dtype=None, lo=-0.15, hi=1.15):
+    """Random value / locations / weights; locations uniform in [lo, hi] (partly outside the [0, 1] image)."""
+    L = len(shapes)
+    S = sum(h * w for h, w in shapes)
+    value = torch.randn(n, S, m, d, generator=rng).to(dtype)
+    loc = (lo + (hi - lo) * torch.rand(n, q, m, L, p, 2, generator=rng)).to(loc_dtype or dtype)
+    attn = (0.1 + torch.rand(n, q, m, L, p, generator=rng)).to(loc_dtype or dtype)
+    return value, loc, attn
+
+
+def reference64(value, shapes, loc, attn, grad_out=None):
+    """Output (and with ``grad_out``, gradients) of the grid_sample reference in float64."""
+    v, l, a = (t.detach().double().requires_grad_(grad_out is not None) for t in (value, loc, attn))
+    out = ms_deform_attn_torch(v, shapes, l, a)
+    if grad_out is None:
+        return out.detach()
+    out.backward(grad_out.double())
+    return out.detach(), v.grad, l.grad, a.grad
+
+
+def shape_tensors(shapes):
+    shapes_t = torch.tensor(shapes, dtype=torch.int64)
+    sizes = [h * w for h, w in shapes]
+    starts = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64)
+    return shapes_t, starts
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The reference itself against a straightforward loop (so that the float64 reference can be trusted)
+# ------------------------------------------------------------------------------------------------------------
+def loop_reference(value, shapes, loc, attn):
+    """Official semantics written out corner by corner, in float64 Python loops."""
+    N, _, M, D = value.shape
+    _, Q, _, L, P, _ = loc.shape
+    out = torch.zeros(N, Q, M, D, dtype=torch.float64)
+    start = 0
+    for lvl, (H, W) in enumerate(shapes):
+        vmap = value[:, start : start + H * W].reshape(N, H, W, M, D).double()
+        for n in range(N):
+            for q in range(Q):
+                for m in range(M):
+                    for p in range(P):
+                        x = float(loc[n, q, m, lvl, p, 0]) * W - 0.5  # pixel centres at i + 0.5
+                        y = float(loc[n, q, m, lvl, p, 1]) * H - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        fx, fy = x - x0, y - y0
+                        a = float(attn[n, q, m, lvl, p])
+                        for yy, xx, w in ((y0, x0, (1 - fy) * (1 - fx)), (y0, x0 + 1, (1 - fy) * fx),
+                                          (y0 + 1, x0, fy * (1 - fx)), (y0 + 1, x0 + 1, fy * fx)):
+                            if 0 <= yy < H and 0 <= xx < W:  # each corner outside the map adds zero
+                                out[n, q, m] += a * w * vmap[n, yy, xx, m]
+        start += H * W
+    return out.reshape(N, Q, M * D)
+
+
+def test_reference_matches_loop_implementation(rng):
+    shapes = [(3, 4), (2, 3)]
+    value, loc, attn = make_inputs(rng, shapes, n=2, q=4, m=2, d=3, p=3, dtype=torch.float64, lo=-0.4, hi=1.4)
+    # Exactly on the image borders, on pixel centres, and just outside.
+    loc[0, 0, 0, :, 0] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    loc[0, 0, 1, :, 1] = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    loc[0, 1, 0, 0, 2] = torch.tensor([0.5 / 4, 1.5 / 3], dtype=torch.float64)
+    loc[1, 2, 1, 1, 0] = torch.tensor([-0.5 / 3, 1.0 + 0.5 / 2], dtype=torch.float64)
+    loc[1, 3, 0, 1, 1] = torch.tensor([-3.0, 2.5], dtype=torch.float64)
+    got = ms_deform_attn_torch(value, shapes, loc, attn)
+    want = loop_reference(value, shapes, loc, attn)
+    assert rel_err(got, want) <= 1e-12, f"seed {rng.seed_value}: reference vs loop {rel_err(got, want):.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reference_in_half_precision_on_cpu(rng, dtype):
+    """Regression: torch's CPU grid_sample read garbage from the channel-minor (N*M, D, H, W) view in half types."""
+    shapes = [(16, 16), (8, 8)]
+    value, loc, attn = make_inputs(rng, shapes, n=1, q=40, m=8, d=32, p=4, dtype=dtype)
+    out = ms_deform_attn_torch(value, shapes, loc, attn)
+    err = rel_err(out, reference64(value, shapes, loc, attn))
+    # grid_sample un-normalises the coordinates in the half type itself (~1 % off in bfloat16, unlike the
+    # Triton kernel's float32 arithmetic); the bug gave NaN or 1e30.
+    assert err <= 3 * HALF_TOL, f"seed {rng.seed_value}: torch reference in {dtype} rel_err {err:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Forward and backward against float64
+# ------------------------------------------------------------------------------------------------------------
+FWD_CASES = [  # (value dtype, locations / weights dtype, tolerance)
+    (torch.float32, torch.float32, F32_TOL),
+    (torch.float16, torch.float16, HALF_TOL),
+    (torch.bfloat16, torch.bfloat16, HALF_TOL),
+    (torch.float16, torch.float32, HALF_TOL),
+]
+
+
+@pytest.mark.parametrize("dtype,loc_dtype,tol", FWD_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_forward_matches_float64_reference(rng, dtype, loc_dtype, tol):
+    shapes = [(7, 9), (3, 5), (2, 2)]  # odd sizes; Q = 70 spans two query blocks, D = 24 masks a channel tail
+    value, loc, attn = make_inputs(rng, shapes, n=2, q=70, m=2, d=24, p=2, dtype=dtype, loc_dtype=loc_dtype)
+    want = reference64(value, shapes, loc, attn)
+
+    out = ms_deform_attn(value, shapes, None, loc, attn, backend="triton")
+    assert out.dtype == dtype and out.shape == (2, 70, 2 * 24)
+    err = rel_err(out, want)
+    print(f"forward {dtype} (locations {loc_dtype}): rel_err {err:.3g}")
+    assert err <= tol, f"seed {rng.seed_value}: forward {dtype} rel_err {err:.3g} > {tol}"
+
+    if dtype != torch.float32 or loc_dtype != torch.float32:
+        return  # the store mask does not depend on the dtype: poison once (the interpreter is slow)
+    # Every output element written: launch into a buffer full of NaN.
+    shapes_t, starts = shape_tensors(shapes)
+    poisoned = poisoned_like(out)
+    triton_kernels.ms_deform_attn_fwd(value, shapes_t, starts, loc, attn, out=poisoned)
+    assert rel_err(poisoned, want) <= tol, f"seed {rng.seed_value}: poisoned output not fully overwritten"
+
+
+BWD_CASES = [(torch.float32, GRAD_F32_TOL), (torch.float16, HALF_TOL), (torch.bfloat16, 2 * HALF_TOL)]
+
+
+@pytest.mark.parametrize("dtype,tol", BWD_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_backward_matches_float64_autograd(rng, dtype, tol):
+    shapes = [(7, 9), (3, 5), (2, 2)]
+    value, loc, attn = make_inputs(rng, shapes, n=2, q=70, m=2, d=24, p=2, dtype=dtype)
+    grad_out = torch.randn(2, 70, 2 * 24, generator=rng).to(dtype)
+    _, *want = reference64(value, shapes, loc, attn, grad_out)
+
+    leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    ms_deform_attn(leaves[0], shapes, None, leaves[1], leaves[2], backend="triton").backward(grad_out)
+    for name, leaf, ref in zip(("value", "sampling_locations", "attention_weights"), leaves, want):
+        err = rel_err(leaf.grad, ref)
+        print(f"grad {name} {dtype}: rel_err {err:.3g}")
+        assert leaf.grad.dtype == dtype
+        assert err <= tol, f"seed {rng.seed_value}: grad {name} {dtype} rel_err {err:.3g} > {tol}"
+
+    if dtype != torch.float32:
+        return
+    # grad_locations / grad_weights are written once per element, never accumulated: poison them.
+    shapes_t, starts = shape_tensors(shapes)
+    grad_loc, grad_attn = poisoned_like(loc), poisoned_like(attn)
+    triton_kernels.ms_deform_attn_bwd(grad_out, value, shapes_t, starts, loc, attn, grad_loc=grad_loc,
+                                      grad_attn=grad_attn)
+    assert rel_err(grad_loc, want[1]) <= tol and rel_err(grad_attn, want[2]) <= tol, f"seed {rng.seed_value}"
+
+
+def _edge_locations(loc, shapes, rng, with_kinks):
+    """Overwrite many locations with values on / outside the borders. ``with_kinks`` adds pixel centres and
+    w_im = -1 / W exactly, where the bilinear weights are continuous but their derivative jumps (gradients
+    there depend on float rounding, so they are checked in the forward pass only)."""
+    specials = [0.0, 1.0, -2.0, 3.0, 1e4, -1e4]
+    for lvl, (h, w) in enumerate(shapes):
+        vals_x = specials + ([(i + 0.5) / w for i in range(w)] + [-0.5 / w, 1.0 + 0.5 / w] if with_kinks else [])
+        vals_y = specials + ([(i + 0.5) / h for i in range(h)] + [-0.5 / h, 1.0 + 0.5 / h] if with_kinks else [])
+        flat = loc[:, :, :, lvl].reshape(-1, 2)  # a copy: (N * Q * M * P, 2), written back below
+        pick = torch.randperm(flat.shape[0], generator=rng)[: flat.shape[0] // 2]
+        xs = torch.tensor(vals_x, dtype=loc.dtype)[torch.randint(len(vals_x), (len(pick),), generator=rng)]
+        ys = torch.tensor(vals_y, dtype=loc.dtype)[torch.randint(len(vals_y), (len(pick),), generator=rng)]
+        flat[pick, 0] = xs
+        flat[pick, 1] = ys
+        loc[:, :, :, lvl] = flat.view(loc[:, :, :, lvl].shape)
+
+
+EDGE_CASES = {  # name: (shapes, dict of sizes, pass spatial_shapes as an int32 tensor with level_start_index)
+    "borders-and-outside": ([(7, 9), (4, 5)], dict(n=1, q=20, m=2, d=8, p=2), False),
+    "one-query-one-level-d5": ([(5, 6)], dict(n=1, q=1, m=1, d=5, p=1), True),
+    "four-levels-five-points": ([(9, 7), (5, 4), (3, 2), (1, 1)], dict(n=1, q=9, m=2, d=16, p=5), True),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+def test_edge_cases_forward_and_backward(rng, case):
+    shapes, sizes, as_tensor = EDGE_CASES[case]
+    value, loc, attn = make_inputs(rng, shapes, **sizes, lo=-0.3, hi=1.3)
+    if as_tensor:
+        shapes_arg, starts = (t.to(torch.int32) for t in shape_tensors(shapes))
+    else:
+        shapes_arg, starts = shapes, None
+
+    # Forward with kinks (pixel centres, w_im = -1 exactly, far outside).
+    loc_kinks = loc.clone()
+    _edge_locations(loc_kinks, shapes, rng, with_kinks=True)
+    out = ms_deform_attn(value, shapes_arg, starts, loc_kinks, attn, backend="triton")
+    err = rel_err(out, reference64(value, shapes, loc_kinks, attn))
+    assert err <= F32_TOL, f"seed {rng.seed_value}: {case} forward rel_err {err:.3g}"
+
+    # Forward and backward on borders / outside without kinks.
+    _edge_locations(loc, shapes, rng, with_kinks=False)
+    grad_out = torch.randn(out.shape, generator=rng)
+    want_out, *want = reference64(value, shapes, loc, attn, grad_out)
+    leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn(leaves[0], shapes_arg, starts, leaves[1], leaves[2], backend="triton")
+    assert rel_err(out, want_out) <= F32_TOL, f"seed {rng.seed_value}: {case} forward"
+    out.backward(grad_out)
+    for name, leaf, ref in zip(("value", "sampling_locations", "attention_weights"), leaves, want):
+        err = rel_err(leaf.grad, ref)
+        assert err <= GRAD_F32_TOL, f"seed {rng.seed_value}: {case} grad {name} rel_err {err:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One op for torch.export / torch.compile; opcheck
+# ------------------------------------------------------------------------------------------------------------
+class _DeformSample(torch.nn.Module):
+    """Builds value from two feature maps and spatial shapes from their sizes, as the pixel decoder does."""
+
+    def forward(self, f1, f2, loc, attn):
+        n = f1.shape[0]
+        shapes = [(f1.shape[2], f1.shape[3]), (f2.shape[2], f2.shape[3])]
+        value = torch.cat([f1.flatten(2), f2.flatten(2)], 2).transpose(1, 2).reshape(n, -1, 2, 4)
+        return ms_deform_attn(value, shapes, None, loc, attn, backend="triton")
+
+
+def test_export_has_exactly_one_op_node(rng):
+    f1, f2 = torch.randn(1, 8, 5, 3, generator=rng), torch.randn(1, 8, 2, 3, generator=rng)
+    loc = torch.rand(1, 6, 2, 2, 3, 2, generator=rng)
+    attn = torch.rand(1, 6, 2, 2, 3, generator=rng)
+    module = _DeformSample()
+    ep = torch.export.export(module, (f1, f2, loc, attn))
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    hits = [t for t in targets if "ms_deform_attn" in str(t)]
+    assert hits == [torch.ops.m2f.ms_deform_attn.default], targets
+    assert not any("grid_sampler" in str(t) for t in targets), targets
+    out = ep.module()(f1, f2, loc, attn)
+    assert rel_err(out, module(f1, f2, loc, attn)) <= 1e-6
+
+
+def test_opcheck(rng):
+    shapes = [(3, 4)]
+    value, loc, attn = make_inputs(rng, shapes, n=1, q=2, m=1, d=4, p=2)
+    shapes_t, starts = shape_tensors(shapes)
+    args = (value.requires_grad_(), shapes_t, starts, loc.requires_grad_(), attn.requires_grad_())
+    torch.library.opcheck(torch.ops.m2f.ms_deform_attn.default, args)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_m2f_errors(rng, monkeypatch):
+    shapes = [(3, 4), (2, 3)]
+    value, loc, attn = make_inputs(rng, shapes)
+    call = lambda *a: ms_deform_attn(*a, backend="triton")  # noqa: E731
+    with pytest.raises(InputError, match="keys"):
+        call(value, [(3, 4), (2, 2)], None, loc, attn)
+    with pytest.raises(InputError, match="levels"):
+        call(value, shapes[:1], None, loc, attn)
+    with pytest.raises(InputError, match="float32, float16 or bfloat16"):
+        call(value.double(), shapes, None, loc.double(), attn.double())
+    with pytest.raises(InputError, match="sampling_locations is torch.float16"):
+        call(value.bfloat16(), shapes, None, loc.half(), attn.bfloat16())
+    with pytest.raises(InputError, match="attention_weights must be"):
+        call(value, shapes, None, loc, attn[..., :1])
+    with pytest.raises(InputError, match="spatial_shapes must be"):
+        call(value, torch.tensor([[3.0, 4.0], [2.0, 3.0]]), None, loc, attn)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor and no interpreter: the op cannot run
+    with pytest.raises(BackendUnavailableError, match="CUDA"):
+        torch.ops.m2f.ms_deform_attn(value, *shape_tensors(shapes), loc, attn)
