@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import pytest
 import torch
@@ -11,20 +10,6 @@ import torch
 from m2f.train.matcher import HungarianMatcher, pairwise_dice, pairwise_sigmoid_bce
 from m2f.train.point_sampling import point_sample, uncertain_point_coords
 from tests.utils import rel_err
-
-
-class _SeededGenerator(torch.Generator):
-    seed_value: int
-
-
-@pytest.fixture
-def rng() -> torch.Generator:
-    """tests/conftest.py's ``rng`` (fresh seed, ``.seed_value``); redefined because a plain torch.Generator takes
-    no new attributes on torch 2.13 (the conftest version fails there), a subclass does."""
-    g = _SeededGenerator()
-    g.seed_value = int.from_bytes(os.urandom(4), "little")
-    g.manual_seed(g.seed_value)
-    return g
 
 
 def bilinear_ref(img: torch.Tensor, x: float, y: float) -> torch.Tensor:

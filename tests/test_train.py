@@ -22,20 +22,6 @@ from m2f.train.loop import DistEnv, dist_env_from, epoch_batches
 from m2f.train.optim import OptimConfig, PolyLambda, build_optimizer, param_groups
 
 
-class _SeededGenerator(torch.Generator):
-    seed_value: int
-
-
-@pytest.fixture
-def rng() -> torch.Generator:
-    """tests/conftest.py's ``rng`` (fresh seed, ``.seed_value``); redefined because a plain torch.Generator takes
-    no new attributes on torch 2.13 (the conftest version fails there), a subclass does."""
-    g = _SeededGenerator()
-    g.seed_value = int.from_bytes(os.urandom(4), "little")
-    g.manual_seed(g.seed_value)
-    return g
-
-
 # ---------------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------------
