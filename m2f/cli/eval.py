@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--reference-checkpoint", help="treat this model's predictions as the ground truth")
     ref.add_argument("--reference-onnx", help="treat this ONNX graph's predictions as the ground truth")
-    p.add_argument("--config", help="config JSON for an ONNX graph (default: m2f_config.json beside it, or the "
-                   "graph's metadata)")
+    p.add_argument("--config", help="config JSON for an ONNX graph (default: from its `m2f export` manifest "
+                   "MODEL.onnx.json, else m2f_config.json beside it)")
     p.add_argument("--preset", help="architecture preset for checkpoints that carry no config")
     p.add_argument("--task", choices=("panoptic", "semantic", "instance"), help="default: the model's own task")
     p.add_argument("--json", help="write the metrics to this JSON file")
@@ -44,6 +44,14 @@ def _onnx_config(path: Path, explicit: str | None):
 
     if explicit:
         return load_config(explicit)
+    manifest = path.with_name(path.name + ".json")  # `m2f export` writes model.onnx.json with the config
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("config"), dict):
+            return Mask2FormerConfig.from_dict(data["config"])
     beside = path.with_name("m2f_config.json")
     if beside.is_file():
         return load_config(str(beside))
