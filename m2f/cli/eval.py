@@ -124,5 +124,18 @@ def run(args: argparse.Namespace) -> int:
         result["reference"] = reference.name
     print(format_table(result))
     if args.json:
-        write_json_atomic(args.json, result)
+        write_json_atomic(args.json, _finite_or_null(result))
     return 0
+
+
+def _finite_or_null(obj):
+    """NaN (a metric over nothing, e.g. no stuff classes) becomes null: strict JSON has no NaN."""
+    import math
+
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -203,9 +203,9 @@ def evaluate(ds: SegmentationDataset, predictor: Predictor, task: str, reference
         from tqdm import tqdm
 
         indices = tqdm(indices, desc=f"eval {task}", unit="img")
-    for index in indices:
-        from m2f.preprocess import load_image
+    from m2f.preprocess import load_image
 
+    for index in indices:
         image = load_image(ds.image_path(index))
         pred = predict(predictor, image, task, resize_shortest, max_size)
         ref = predict(reference, image, task, resize_shortest, max_size) if reference is not None else None
