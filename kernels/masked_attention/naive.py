@@ -29,7 +29,9 @@ def masked_attention_torch(
     allow = normalize_allow(allow, q.shape[1])
     scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, H, Nq, Nk)
     scores = scores.masked_fill(~allow, float("-inf"))
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+    # softmax in float32 for half inputs, in the input precision otherwise (float64 references stay float64)
+    probs = torch.softmax(scores.float() if scores.element_size() < 4 else scores, dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def masked_attention_from_logits_torch(

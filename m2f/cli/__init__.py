@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "data": "data",
     "train": "train",
     "eval": "eval",
+    "export": "export",
     "predict": "predict",
     "convert": "convert",
 }

@@ -1,0 +1,448 @@
+"""Mask2Former -> ONNX, with a manifest, optional in-graph post-processing and optional simplification.
+
+The exporter is ``torch.onnx.export(dynamo=True)`` (torch.export + the onnxscript translator): with
+``dynamic=True`` batch, height and width are symbolic (height and width as 32 x a symbolic integer, so every
+shape derived from them stays symbolic instead of being baked into constants). Opsets below 18 are produced by
+the exporter's version conversion, which works for static graphs and fails for dynamic ones (onnx's converter
+cannot move a computed ``axes`` input back into an attribute): the default opset is 18, the exporter's own.
+
+Deformable attention:
+
+* ``msda="decomposed"`` - the PyTorch reference (one GridSample per level; opset >= 16): runs in ONNX Runtime,
+  OpenVINO, TensorRT (but see NVIDIA/TensorRT#4813 on GridSample miscompilation in some 10.x / 11.x releases).
+* ``msda="plugin"`` - one ``MultiscaleDeformableAttnPlugin_TRT`` node per deformable-attention call, with the
+  interface of TensorRT's open-source plugin (see :mod:`m2f.export.plugins`). Done by a model-level switch: the
+  deformable-attention modules of a copy of the model use the "triton" backend, whose single custom op
+  ``m2f::ms_deform_attn`` (never run during export: torch.export traces its fake kernel) is translated into the
+  plugin node.
+
+Masked attention is always exported from the PyTorch reference (standard ops, no data-dependent indexing).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m2f.errors import BackendUnavailableError, CheckpointError, InputError
+from m2f.io import atomic_path, check_can_write
+
+from .manifest import manifest_path, new_manifest, sha256_source, write_manifest
+from .plugins import TRT_MSDA
+
+log = logging.getLogger("m2f.export")
+
+MSDA_MODES = ("decomposed", "plugin")
+POSTPROCESS_MODES = ("none", "semantic", "instance")
+MIN_OPSET = 18  # the dynamo exporter emits 18; onnx cannot convert the Mask2Former graph down (GridSample needs 16)
+MAX_OPSET = 24  # the newest TensorRT 10.x parses (and ONNX Runtime 1.2x runs)
+MAX_DYNAMIC_SIDE = 4096  # upper bound of the symbolic height / width (multiples of 32)
+MAX_DYNAMIC_BATCH = 64
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest_path: Path
+    manifest: dict[str, Any]
+    seconds: float
+    simplified: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The exported module: model + optional post-processing, tensors only
+# ---------------------------------------------------------------------------------------------------
+
+
+class OnnxExportModule(nn.Module):
+    """``pixel_values`` (B, 3, H, W) -> (pred_logits, pred_masks[, post-processed outputs]).
+
+    semantic: + ``semantic_probs`` (B, K, H, W) = softmax(cls)[..., :-1]ᵀ · sigmoid(masks upsampled to H, W),
+              ``semantic_map`` (B, H, W) int64 = argmax over K.
+    instance: + ``instance_scores`` (B, k), ``instance_labels`` (B, k) int64, ``instance_masks`` (B, k, H, W)
+              bool: top-k over Q x K class probabilities (sorted), score x mean mask probability inside the mask.
+    """
+
+    OUTPUTS = {
+        "none": ("pred_logits", "pred_masks"),
+        "semantic": ("pred_logits", "pred_masks", "semantic_probs", "semantic_map"),
+        "instance": ("pred_logits", "pred_masks", "instance_scores", "instance_labels", "instance_masks"),
+    }
+
+    def __init__(self, model: nn.Module, postprocess: str = "none", topk: int = 100) -> None:
+        super().__init__()
+        if postprocess not in POSTPROCESS_MODES:
+            raise InputError(f"postprocess must be one of {', '.join(POSTPROCESS_MODES)}, got {postprocess!r}")
+        self.model = model
+        self.postprocess = postprocess
+        self.topk = topk
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self.OUTPUTS[self.postprocess]
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(pixel_values)
+        logits, masks = out.pred_logits, out.pred_masks  # (B, Q, K+1), (B, Q, H/4, W/4)
+        if self.postprocess == "none":
+            return logits, masks
+        height, width = pixel_values.shape[-2:]
+        probs = logits.softmax(-1)[..., :-1]  # (B, Q, K)
+        if self.postprocess == "semantic":
+            up = F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)  # (B, Q, H, W)
+            sem = torch.matmul(probs.transpose(1, 2), up.sigmoid().flatten(2))  # (B, K, H*W)
+            sem = sem.unflatten(2, (height, width))
+            return logits, masks, sem, sem.argmax(1)
+        num_queries, num_classes = probs.shape[1], probs.shape[2]
+        k = min(self.topk, num_queries * num_classes)
+        scores, index = probs.flatten(1).topk(k, dim=1)  # (B, k) sorted, query-major flat index
+        labels = index % num_classes
+        query = index // num_classes
+        picked = torch.gather(masks, 1, query[:, :, None, None].expand(-1, -1, masks.shape[2], masks.shape[3]))
+        picked = F.interpolate(picked, size=(height, width), mode="bilinear", align_corners=False)  # (B, k, H, W)
+        binary = picked > 0
+        fg = binary.to(picked.dtype).flatten(2)
+        mask_scores = (picked.sigmoid().flatten(2) * fg).sum(-1) / (fg.sum(-1) + 1e-6)
+        return logits, masks, scores * mask_scores, labels, binary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plugin mode: the m2f::ms_deform_attn custom op -> TensorRT's plugin node
+# ---------------------------------------------------------------------------------------------------
+
+_SCHEMA_REGISTERED = False
+
+
+def _register_plugin_schema() -> None:
+    """Declare the plugin node's signature to onnx (in this process) so the onnxscript translator can emit it."""
+    global _SCHEMA_REGISTERED
+    if _SCHEMA_REGISTERED:
+        return
+    import onnx
+    from onnx.defs import OpSchema
+
+    param = OpSchema.FormalParameter
+    t, i = "T", "I"
+    schema = OpSchema(
+        TRT_MSDA.op_type, TRT_MSDA.domain, 1,
+        doc="TensorRT MultiscaleDeformableAttnPlugin_TRT (version 1): output [N, Lq, M, D]",
+        inputs=[param("value", t), param("spatial_shapes", i), param("level_start_index", i),
+                param("sampling_locations", t), param("attention_weights", t)],
+        outputs=[param("output", t)],
+        type_constraints=[(t, ["tensor(float)", "tensor(float16)"], "value dtype"), (i, ["tensor(int32)"], "int32")],
+    )
+    try:
+        onnx.defs.register_schema(schema)
+    except Exception:  # already registered by an earlier import of another copy of this module
+        pass
+    _SCHEMA_REGISTERED = True
+
+
+def _msda_translation() -> dict[Any, Any]:
+    """custom_translation_table entry: m2f::ms_deform_attn -> Cast(int32) x 2 -> plugin node -> Reshape (N, Lq, M*D)."""
+    import onnxscript
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    _register_plugin_schema()
+    trt_plugins = onnxscript.values.Opset(TRT_MSDA.domain, 1)
+
+    def ms_deform_attn_to_trt_plugin(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        out = getattr(trt_plugins, TRT_MSDA.op_type)(
+            value,
+            op.Cast(spatial_shapes, to=ir.DataType.INT32),
+            op.Cast(level_start_index, to=ir.DataType.INT32),
+            sampling_locations,
+            attention_weights,
+        )  # (N, Lq, M, D)
+        return op.Reshape(out, op.Constant(value_ints=[0, 0, -1]))  # (N, Lq, M * D)
+
+    return {torch.ops.m2f.ms_deform_attn.default: ms_deform_attn_to_trt_plugin}
+
+
+def _require_msda_op() -> None:
+    try:
+        importlib.import_module("m2f.kernels.ms_deform_attn.op")
+        torch.ops.m2f.ms_deform_attn.default  # noqa: B018
+    except (ImportError, AttributeError, RuntimeError):
+        raise BackendUnavailableError(
+            "--msda plugin needs the m2f::ms_deform_attn custom op of m2f.kernels (Triton MSDA), which this build "
+            "lacks; export with --msda decomposed"
+        ) from None
+
+
+def _msda_modules(model: nn.Module) -> list[nn.Module]:
+    from m2f.pixel_decoder import MultiScaleDeformableAttention
+
+    return [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+
+
+@contextlib.contextmanager
+def _tracing_triton_op_on_cpu() -> Iterator[None]:
+    """The "triton" backend refuses CPU tensors unless TRITON_INTERPRET=1; torch.export only traces the op's fake
+    kernel (nothing runs), so allow it for the duration of the export."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------
+
+
+def validate_export_args(height: int, width: int, batch: int, opset: int, msda: str, postprocess: str) -> None:
+    if height < 32 or width < 32 or height % 32 or width % 32:
+        raise InputError(f"height and width must be positive multiples of 32, got {height}x{width}; "
+                         f"e.g. {max(32, -(-height // 32) * 32)}x{max(32, -(-width // 32) * 32)}")
+    if batch < 1:
+        raise InputError(f"--batch must be >= 1, got {batch}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"opset {opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET} (the exporter emits opset 18 and cannot convert this graph lower; TensorRT 10.x parses up to 24)")
+    if msda not in MSDA_MODES:
+        raise InputError(f"--msda must be one of {', '.join(MSDA_MODES)}, got {msda!r}")
+    if postprocess not in POSTPROCESS_MODES:
+        raise InputError(f"--postprocess must be one of {', '.join(POSTPROCESS_MODES)}, got {postprocess!r}")
+
+
+def _dynamic_shapes(batch: int) -> dict[str, Any]:
+    from torch.export import Dim
+
+    b = Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
+    h = Dim("height_32", min=2, max=MAX_DYNAMIC_SIDE // 32)
+    w = Dim("width_32", min=2, max=MAX_DYNAMIC_SIDE // 32)
+    return {"pixel_values": {0: b, 2: 32 * h, 3: 32 * w}}
+
+
+def _io_specs(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def spec(vi: Any) -> dict[str, Any]:
+        t = vi.type.tensor_type
+        shape = [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in t.shape.dim]
+        return {"name": vi.name, "dtype": str(helper.tensor_dtype_to_np_dtype(t.elem_type)), "shape": shape}
+
+    initializers = {i.name for i in proto.graph.initializer}
+    return [spec(v) for v in proto.graph.input if v.name not in initializers], [spec(v) for v in proto.graph.output]
+
+
+def _slim(src: Path, dst: Path) -> bool:
+    """onnxslim ``src`` into ``dst``; False (with a logged note) when onnxslim is not installed or fails."""
+    try:
+        import onnxslim
+    except ImportError:
+        log.warning("onnxslim is not installed: the graph is not simplified (pip install onnxslim)")
+        return False
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxslim prints a summary table
+            onnxslim.slim(str(src), output_model=str(dst))
+    except Exception as exc:  # a simplifier failure must never fail the export
+        log.warning("onnxslim failed (%s: %s): keeping the unsimplified graph", type(exc).__name__, exc)
+        return False
+    return dst.exists()
+
+
+def _same_outputs(a: Path, b: Path, shape: tuple[int, int, int, int], rtol: float = 1e-5) -> bool:
+    """Do two ONNX files agree in ONNX Runtime on one random input (used to accept a simplified graph)?"""
+    import numpy as np
+    import onnxruntime as ort
+
+    x = np.random.default_rng().standard_normal(shape).astype(np.float32)
+    outs = []
+    for p in (a, b):
+        session = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0]
+        outs.append(session.run(None, {inp.name: x.astype(np.float16) if "16" in inp.type else x}))
+    for ref, got in zip(*outs):
+        if ref.shape != got.shape:
+            return False
+        if np.issubdtype(ref.dtype, np.floating):
+            ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+            if not np.linalg.norm(got64 - ref64) <= rtol * max(np.linalg.norm(ref64), 1e-30):
+                return False
+        elif np.mean(ref != got) > 1e-3:
+            return False
+    return True
+
+
+def to_onnx(
+    model: nn.Module,
+    path: str | Path,
+    height: int = 512,
+    width: int = 512,
+    batch: int = 1,
+    dynamic: bool = False,
+    half: bool = False,
+    msda: str = "decomposed",
+    postprocess: str = "none",
+    opset: int = 18,
+    topk: int | None = None,
+    simplify: bool = True,
+    optimize: bool = True,
+    force: bool = False,
+    source: dict[str, Any] | None = None,
+) -> ExportResult:
+    """Export ``model`` (an m2f Mask2Former) to ``path`` with a manifest beside it.
+
+    ``pixel_values`` is (batch, 3, height, width), normalised as for ``model(...)``. ``dynamic`` makes batch,
+    height and width symbolic (height / width multiples of 32). ``source`` ({"path", "sha256", "preset"}) is
+    recorded in the manifest. ``optimize`` runs the exporter's onnxscript optimizer (constant folding, dead-code
+    removal; most of the export time of a dynamic graph); ``simplify`` runs onnxslim after it.
+    """
+    start = time.perf_counter()
+    validate_export_args(height, width, batch, opset, msda, postprocess)
+    path = Path(path)
+    check_can_write(path, force=force)
+    check_can_write(manifest_path(path), force=force)
+    config = getattr(model, "config", None)
+    if topk is None:
+        topk = config.postprocess.instance_topk if config is not None else 100
+
+    module = OnnxExportModule(copy.deepcopy(model), postprocess=postprocess, topk=topk).eval()
+    module = module.half() if half else module.float()
+    dtype = torch.float16 if half else torch.float32
+    translation: dict[Any, Any] = {}
+    expected_plugin_nodes = None
+    if msda == "plugin":
+        _require_msda_op()
+        msda_modules = _msda_modules(module)
+        for m in msda_modules:
+            m.backend = "triton"  # the model-level switch: the custom op m2f::ms_deform_attn appears in the trace
+        translation = _msda_translation()
+        expected_plugin_nodes = len(msda_modules)
+    # torch.export specialises a dimension traced at size 1: trace a dynamic batch at >= 2.
+    example = torch.randn(max(batch, 2) if dynamic else batch, 3, height, width, dtype=dtype)
+    notes: list[str] = []
+
+    with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
+        if msda == "plugin":
+            stack.enter_context(_tracing_triton_op_on_cpu())
+        raw = tmp.with_name(tmp.name + ".raw.onnx")
+        try:
+            torch.onnx.export(
+                module, (example,), str(raw), dynamo=True, opset_version=opset,
+                input_names=["pixel_values"], output_names=list(module.output_names),
+                dynamic_shapes=_dynamic_shapes(batch) if dynamic else None,
+                custom_translation_table=translation or None, external_data=False, verbose=False,
+                optimize=optimize,
+            )
+            simplified = False
+            if simplify:
+                slim = tmp.with_name(tmp.name + ".slim.onnx")
+                if _slim(raw, slim):
+                    if msda == "plugin":
+                        ok = _plugin_count(slim) == expected_plugin_nodes
+                    else:
+                        ok = _same_outputs(raw, slim, (batch, 3, height, width), rtol=1e-3 if half else 1e-5)
+                    if ok:
+                        os.replace(slim, raw)
+                        simplified = True
+                    else:
+                        notes.append("onnxslim changed the outputs or the plugin nodes: kept the unsimplified graph")
+                        log.warning(notes[-1])
+                    if slim.exists():
+                        slim.unlink()
+                else:
+                    notes.append("graph not simplified (onnxslim unavailable or failed)")
+            os.replace(raw, tmp)
+        finally:
+            for leftover in tmp.parent.glob(tmp.name + ".*"):
+                leftover.unlink()
+        inputs, outputs = _io_specs(tmp)
+        written_opset = _opset_of(tmp)
+        if written_opset != opset:  # the exporter's down-conversion failed and it kept its own opset
+            raise InputError(
+                f"the exporter could not convert this graph to opset {opset} (it emits opset {written_opset}; "
+                f"onnx's version converter cannot rewrite its dynamic-axes ops); use --opset {written_opset}"
+            )
+        plugin_nodes = _plugin_count(tmp)
+        if msda == "plugin" and plugin_nodes != expected_plugin_nodes:
+            raise RuntimeError(f"plugin export produced {plugin_nodes} {TRT_MSDA.op_type} nodes for "
+                               f"{expected_plugin_nodes} deformable-attention calls")
+        manifest = new_manifest(
+            "onnx",
+            file=path.name,
+            opset=opset,
+            exporter="torch.onnx.export(dynamo=True)",
+            inputs=inputs,
+            outputs=outputs,
+            dynamic=dynamic,
+            dynamic_axes={"pixel_values": {"0": "batch", "2": "height (32 x n)", "3": "width (32 x n)"}} if dynamic else {},
+            batch=batch, height=height, width=width,
+            dtype="float16" if half else "float32",
+            msda=msda,
+            expected_plugin_nodes=expected_plugin_nodes,
+            plugin_nodes=plugin_nodes,
+            postprocess=postprocess,
+            topk=topk if postprocess == "instance" else None,
+            optimized=optimize,
+            simplified=simplified,
+            pixel_mean=list(config.pixel_mean) if config is not None else None,
+            pixel_std=list(config.pixel_std) if config is not None else None,
+            config=config.to_dict() if config is not None else None,
+            source=source,
+            notes=notes,
+        )
+        write_manifest(path, manifest)
+    return ExportResult(path, manifest_path(path), manifest, time.perf_counter() - start, simplified, notes)
+
+
+def _opset_of(path: Path) -> int:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _plugin_count(path: Path) -> int:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return sum(1 for n in proto.graph.node if n.op_type == TRT_MSDA.op_type)
+
+
+# ---------------------------------------------------------------------------------------------------
+# From a checkpoint (the CLI's path)
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint_model(checkpoint: str | Path, preset: str | None = None) -> nn.Module:
+    """``m2f.from_pretrained`` on the CPU with the PyTorch reference kernels, in eval mode."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist; pass a checkpoint file or directory")
+    from m2f.checkpoints import from_pretrained
+
+    model = from_pretrained(str(checkpoint), preset=preset, backend="torch", device="cpu")
+    return model.eval()
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, preset: str | None = None, **kwargs: Any) -> ExportResult:
+    """Load ``checkpoint`` and export it; the manifest records its path, sha256 and preset."""
+    validate_export_args(kwargs.get("height", 512), kwargs.get("width", 512), kwargs.get("batch", 1),
+                         kwargs.get("opset", 18), kwargs.get("msda", "decomposed"), kwargs.get("postprocess", "none"))
+    check_can_write(output, force=kwargs.get("force", False))
+    model = load_checkpoint_model(checkpoint, preset)
+    source = {"path": str(Path(checkpoint).resolve()), "sha256": sha256_source(checkpoint), "preset": preset}
+    return to_onnx(model, output, source=source, **kwargs)

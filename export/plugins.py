@@ -1,0 +1,349 @@
+"""TensorRT plugins for Mask2Former's two attention ops, made from m2f's Triton kernels.
+
+Two layers, so that everything but the TensorRT calls is testable without TensorRT:
+
+* Plain data and math (no TensorRT): the ONNX node of each plugin (op type, domain, attributes, input order),
+  the output-shape rules (:func:`msda_output_shape`, :func:`masked_attention_output_shape`) written over any
+  dimension type (ints here, TensorRT's symbolic ``ShapeExpr`` inside the engine builder), the launch geometry,
+  and the PTX of the plugin kernels for a given GPU (:func:`compile_msda_plugin_kernel`, no GPU needed).
+* :func:`register_tensorrt_plugins`: registers the plugins with ``tensorrt.plugin`` (TensorRT >= 10.7 Python
+  "quickly deployable plugins"): ``@trtp.register`` (shape / dtype description) and ``@trtp.aot_impl`` (kernel
+  name, PTX, launch grid, int32 scalar arguments). The PTX is embedded in the engine, so the engine runs the
+  Triton kernel with no Python at run time.
+
+The ONNX graph from ``m2f export onnx --msda plugin`` uses TensorRT's own interface node
+(``MultiscaleDeformableAttnPlugin_TRT``, version "1", no attributes; inputs value [N,S,M,D], spatial_shapes [L,2]
+int32, level_start_index [L] int32, sampling_locations [N,Lq,M,L,P,2], attention_weights [N,Lq,M,L,P]; output
+[N,Lq,M,D]); ``m2f export tensorrt --plugins m2f`` retargets those nodes to the m2f plugin, which has the same
+inputs and output, before parsing.
+
+QDP calling convention for AOT kernels: tensor inputs (pointers) first, then the int32 scalars, then the outputs.
+The msda kernel of ``m2f.kernels`` takes the output pointer before its scalars, so :func:`msda_plugin_kernel`
+is a thin wrapper in that order that inlines it.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------------
+# ONNX nodes
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PluginNode:
+    """How a plugin appears in an ONNX graph: TensorRT's parser looks any unknown op_type up as a plugin of that
+    name, with version / namespace from the ``plugin_version`` / ``plugin_namespace`` attributes ("1" / "")."""
+
+    op_type: str
+    domain: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    def retarget(self, node: Any) -> None:
+        """Rewrite an ONNX NodeProto with the same inputs into this plugin's node (in place)."""
+        from onnx import helper
+
+        node.op_type = self.op_type
+        node.domain = self.domain
+        del node.attribute[:]
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in self.attributes.items())
+
+
+MSDA_INPUTS = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+
+# TensorRT's open-source plugin (plugin/multiscaleDeformableAttnPlugin): name, version "1" (the default the parser
+# assumes), no attributes. The domain is not read by the parser; "trt.plugins" is the conventional one.
+TRT_MSDA = PluginNode("MultiscaleDeformableAttnPlugin_TRT", "trt.plugins", MSDA_INPUTS, ("output",))
+
+# m2f's Triton MSDA as a TensorRT Python plugin "m2f::ms_deform_attn" (same inputs / output as TRT_MSDA).
+M2F_NAMESPACE = "m2f"
+M2F_MSDA = PluginNode(
+    "ms_deform_attn", M2F_NAMESPACE, MSDA_INPUTS, ("output",), {"plugin_namespace": M2F_NAMESPACE, "aot": 1}
+)
+# m2f's Triton masked attention as "m2f::masked_attention" (q, k, v (B, H, N, D); mask logits (B, Nq, Nk)).
+M2F_MASKED_ATTENTION = PluginNode(
+    "masked_attention", M2F_NAMESPACE, ("q", "k", "v", "mask_logits"), ("output",),
+    {"plugin_namespace": M2F_NAMESPACE, "aot": 1},
+)
+
+# ---------------------------------------------------------------------------------------------------
+# Shape rules (generic over the dimension type: int, or TensorRT's ShapeExpr)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal when both are known ints; symbolic dimensions are trusted (TensorRT checks them at build time)."""
+    return not (isinstance(a, int) and isinstance(b, int)) or a == b
+
+
+def msda_output_shape(
+    value: Sequence[Any],  # (N, S, M, D)
+    spatial_shapes: Sequence[Any],  # (L, 2)
+    level_start_index: Sequence[Any],  # (L,)
+    sampling_locations: Sequence[Any],  # (N, Lq, M, L, P, 2)
+    attention_weights: Sequence[Any],  # (N, Lq, M, L, P)
+) -> tuple[Any, Any, Any, Any]:  # (N, Lq, M, D)
+    """Output dims of the MSDA plugin, after the consistency checks of TensorRT's plugin (configurePlugin)."""
+    ranks = (len(value), len(spatial_shapes), len(level_start_index), len(sampling_locations), len(attention_weights))
+    if ranks != (4, 2, 1, 6, 5):
+        raise ValueError(f"MSDA plugin inputs must have ranks (4, 2, 1, 6, 5), got {ranks}")
+    checks = [
+        (value[0], sampling_locations[0], "batch of value / sampling_locations"),
+        (value[0], attention_weights[0], "batch of value / attention_weights"),
+        (value[2], sampling_locations[2], "heads of value / sampling_locations"),
+        (value[2], attention_weights[2], "heads of value / attention_weights"),
+        (spatial_shapes[1], 2, "spatial_shapes last dim"),
+        (spatial_shapes[0], level_start_index[0], "levels of spatial_shapes / level_start_index"),
+        (spatial_shapes[0], sampling_locations[3], "levels of spatial_shapes / sampling_locations"),
+        (spatial_shapes[0], attention_weights[3], "levels of spatial_shapes / attention_weights"),
+        (sampling_locations[4], attention_weights[4], "points of sampling_locations / attention_weights"),
+        (sampling_locations[1], attention_weights[1], "queries of sampling_locations / attention_weights"),
+        (sampling_locations[5], 2, "sampling_locations last dim"),
+    ]
+    for a, b, what in checks:
+        if not _same(a, b):
+            raise ValueError(f"MSDA plugin: {what} differ ({a} vs {b})")
+    return value[0], sampling_locations[1], value[2], value[3]
+
+
+def masked_attention_output_shape(
+    q: Sequence[Any],  # (B, H, Nq, D)
+    k: Sequence[Any],  # (B, H, Nk, D)
+    v: Sequence[Any],  # (B, H, Nk, D)
+    mask_logits: Sequence[Any],  # (B, Nq, Nk)
+) -> tuple[Any, Any, Any, Any]:  # (B, H, Nq, D)
+    ranks = (len(q), len(k), len(v), len(mask_logits))
+    if ranks != (4, 4, 4, 3):
+        raise ValueError(f"masked attention plugin inputs must have ranks (4, 4, 4, 3), got {ranks}")
+    checks = [
+        (q[0], k[0], "batch of q / k"), (k[0], v[0], "batch of k / v"), (q[0], mask_logits[0], "batch of q / mask"),
+        (q[1], k[1], "heads of q / k"), (k[1], v[1], "heads of k / v"),
+        (q[3], k[3], "head dim of q / k"), (k[2], v[2], "keys of k / v"),
+        (q[2], mask_logits[1], "queries of q / mask"), (k[2], mask_logits[2], "keys of k / mask"),
+    ]
+    for a, b, what in checks:
+        if not _same(a, b):
+            raise ValueError(f"masked attention plugin: {what} differ ({a} vs {b})")
+    return q[0], q[1], q[2], v[3]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels (PTX for a target GPU, no GPU needed)
+# ---------------------------------------------------------------------------------------------------
+
+# Fallback launch config when m2f.kernels does not publish one (AOT_CONFIGS): 64 queries x 8 warps compiled with
+# no spills on sm_90 / sm_87 for the first version of the kernel.
+MSDA_BLOCK_Q = 64
+MSDA_NUM_WARPS = 8
+TRITON_TYPES = {"float32": "fp32", "float16": "fp16"}
+
+
+@dataclass(frozen=True)
+class MsdaLaunch:
+    """Grid and scalar arguments of one MSDA plugin launch, from the input dims (ints or ShapeExprs)."""
+
+    grid: tuple[Any, Any, Any]
+    block: int
+    scalars: tuple[Any, Any, Any]  # num_keys S, num_queries Lq, num_heads M (the kernel's int32 arguments)
+
+
+def msda_launch(value: Sequence[Any], sampling_locations: Sequence[Any], cdiv: Any = None,
+                block_q: int = MSDA_BLOCK_Q, num_warps: int = MSDA_NUM_WARPS) -> MsdaLaunch:
+    """One program per (BLOCK_Q queries, batch x head), as the m2f kernel's own launcher."""
+    cdiv = cdiv or (lambda a, b: (a + b - 1) // b)
+    n, s, m, _ = value
+    q = sampling_locations[1]
+    return MsdaLaunch(grid=(cdiv(q, block_q), n * m, 1), block=num_warps * 32, scalars=(s, q, m))
+
+
+# m2f's MSDA kernel body (the JITFunction behind its autotuner), bound on first use: see msda_plugin_kernel().
+_msda_body: Any = None
+_msda_kernel: Any = None
+
+
+@triton.jit
+def msda_trt_plugin_kernel(
+    value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,  # inputs: (N, S, M, D), (L, 2), (L,), locations, weights
+    num_keys, num_queries, num_heads,  # int32 scalars: S, Lq, M
+    out_ptr,  # output (N, Lq, M, D)
+    NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROW_ALIGNED: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    _msda_body(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr, num_keys, num_queries, num_heads,
+               NUM_LEVELS, NUM_POINTS, HEAD_DIM, BLOCK_D, ROW_ALIGNED, BLOCK_Q)
+
+
+def msda_plugin_kernel() -> Any:
+    """The QDP-ordered MSDA kernel (inputs, scalars, output) as a JITFunction that inlines m2f's kernel.
+
+    Returned as a compilable JITFunction even under TRITON_INTERPRET=1: it is only ever compiled ahead of time.
+    """
+    global _msda_body, _msda_kernel
+    if _msda_kernel is None:
+        from m2f.kernels.aot import _as_jit_function
+        from m2f.kernels.ms_deform_attn.triton_kernels import ms_deform_attn_fwd_kernel
+
+        # Bound once: Triton refuses to recompile a kernel whose globals changed since its last compilation.
+        _msda_body = _as_jit_function(ms_deform_attn_fwd_kernel)
+        _msda_kernel = _as_jit_function(msda_trt_plugin_kernel)
+    return _msda_kernel
+
+
+def msda_signature(dtype: str) -> dict[str, str]:
+    t = TRITON_TYPES[dtype]
+    return {
+        "value_ptr": f"*{t}", "shapes_ptr": "*i32", "starts_ptr": "*i32", "loc_ptr": f"*{t}", "attn_ptr": f"*{t}",
+        "num_keys": "i32", "num_queries": "i32", "num_heads": "i32", "out_ptr": f"*{t}",
+        "NUM_LEVELS": "constexpr", "NUM_POINTS": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr",
+        "ROW_ALIGNED": "constexpr", "BLOCK_Q": "constexpr",
+    }
+
+
+def msda_constexprs(num_levels: int, num_points: int, head_dim: int, dtype: str = "float32",
+                    block_q: int | None = None) -> dict[str, Any]:
+    """Compile-time parameters. ROW_ALIGNED (16-byte vector loads of each (key, head) row) holds when a row is a
+    multiple of 16 bytes: TensorRT's device buffers are 256-byte aligned, so every row then starts aligned."""
+    block_d = 1 << max(0, (head_dim - 1).bit_length())
+    itemsize = 2 if dtype == "float16" else 4
+    return {"NUM_LEVELS": num_levels, "NUM_POINTS": num_points, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
+            "ROW_ALIGNED": head_dim * itemsize % 16 == 0, "BLOCK_Q": block_q or msda_aot_config()[0]}
+
+
+def msda_aot_config() -> tuple[int, int]:
+    """(BLOCK_Q, num_warps) of the forward kernel's ahead-of-time config in m2f.kernels (checked there for
+    register spills on sm_90 / sm_87); the engine cannot autotune a Triton kernel."""
+    try:
+        from m2f.kernels.ms_deform_attn.triton_kernels import AOT_CONFIGS
+
+        return int(AOT_CONFIGS["fwd"]["BLOCK_Q"]), int(AOT_CONFIGS["fwd"]["num_warps"])
+    except (ImportError, KeyError):
+        return MSDA_BLOCK_Q, MSDA_NUM_WARPS
+
+
+def compile_msda_plugin_kernel(target: str, dtype: str = "float32", num_levels: int = 3, num_points: int = 4,
+                               head_dim: int = 32) -> Any:
+    """PTX (+ cubin and resources) of the plugin kernel for ``target`` ("sm_90", "sm_87") via m2f.kernels.aot.
+
+    Under TRITON_INTERPRET=1 (the tests' CPU mode) Triton's language functions are interpreter objects that its
+    code generator cannot inline into a device call, so the compilation runs in a child process without it.
+    """
+    from m2f.kernels._backend import triton_interpreter_enabled
+    from m2f.kernels.aot import CompiledKernel, compile_for
+
+    args = (target, dtype, num_levels, num_points, head_dim)
+    if not triton_interpreter_enabled():
+        return compile_for(msda_plugin_kernel(), msda_signature(dtype), msda_constexprs(*args[2:], dtype=dtype),
+                           target=target, num_warps=msda_aot_config()[1], num_stages=1)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "m2f.export.plugins", *map(str, args)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling the MSDA plugin kernel for {target} failed:\n{proc.stderr[-4000:]}")
+    fields = json.loads(proc.stdout.strip().splitlines()[-1])
+    fields["cubin"] = base64.b64decode(fields["cubin"])
+    return CompiledKernel(**fields)
+
+
+def _main(argv: Sequence[str]) -> None:  # python -m m2f.export.plugins TARGET DTYPE L P D: one kernel as JSON
+    import dataclasses
+
+    target, dtype, levels, points, head_dim = argv
+    kernel = compile_msda_plugin_kernel(target, dtype, int(levels), int(points), int(head_dim))
+    fields = dataclasses.asdict(kernel)
+    fields["cubin"] = base64.b64encode(kernel.cubin).decode()
+    print(json.dumps(fields))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registration with tensorrt.plugin (TensorRT >= 10.7)
+# ---------------------------------------------------------------------------------------------------
+
+_REGISTERED = False
+
+
+def _const(expr: Any, what: str) -> int:
+    """A ShapeExpr that must be a build-time constant (levels, points, head dim are fixed by the architecture)."""
+    if isinstance(expr, int):
+        return expr
+    if not getattr(expr, "is_constant", False):
+        raise ValueError(f"MSDA plugin: {what} must be static in the ONNX graph")
+    return int(expr.constant_value)
+
+
+def register_tensorrt_plugins() -> None:
+    """Register ``m2f::ms_deform_attn`` with TensorRT's Python plugin registry (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from ._trt import import_tensorrt, import_tensorrt_plugin
+
+    trt = import_tensorrt()
+    trtp = import_tensorrt_plugin()
+    plugin_id = f"{M2F_NAMESPACE}::{M2F_MSDA.op_type}"
+
+    @trtp.register(plugin_id)
+    def _msda_desc(value: trtp.TensorDesc, spatial_shapes: trtp.TensorDesc, level_start_index: trtp.TensorDesc,
+                   sampling_locations: trtp.TensorDesc, attention_weights: trtp.TensorDesc) -> trtp.TensorDesc:
+        dims = msda_output_shape(
+            [value.shape_expr[i] for i in range(4)], [spatial_shapes.shape_expr[i] for i in range(2)],
+            [level_start_index.shape_expr[0]], [sampling_locations.shape_expr[i] for i in range(6)],
+            [attention_weights.shape_expr[i] for i in range(5)],
+        )
+        return trtp.from_shape_expr(dims, dtype=value.dtype)
+
+    @trtp.autotune(plugin_id)
+    def _msda_formats(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, outputs):
+        # positions: value, shapes, starts, locations, weights, output ("|" alternatives pair up by position)
+        return [trtp.AutoTuneCombination("FP32|FP16, INT32, INT32, FP32|FP16, FP32|FP16, FP32|FP16", "LINEAR")]
+
+    @trtp.aot_impl(plugin_id)
+    def _msda_aot(value: trtp.TensorDesc, spatial_shapes: trtp.TensorDesc, level_start_index: trtp.TensorDesc,
+                  sampling_locations: trtp.TensorDesc, attention_weights: trtp.TensorDesc,
+                  outputs: tuple, tactic: int):
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        dtype = "float16" if value.dtype == trt.float16 else "float32"
+        loc = sampling_locations.shape_expr
+        constexprs = msda_constexprs(_const(loc[3], "levels"), _const(loc[4], "points"),
+                                     _const(value.shape_expr[3], "head dim"), dtype=dtype)
+        block_q, num_warps = msda_aot_config()
+        major, minor = _device_capability()
+        src = triton.compiler.ASTSource(fn=msda_plugin_kernel(), signature=msda_signature(dtype), constexprs=constexprs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", major * 10 + minor, 32),
+                                options={"num_warps": num_warps, "num_stages": 1})
+        launch = msda_launch([value.shape_expr[i] for i in range(4)], [loc[i] for i in range(6)], cdiv=trtp.cdiv,
+                             block_q=block_q, num_warps=num_warps)
+        params = trtp.KernelLaunchParams()
+        params.grid_x, params.grid_y = launch.grid[0], launch.grid[1]
+        params.block_x = launch.block
+        params.shared_mem = kernel.metadata.shared
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in launch.scalars])
+        return kernel.metadata.name.encode(), kernel.asm["ptx"].encode(), params, extra
+
+    _REGISTERED = True
+
+
+def _device_capability() -> tuple[int, int]:
+    """Compute capability of GPU 0 (the engine is built for the GPU it is built on)."""
+    from ._trt import check_cuda, import_cudart
+
+    cudart = import_cudart()
+    major = check_cuda(cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, 0))
+    minor = check_cuda(cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, 0))
+    return int(major), int(minor)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

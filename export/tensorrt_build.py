@@ -1,0 +1,264 @@
+"""ONNX -> serialized TensorRT engine with the TensorRT Python API (>= 10.7).
+
+Parse, one optimisation profile (min / opt / max shape of ``pixel_values``), precision flags (fp16 / bf16 /
+int8 with an entropy calibrator over a folder of images), a timing cache that persists across builds, and the
+engine written atomically with a manifest beside it.
+
+Deformable-attention plugin nodes (``MultiscaleDeformableAttnPlugin_TRT``, from ``m2f export onnx --msda plugin``)
+run either TensorRT's own open-source plugin (``plugins="tensorrt"``, from libnvinfer_plugin) or m2f's Triton
+kernel compiled ahead of time into the engine (``plugins="m2f"``, see :mod:`m2f.export.plugins`): the nodes are
+retargeted to the m2f plugin before parsing; the file on disk is not changed.
+
+Written against the documented TensorRT 10.x API; not run here (no TensorRT on the development machines):
+see export/README.md for what was verified where.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from m2f.errors import InputError
+from m2f.io import atomic_path, check_can_write, write_bytes_atomic
+
+from ._trt import import_tensorrt
+from .manifest import new_manifest, read_manifest, sha256_file, write_manifest
+
+log = logging.getLogger("m2f.export")
+
+Shape = tuple[int, int, int, int]
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PLUGIN_CHOICES = ("m2f", "tensorrt")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def parse_shape(text: str) -> Shape:
+    """"1x3x512x512" (also with "×" or ",") -> (1, 3, 512, 512), validated: 3 channels, H and W multiples of 32."""
+    parts = [p for p in re.split(r"[x×X,*]", text.strip()) if p]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise InputError(f"shape {text!r} is not BxCxHxW integers, e.g. 1x3x512x512") from None
+    if len(dims) != 4 or min(dims) < 1:
+        raise InputError(f"shape {text!r} must be four positive integers BxCxHxW, e.g. 1x3x512x512")
+    if dims[1] != 3:
+        raise InputError(f"shape {text!r} has {dims[1]} channels; pixel_values has 3 (RGB)")
+    if dims[2] % 32 or dims[3] % 32:
+        raise InputError(f"shape {text!r}: height and width must be multiples of 32 (pad the image)")
+    return dims  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Profile:
+    min: Shape
+    opt: Shape
+    max: Shape
+
+    def validate(self) -> "Profile":
+        for i, axis in enumerate("BCHW"):
+            if not self.min[i] <= self.opt[i] <= self.max[i]:
+                raise InputError(
+                    f"optimisation profile axis {axis}: need min <= opt <= max, got "
+                    f"{self.min[i]} / {self.opt[i]} / {self.max[i]}"
+                )
+        return self
+
+
+def default_profile(manifest: dict[str, Any], min_shape: Shape | None, opt_shape: Shape | None,
+                    max_shape: Shape | None) -> Profile:
+    """Fill the profile from the manifest: the export shape; a dynamic batch up to max(8, export batch)."""
+    batch, height, width = manifest["batch"], manifest["height"], manifest["width"]
+    export_shape: Shape = (batch, 3, height, width)
+    dynamic = manifest.get("dynamic", False)
+    if not dynamic:
+        for given, name in ((min_shape, "min"), (opt_shape, "opt"), (max_shape, "max")):
+            if given is not None and given != export_shape:
+                raise InputError(
+                    f"--{name}-shape {'x'.join(map(str, given))} differs from the static export shape "
+                    f"{'x'.join(map(str, export_shape))}; re-export with --dynamic to vary shapes"
+                )
+        return Profile(export_shape, export_shape, export_shape)
+    opt = opt_shape or export_shape
+    return Profile(min_shape or (1, 3, opt[2], opt[3]), opt, max_shape or (max(8, opt[0]), 3, opt[2], opt[3])).validate()
+
+
+def retarget_msda_nodes(model: Any) -> int:
+    """Point every TensorRT-interface MSDA node at m2f's Triton plugin (in place); returns how many."""
+    from .plugins import M2F_MSDA, TRT_MSDA
+
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == TRT_MSDA.op_type:
+            M2F_MSDA.retarget(node)
+            count += 1
+    if count and not any(o.domain == M2F_MSDA.domain for o in model.opset_import):
+        model.opset_import.add(domain=M2F_MSDA.domain, version=1)
+    return count
+
+
+def _image_batches(folder: Path, shape: Shape, mean: Sequence[float], std: Sequence[float], limit: int):
+    """Calibration batches: images resized to the profile's (H, W) with PIL, normalised like the model input."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise InputError(f"--calib {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of images")
+    batch, _, height, width = shape
+    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    for start in range(0, len(files) - batch + 1, batch):
+        images = []
+        for f in files[start : start + batch]:
+            with Image.open(f) as img:
+                rgb = img.convert("RGB").resize((width, height), Image.BILINEAR)
+            images.append((np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) - m) / s)
+        yield np.ascontiguousarray(np.stack(images))
+
+
+def _make_calibrator(trt: Any, batches: Any, batch_size: int, cache_path: Path | None) -> Any:
+    from ._trt import check_cuda, import_cudart
+
+    cudart = import_cudart()
+
+    class ImageFolderCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            super().__init__()
+            self._batches = iter(batches)
+            self._device = None
+            self._nbytes = 0
+            self._batch_size = batch_size
+
+        def get_batch_size(self) -> int:
+            return self._batch_size
+
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                return None
+            if self._device is None or batch.nbytes > self._nbytes:
+                if self._device is not None:
+                    check_cuda(cudart.cudaFree(self._device))
+                self._device, self._nbytes = check_cuda(cudart.cudaMalloc(batch.nbytes)), batch.nbytes
+            check_cuda(cudart.cudaMemcpy(self._device, batch.ctypes.data, batch.nbytes,
+                                         cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+            return [int(self._device)]
+
+        def read_calibration_cache(self) -> bytes | None:
+            return cache_path.read_bytes() if cache_path is not None and cache_path.exists() else None
+
+        def write_calibration_cache(self, cache: Any) -> None:
+            if cache_path is not None:
+                write_bytes_atomic(cache_path, bytes(cache))
+
+    return ImageFolderCalibrator()
+
+
+def build_engine(
+    onnx_path: str | Path,
+    output: str | Path,
+    precision: str = "fp16",
+    min_shape: Shape | None = None,
+    opt_shape: Shape | None = None,
+    max_shape: Shape | None = None,
+    calib_dir: str | Path | None = None,
+    calib_images: int = 256,
+    timing_cache: str | Path | None = None,
+    workspace_gb: float = 4.0,
+    plugins: str = "m2f",
+    force: bool = False,
+) -> Path:
+    """Build and write a serialized engine (+ manifest); returns the engine path."""
+    onnx_path, output = Path(onnx_path), Path(output)
+    if not onnx_path.is_file():
+        raise InputError(f"ONNX file {onnx_path} not found; export one with `m2f export onnx`")
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and calib_dir is None:
+        raise InputError("--int8 needs --calib DIR: a folder of representative images for calibration")
+    if calib_dir is not None and not Path(calib_dir).is_dir():
+        raise InputError(f"--calib {calib_dir} is not a directory of images")
+    if plugins not in PLUGIN_CHOICES:
+        raise InputError(f"plugins must be one of {', '.join(PLUGIN_CHOICES)}, got {plugins!r}")
+    if workspace_gb <= 0:
+        raise InputError(f"--workspace must be > 0 GB, got {workspace_gb}")
+    check_can_write(output, force=force)
+    manifest = read_manifest(onnx_path)
+    profile = default_profile(manifest, min_shape, opt_shape, max_shape)
+
+    trt = import_tensorrt()
+    import onnx
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")  # TensorRT's own plugins, MultiscaleDeformableAttnPlugin_TRT among them
+    model = onnx.load(str(onnx_path))
+    retargeted = 0
+    if plugins == "m2f":
+        retargeted = retarget_msda_nodes(model)
+        if retargeted or any(n.domain == "m2f" for n in model.graph.node):
+            from .plugins import register_tensorrt_plugins
+
+            register_tensorrt_plugins()
+
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model.SerializeToString(), str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise InputError(f"TensorRT could not parse {onnx_path}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    elif precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot take fall back to fp16, not fp32
+        batches = _image_batches(Path(calib_dir), profile.opt, manifest["pixel_mean"], manifest["pixel_std"],
+                                 calib_images)
+        config.int8_calibrator = _make_calibrator(trt, batches, profile.opt[0], output.with_name(output.name + ".calib"))
+
+    input_name = manifest["inputs"][0]["name"]
+    trt_profile = builder.create_optimization_profile()
+    trt_profile.set_shape(input_name, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(trt_profile)
+    if precision == "int8":
+        config.set_calibration_profile(trt_profile)
+
+    cache_path = Path(timing_cache) if timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise InputError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+    with atomic_path(output) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    if cache_path is not None:
+        write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+
+    write_manifest(output, new_manifest(
+        "tensorrt",
+        source_onnx=str(onnx_path.resolve()),
+        source_onnx_sha256=sha256_file(onnx_path),
+        source=manifest.get("source"),
+        precision=precision,
+        plugins=plugins if retargeted else "none",
+        msda=manifest.get("msda"),
+        profile={"min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)},
+        max_batch=profile.max[0],
+        batch=manifest["batch"], height=manifest["height"], width=manifest["width"],
+        dynamic=manifest.get("dynamic", False),
+        inputs=manifest["inputs"], outputs=manifest["outputs"],
+        postprocess=manifest.get("postprocess", "none"),
+        pixel_mean=manifest.get("pixel_mean"), pixel_std=manifest.get("pixel_std"),
+        config=manifest.get("config"),
+        engine_sha256=sha256_file(output),
+    ))
+    log.info("wrote %s (%s, profile %s)", output, precision, profile)
+    return output
