@@ -156,3 +156,30 @@ def test_init_keeps_fitting_tensors_and_reinitialises_the_class_head(tmp_path, c
     assert fresh and all("class" in k for k in fresh), fresh
     assert len(copied) == len(state) - len(fresh)
     assert "newly initialised" in capsys.readouterr().out
+
+
+def test_eval_onnx_against_pytorch(tmp_path, synth, rng):
+    """An exported graph runs through onnxruntime with the same pre- and post-processing as PyTorch."""
+    import torch
+
+    from m2f.checkpoints import save_pretrained
+    from m2f.evaluation.evaluate import OnnxPredictor, TorchPredictor
+    from m2f.export import to_onnx
+    from m2f.model import build_model
+    from tests.test_train import tiny_config
+    from tests.utils import rel_err
+
+    torch.manual_seed(rng.seed_value)
+    model = build_model(tiny_config()).eval()
+    save_pretrained(model, tmp_path / "model")
+    onnx_path = tmp_path / "onnx" / "model.onnx"
+    to_onnx(model, onnx_path, height=64, width=64, optimize=False, simplify=False)
+    pixel_values = torch.randn(1, 3, 64, 64, generator=rng)
+    got = OnnxPredictor(onnx_path, model.config)(pixel_values)
+    ref = TorchPredictor(model, model.config)(pixel_values)
+    assert rel_err(got[0], ref[0]) < 1e-4 and rel_err(got[1], ref[1]) < 1e-4, f"seed {rng.seed_value}"
+    metrics = tmp_path / "onnx_vs_torch.json"
+    assert main(["eval", "--data", str(synth), "--onnx", str(onnx_path), "--reference-checkpoint",
+                 str(tmp_path / "model"), "--task", "semantic", "--json", str(metrics), "--quiet"]) == 0
+    result = json.loads(metrics.read_text())
+    assert result["mIoU"] > 99.0 and result["num_images"] == 4, f"seed {rng.seed_value}: {result['mIoU']}"
