@@ -285,6 +285,10 @@ def test_gradients_with_triton_backend(rng, tiny_data):
     pixel_values, targets = collate([t(tiny_data[0], sample_generator(0, 0, 0))], cfg.pixel_mean, cfg.pixel_std)
     torch.manual_seed(rng.seed_value)
     reference = build_model(cfg, backend="torch").train()
+    with torch.no_grad():  # the official zero init puts every sampling point exactly on the pixel grid, where
+        for name, p in reference.named_parameters():  # bilinear sampling has only one-sided derivatives
+            if "sampling_offsets.weight" in name:
+                p.normal_(0.0, 0.02, generator=rng)
     try:
         model = build_model(cfg, backend="triton").train()
         model.load_state_dict(reference.state_dict())
@@ -300,9 +304,10 @@ def test_gradients_with_triton_backend(rng, tiny_data):
     ref_loss.backward()
     from tests.utils import rel_err
 
-    assert rel_err(loss, ref_loss) < 1e-3, f"seed {rng.seed_value}"
-    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        assert p.grad is not None and rel_err(p.grad, q.grad) < 1e-2, f"{name} (seed {rng.seed_value})"
+    assert rel_err(loss, ref_loss) < 1e-5, f"seed {rng.seed_value}"
+    errs = [(rel_err(p.grad, q.grad), name) for (name, p), (_, q) in
+            zip(model.named_parameters(), reference.named_parameters())]
+    assert max(errs)[0] < 1e-4, f"largest gradient difference {max(errs)} (seed {rng.seed_value})"
 
 
 def test_ddp_two_processes_gloo(tmp_path, tiny_data):
