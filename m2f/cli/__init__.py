@@ -17,6 +17,9 @@ from m2f.errors import M2FError
 SUBCOMMANDS: dict[str, str] = {
     "presets": "presets",
     "bench": "bench",
+    "data": "data",
+    "train": "train",
+    "eval": "eval",
     "export": "export",
     "predict": "predict",
     "convert": "convert",

@@ -1,0 +1,141 @@
+"""``m2f eval``: score a model on a dataset (PQ / mIoU / mask AP), or two backends against each other.
+
+Without --checkpoint / --onnx it scores the shipped default model. With --reference-checkpoint or
+--reference-onnx, the reference's predictions are the ground truth (e.g. an ONNX export against PyTorch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score a model on a dataset: PQ (panoptic), mIoU (semantic), mask AP (instance)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset folder (see `m2f data --help` for the layouts)")
+    p.add_argument("--format", choices=("panoptic", "instance", "semantic"), help="dataset format (default: detect)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="model to score: m2f / HF folder or official checkpoint "
+                     "(default: the shipped default model)")
+    src.add_argument("--onnx", help="score an exported ONNX graph (run by onnxruntime) instead")
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--reference-checkpoint", help="treat this model's predictions as the ground truth")
+    ref.add_argument("--reference-onnx", help="treat this ONNX graph's predictions as the ground truth")
+    p.add_argument("--config", help="config JSON for an ONNX graph (default: from its `m2f export` manifest "
+                   "MODEL.onnx.json, else m2f_config.json beside it)")
+    p.add_argument("--preset", help="architecture preset for checkpoints that carry no config")
+    p.add_argument("--task", choices=("panoptic", "semantic", "instance"), help="default: the model's own task")
+    p.add_argument("--json", help="write the metrics to this JSON file")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--resize-shortest", type=int, help="test-time resize of the short edge (default: none)")
+    p.add_argument("--max-size", type=int, help="with --resize-shortest: cap of the long edge")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda, for PyTorch models")
+    p.add_argument("--backend", default="torch", choices=("torch", "triton", "auto"), help="attention ops (torch)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _onnx_config(path: Path, explicit: str | None):
+    from m2f.cli.train import load_config
+    from m2f.config import Mask2FormerConfig
+    from m2f.errors import InputError
+
+    if explicit:
+        return load_config(explicit)
+    manifest = path.with_name(path.name + ".json")  # `m2f export` writes model.onnx.json with the config
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("config"), dict):
+            return Mask2FormerConfig.from_dict(data["config"])
+    beside = path.with_name("m2f_config.json")
+    if beside.is_file():
+        return load_config(str(beside))
+    if path.is_file():
+        try:
+            import onnx
+
+            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception:  # not readable as ONNX: the predictor reports it
+            meta = {}
+        if "m2f_config" in meta:
+            return Mask2FormerConfig.from_dict(json.loads(meta["m2f_config"]))
+    raise InputError(f"no config for {path}: pass --config m2f_config.json (the model's config) or put it beside "
+                     "the .onnx file")
+
+
+def _predictor(checkpoint: str | None, onnx_path: str | None, args, *, default: bool):
+    from m2f.errors import CheckpointError
+    from m2f.evaluation.evaluate import OnnxPredictor, TorchPredictor
+
+    if onnx_path:
+        path = Path(onnx_path)
+        return OnnxPredictor(path, _onnx_config(path, args.config), threads=args.threads)
+    if checkpoint is None and default:
+        from m2f.assets import default_checkpoint_path
+
+        checkpoint = str(default_checkpoint_path())
+    if not Path(checkpoint).exists():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist; check the path")
+    from m2f.train.loop import is_run_checkpoint, model_from_run
+
+    if is_run_checkpoint(checkpoint):  # a training run in progress: RUN_DIR or RUN_DIR/checkpoint.pt
+        model = model_from_run(checkpoint, backend=args.backend, device=args.device)
+        return TorchPredictor(model, model.config, name=checkpoint, device=args.device)
+    from m2f.checkpoints import from_pretrained
+
+    model = from_pretrained(checkpoint, preset=args.preset, backend=args.backend, device=args.device)
+    return TorchPredictor(model, model.config, name=checkpoint, device=args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from m2f.data.datasets import open_dataset
+    from m2f.errors import InputError
+    from m2f.evaluation.evaluate import evaluate, format_table
+    from m2f.io import write_json_atomic
+
+    if args.limit is not None and args.limit < 1:
+        raise InputError("--limit must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.json:
+        json_path = Path(args.json)
+        if json_path.is_dir():
+            raise InputError(f"--json {json_path} is a folder; pass a file name")
+    dataset = open_dataset(args.data, format=args.format)
+    predictor = _predictor(args.checkpoint, args.onnx, args, default=True)
+    reference = None
+    if args.reference_checkpoint or args.reference_onnx:
+        reference = _predictor(args.reference_checkpoint, args.reference_onnx, args, default=False)
+    task = args.task or predictor.config.default_task
+    result = evaluate(dataset, predictor, task, reference=reference, limit=args.limit,
+                      resize_shortest=args.resize_shortest, max_size=args.max_size, progress=not args.quiet)
+    result["model"] = predictor.name
+    result["data"] = str(args.data)
+    if reference is not None:
+        result["reference"] = reference.name
+    print(format_table(result))
+    if args.json:
+        write_json_atomic(args.json, _finite_or_null(result))
+    return 0
+
+
+def _finite_or_null(obj):
+    """NaN (a metric over nothing, e.g. no stuff classes) becomes null: strict JSON has no NaN."""
+    import math
+
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

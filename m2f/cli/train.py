@@ -1,0 +1,186 @@
+"""``m2f train``: train or fine-tune Mask2Former on a COCO panoptic / COCO instance / semantic-PNG dataset.
+
+Several GPUs: ``torchrun --nproc_per_node G -m m2f train ...`` (one process per GPU; --batch-size is the total).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train or fine-tune on a dataset (COCO panoptic / instance, semantic PNGs)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="preset name (see `m2f presets`) or a JSON config file (Mask2FormerConfig "
+                   "fields, e.g. an m2f_config.json); the label set is taken from the dataset. Not needed with --resume")
+    p.add_argument("--data", required=True, help="dataset folder (see `m2f data --help` for the layouts)")
+    p.add_argument("--format", choices=("panoptic", "instance", "semantic"), help="dataset format (default: detect)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, log.csv, loss.png, model/")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    p.add_argument("--force", action="store_true", help="start a new run even if --out already holds one")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from these weights (m2f folder, HF folder or "
+                   "official .pkl/.pth); tensors whose shape differs (e.g. the class head) stay freshly initialised")
+    p.add_argument("--iters", type=int, help="total iterations (1000; on --resume: the saved total)")
+    p.add_argument("--batch-size", type=int, default=16, help="total batch over all processes (16)")
+    p.add_argument("--lr", type=float, default=1e-4, help="base learning rate (1e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (0.05)")
+    p.add_argument("--backbone-multiplier", type=float, default=0.1, help="backbone lr multiplier (0.1)")
+    p.add_argument("--clip", type=float, default=0.01, help="full-model gradient-norm clip, 0 = off (0.01)")
+    p.add_argument("--warmup-iters", type=int, default=0, help="linear lr warm-up iterations (0)")
+    p.add_argument("--warmup-factor", type=float, default=1.0,
+                   help="lr multiplier at iteration 0 of the warm-up (official: 1.0, i.e. no warm-up)")
+    p.add_argument("--input-size", help="training crop HxW (default: the first image's size rounded up to 32)")
+    p.add_argument("--scale-range", default="0.1,2.0", help="large-scale-jitter range MIN,MAX (0.1,2.0)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--num-points", type=int, default=12544, help="points per mask for matching and losses (12544)")
+    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 on CPU, fp16 + GradScaler on CUDA")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--backend", default="torch", choices=("torch", "triton", "auto"), help="attention ops (torch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation (0)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="save checkpoint.pt every N iterations (500)")
+    p.add_argument("--log-every", type=int, default=10, help="log every N iterations (10)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (0)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _parse_pair(text: str, what: str, cast=float) -> tuple:
+    from m2f.errors import InputError
+
+    sep = "x" if what == "--input-size" else ","
+    try:
+        a, b = (cast(x) for x in text.lower().split(sep))
+    except ValueError:
+        example = "128x128" if sep == "x" else "0.1,2.0"
+        raise InputError(f"bad {what} {text!r}: write it like {example}") from None
+    if a <= 0 or b <= 0 or (sep == "," and a > b):
+        raise InputError(f"bad {what} {text!r}: values must be positive" + (" and MIN <= MAX" if sep == "," else ""))
+    return a, b
+
+
+def load_config(spec: str):
+    """A preset name or a JSON file of Mask2FormerConfig fields (an m2f_config.json also works)."""
+    from m2f.config import Mask2FormerConfig, preset, preset_names
+    from m2f.errors import InputError, M2FError
+
+    path = Path(spec)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise InputError(f"config file {path} does not exist; pass a preset name or a JSON config file")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"config file {path} is not valid JSON ({exc}); fix it or pass a preset name") from None
+        if not isinstance(data, dict):
+            raise InputError(f"config file {path} must hold a JSON object of Mask2FormerConfig fields")
+        data = data.get("config", data) if isinstance(data.get("config"), dict) else data
+        data = {k: v for k, v in data.items() if k not in ("format", "format_version")}  # m2f_config.json markers
+        try:
+            return Mask2FormerConfig.from_dict(data)
+        except M2FError as exc:
+            raise InputError(f"config file {path}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"config file {path} has a bad value ({exc})") from None
+    if spec in preset_names():
+        return preset(spec)
+    raise InputError(f"--config {spec!r} is neither a JSON file nor a preset; presets: `m2f presets`")
+
+
+def _init_state(spec: str, model_config):
+    """State dict for --init: the checkpoint's tensors that fit the new model (shape mismatches dropped)."""
+    from m2f.checkpoints import from_pretrained
+    from m2f.model import build_model
+
+    source = from_pretrained(spec).state_dict()
+    target = build_model(model_config, backend="torch").state_dict()
+    state, dropped = {}, []
+    for name, tensor in target.items():
+        if name in source and source[name].shape == tensor.shape:
+            state[name] = source[name]
+        else:
+            state[name] = tensor
+            dropped.append(name)
+    if dropped:
+        print(f"--init: {len(dropped)} tensors newly initialised (shape differs or missing): "
+              + ", ".join(dropped[:6]) + (" ..." if len(dropped) > 6 else ""))
+    return state
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from m2f.data.datasets import open_dataset
+    from m2f.errors import InputError
+    from m2f.train.criterion import LossConfig
+    from m2f.train.loop import CHECKPOINT, Trainer, TrainOptions, dist_env_from
+    from m2f.train.optim import OptimConfig
+
+    # validate everything before touching --out
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    for name in ("batch_size", "checkpoint_every", "log_every", "num_points"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.iters is not None and args.iters < 1:
+        raise InputError("--iters must be >= 1")
+    if args.workers < 0:
+        raise InputError("--workers must be >= 0")
+    if args.lr <= 0:
+        raise InputError("--lr must be > 0")
+    out = Path(args.out)
+    env = dist_env_from()
+    if args.resume:
+        if not (out / CHECKPOINT).is_file():
+            raise InputError(f"--resume: {out} holds no {CHECKPOINT}; start a new run without --resume")
+    elif out.exists() and any(out.iterdir()) and not args.force:
+        raise InputError(f"{out} already exists and is not empty; pass --resume to continue it or --force to "
+                         "start over")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; pass a folder")
+
+    options = TrainOptions(
+        iters=args.iters or 1000,
+        batch_size=args.batch_size,
+        optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay, backbone_multiplier=args.backbone_multiplier,
+                          clip_norm=args.clip, warmup_iters=args.warmup_iters, warmup_factor=args.warmup_factor),
+        loss=LossConfig(num_points=args.num_points),
+        input_size=_parse_pair(args.input_size, "--input-size", int) if args.input_size else None,
+        scale_range=_parse_pair(args.scale_range, "--scale-range"),
+        hflip=not args.no_flip,
+        amp=args.amp,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        num_workers=args.workers,
+        backend=args.backend,
+    )
+    dataset = open_dataset(args.data, format=args.format)
+    if len(dataset) == 0:
+        raise InputError(f"the dataset in {args.data} has no images")
+    if args.resume:
+        config = None
+    else:
+        if not args.config:
+            raise InputError("--config is required for a new run (a preset name or a JSON config file)")
+        config = load_config(args.config)
+        task = {"panoptic": "panoptic", "instance": "instance", "semantic": "semantic"}[dataset.format]
+        config = config.replace(num_classes=dataset.num_classes, default_task=task, **dataset.label_set())
+    init_state = _init_state(args.init, config) if (args.init and config is not None) else None
+    trainer = Trainer(config if config is not None else _placeholder_config(dataset), dataset, out, options,
+                      device=args.device, resume=args.resume, init_state=init_state, progress=not args.quiet,
+                      env=env, resume_iters=args.iters)
+    model_dir = trainer.train()
+    if env.is_main:
+        print(f"trained {trainer.options.iters} iterations; weights in {model_dir}; logs in {out}")
+    return 0
+
+
+def _placeholder_config(dataset):
+    """Resumed runs take their config from the checkpoint; this only carries the dataset's class count."""
+    from m2f.config import Mask2FormerConfig
+
+    return Mask2FormerConfig(num_classes=dataset.num_classes)

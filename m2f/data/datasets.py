@@ -1,0 +1,452 @@
+"""Segmentation datasets on disk: COCO panoptic, COCO instance and folders of semantic PNG label maps.
+
+Every dataset yields :class:`Sample` (an RGB image plus one binary mask per segment with its contiguous class),
+the form the training targets and the evaluators need. :func:`open_dataset` detects the format from a folder:
+
+* COCO panoptic: a ``*.json`` with ``annotations[*].segments_info`` (``panoptic.json`` as ``m2f data synth``
+  writes it, or COCO's ``annotations/panoptic_val2017.json``), the PNG folder named like the JSON
+  (``panoptic/``, ``panoptic_val2017/``) and the image folder ``images/`` (or ``val2017/`` for
+  ``panoptic_val2017.json``).
+* COCO instance: a ``*.json`` with ``annotations[*].segmentation`` (polygons or RLE; decoded by pycocotools) and
+  the image folder ``images/`` (or ``val2017/`` for ``instances_val2017.json``).
+* Semantic PNGs: ``images/`` and ``labels/`` (or ``annotations/``) with the same file stems; each label pixel is
+  a contiguous class id, 255 = ignore. An optional ``categories.json`` lists the class names (``["sky", ...]`` or
+  ``[{"id", "name", "isthing"}, ...]``).
+
+Contiguous class ids follow the dataset's category ids in ascending order (as detectron2 does for COCO).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from m2f.errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IGNORE_LABEL = 255
+FORMATS = ("panoptic", "instance", "semantic")
+
+
+@dataclass(frozen=True)
+class Category:
+    dataset_id: int  # the id used in the dataset's files
+    name: str
+    isthing: bool
+
+
+@dataclass
+class Sample:
+    """One image with its segments. masks: (N, H, W) bool; labels: (N,) contiguous class ids; iscrowd: (N,) bool."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    masks: np.ndarray  # (N, H, W) bool
+    labels: np.ndarray  # (N,) int64
+    iscrowd: np.ndarray  # (N,) bool
+    image_id: Any = None
+    file_name: str = ""
+    segment_ids: list[int] = field(default_factory=list)  # panoptic segment ids (panoptic datasets only)
+
+
+class SegmentationDataset:
+    """Base class: ``len(ds)``, ``ds[i] -> Sample``, ``ds.categories`` (contiguous order), ``ds.format``."""
+
+    format: str = ""
+    categories: list[Category]
+    root: Path
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Sample:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    def label_set(self) -> dict[str, tuple]:
+        """Config fields describing this label set: class_names, thing_classes, dataset_ids."""
+        return {
+            "class_names": tuple(c.name for c in self.categories),
+            "thing_classes": tuple(i for i, c in enumerate(self.categories) if c.isthing),
+            "dataset_ids": tuple(c.dataset_id for c in self.categories),
+        }
+
+    def image_path(self, index: int) -> Path:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or regenerate it") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not a UTF-8 text file; expected a COCO-format JSON") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError(f"image {path} listed in the dataset does not exist; check the dataset folder")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"image {path} cannot be decoded ({exc}); the file is corrupt") from None
+
+
+def _require(cond: bool, path: Path, what: str) -> None:
+    if not cond:
+        raise InputError(f"{path} is not a valid dataset annotation file: {what}")
+
+
+def _categories_from_json(raw: Any, path: Path) -> list[Category]:
+    _require(isinstance(raw, list) and len(raw) > 0, path, "'categories' must be a non-empty list")
+    cats = []
+    for c in raw:
+        _require(isinstance(c, dict) and "id" in c, path, "every category needs an 'id'")
+        cats.append(Category(int(c["id"]), str(c.get("name", f"class_{c['id']}")), bool(c.get("isthing", 1))))
+    ids = [c.dataset_id for c in cats]
+    _require(len(set(ids)) == len(ids), path, "category ids must be unique")
+    return sorted(cats, key=lambda c: c.dataset_id)
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# COCO panoptic
+# ---------------------------------------------------------------------------------------------------
+
+
+class CocoPanopticDataset(SegmentationDataset):
+    format = "panoptic"
+
+    def __init__(self, json_path: str | Path, image_dir: str | Path, panoptic_dir: str | Path):
+        self.json_path, self.image_dir, self.panoptic_dir = Path(json_path), Path(image_dir), Path(panoptic_dir)
+        self.root = self.json_path.parent
+        for folder, what in ((self.image_dir, "image"), (self.panoptic_dir, "panoptic PNG")):
+            if not folder.is_dir():
+                raise InputError(f"{what} folder {folder} does not exist; see `m2f data --help` for the layout")
+        data = _read_json(self.json_path)
+        _require(isinstance(data, dict), self.json_path, "expected a JSON object")
+        for key in ("images", "annotations", "categories"):
+            _require(isinstance(data.get(key), list), self.json_path, f"missing list '{key}'")
+        self.categories = _categories_from_json(data["categories"], self.json_path)
+        self.contiguous = {c.dataset_id: i for i, c in enumerate(self.categories)}
+        images = {}
+        for img in data["images"]:
+            _require(isinstance(img, dict) and "id" in img and "file_name" in img, self.json_path,
+                     "every image needs 'id' and 'file_name'")
+            images[img["id"]] = img
+        self.records = []
+        for ann in data["annotations"]:
+            _require(isinstance(ann, dict) and "image_id" in ann and "file_name" in ann
+                     and isinstance(ann.get("segments_info"), list), self.json_path,
+                     "every annotation needs 'image_id', 'file_name' and a 'segments_info' list")
+            _require(ann["image_id"] in images, self.json_path, f"annotation for unknown image id {ann['image_id']}")
+            for seg in ann["segments_info"]:
+                _require(isinstance(seg, dict) and "id" in seg and "category_id" in seg, self.json_path,
+                         "every segment needs 'id' and 'category_id'")
+                _require(seg["category_id"] in self.contiguous, self.json_path,
+                         f"segment of unknown category {seg['category_id']}")
+            self.records.append((images[ann["image_id"]], ann))
+        self.records.sort(key=lambda r: str(r[0]["file_name"]))
+        self.raw_categories = data["categories"]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image_path(self, index: int) -> Path:
+        return self.image_dir / self.records[index][0]["file_name"]
+
+    def panoptic(self, index: int) -> tuple[np.ndarray, list[dict]]:
+        """The (H, W) segment-id map and the segments_info of image ``index`` (ground truth for PQ)."""
+        from PIL import Image
+
+        ann = self.records[index][1]
+        path = self.panoptic_dir / ann["file_name"]
+        if not path.is_file():
+            raise InputError(f"panoptic PNG {path} listed in {self.json_path.name} does not exist")
+        try:
+            with Image.open(path) as img:
+                ids = rgb_to_id(np.asarray(img.convert("RGB")))
+        except OSError as exc:
+            raise InputError(f"panoptic PNG {path} cannot be decoded ({exc})") from None
+        return ids, ann["segments_info"]
+
+    def __getitem__(self, index: int) -> Sample:
+        image_info, _ = self.records[index]
+        image = _load_rgb(self.image_path(index))
+        ids, segments = self.panoptic(index)
+        if ids.shape != image.shape[:2]:
+            raise InputError(f"panoptic PNG of {image_info['file_name']} is {ids.shape}, image is {image.shape[:2]}")
+        masks, labels, crowd, seg_ids = [], [], [], []
+        for seg in segments:
+            mask = ids == seg["id"]
+            if not mask.any():
+                continue
+            masks.append(mask)
+            labels.append(self.contiguous[seg["category_id"]])
+            crowd.append(bool(seg.get("iscrowd", 0)))
+            seg_ids.append(int(seg["id"]))
+        return _sample(image, masks, labels, crowd, image_info["id"], image_info["file_name"], seg_ids)
+
+
+# ---------------------------------------------------------------------------------------------------
+# COCO instance
+# ---------------------------------------------------------------------------------------------------
+
+
+class CocoInstanceDataset(SegmentationDataset):
+    format = "instance"
+
+    def __init__(self, json_path: str | Path, image_dir: str | Path):
+        self.json_path, self.image_dir = Path(json_path), Path(image_dir)
+        self.root = self.json_path.parent
+        if not self.image_dir.is_dir():
+            raise InputError(f"image folder {self.image_dir} does not exist; see `m2f data --help` for the layout")
+        data = _read_json(self.json_path)
+        _require(isinstance(data, dict), self.json_path, "expected a JSON object")
+        for key in ("images", "annotations", "categories"):
+            _require(isinstance(data.get(key), list), self.json_path, f"missing list '{key}'")
+        self.categories = _categories_from_json(data["categories"], self.json_path)
+        self.contiguous = {c.dataset_id: i for i, c in enumerate(self.categories)}
+        self.images = []
+        for img in data["images"]:
+            _require(isinstance(img, dict) and {"id", "file_name", "height", "width"} <= set(img), self.json_path,
+                     "every image needs 'id', 'file_name', 'height' and 'width'")
+            self.images.append(img)
+        self.images.sort(key=lambda i: str(i["file_name"]))
+        self.anns: dict[Any, list[dict]] = {img["id"]: [] for img in self.images}
+        for ann in data["annotations"]:
+            _require(isinstance(ann, dict) and {"image_id", "category_id", "segmentation"} <= set(ann),
+                     self.json_path, "every annotation needs 'image_id', 'category_id' and 'segmentation'")
+            _require(ann["category_id"] in self.contiguous, self.json_path,
+                     f"annotation of unknown category {ann['category_id']}")
+            _require(ann["image_id"] in self.anns, self.json_path, f"annotation for unknown image {ann['image_id']}")
+            self.anns[ann["image_id"]].append(ann)
+        self.coco_json = data
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_path(self, index: int) -> Path:
+        return self.image_dir / self.images[index]["file_name"]
+
+    def __getitem__(self, index: int) -> Sample:
+        from pycocotools import mask as mask_utils
+
+        info = self.images[index]
+        image = _load_rgb(self.image_path(index))
+        h, w = int(info["height"]), int(info["width"])
+        if image.shape[:2] != (h, w):
+            raise InputError(f"image {info['file_name']} is {image.shape[:2]} but the JSON says {(h, w)}")
+        masks, labels, crowd = [], [], []
+        for ann in self.anns[info["id"]]:
+            seg = ann["segmentation"]
+            try:
+                if isinstance(seg, list):  # polygons
+                    rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+                elif isinstance(seg.get("counts"), list):  # uncompressed RLE
+                    rle = mask_utils.frPyObjects(seg, h, w)
+                else:
+                    rle = seg
+                mask = mask_utils.decode(rle).astype(bool)
+            except Exception as exc:  # pycocotools raises assorted types on malformed input
+                raise InputError(f"{self.json_path}: bad segmentation in annotation {ann.get('id')} ({exc})") from None
+            if mask.ndim == 3:
+                mask = mask.any(axis=2)
+            if not mask.any():
+                continue
+            masks.append(mask)
+            labels.append(self.contiguous[ann["category_id"]])
+            crowd.append(bool(ann.get("iscrowd", 0)))
+        return _sample(image, masks, labels, crowd, info["id"], info["file_name"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Semantic PNG folders
+# ---------------------------------------------------------------------------------------------------
+
+
+class SemanticPngDataset(SegmentationDataset):
+    format = "semantic"
+
+    def __init__(self, image_dir: str | Path, label_dir: str | Path, categories: Sequence[Category] | None = None,
+                 num_classes: int | None = None):
+        self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
+        self.root = self.image_dir.parent
+        labels = {p.stem: p for p in sorted(self.label_dir.glob("*.png"))}
+        if not labels:
+            raise InputError(f"no label PNGs in {self.label_dir}; expected one <stem>.png per image")
+        self.pairs = []
+        for p in sorted(self.image_dir.iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in labels:
+                self.pairs.append((p, labels[p.stem]))
+        if not self.pairs:
+            raise InputError(f"no image in {self.image_dir} has a label PNG of the same name in {self.label_dir}")
+        if categories is None:
+            if num_classes is None:
+                num_classes = self._scan_num_classes()
+            categories = [Category(i, f"class_{i}", False) for i in range(num_classes)]
+        self.categories = list(categories)
+
+    def _scan_num_classes(self) -> int:
+        top = -1
+        for _, label_path in self.pairs:
+            labels = self._labels(label_path)
+            valid = labels[labels != IGNORE_LABEL]
+            if valid.size:
+                top = max(top, int(valid.max()))
+        if top < 0:
+            raise InputError(f"every label PNG in {self.label_dir} is empty (all pixels 255 = ignore)")
+        return top + 1
+
+    @staticmethod
+    def _labels(path: Path) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                if img.mode not in ("L", "P", "I", "I;16"):
+                    raise InputError(f"label PNG {path} has mode {img.mode}; expected one channel of class ids")
+                return np.asarray(img, dtype=np.int64)
+        except OSError as exc:
+            raise InputError(f"label PNG {path} cannot be decoded ({exc})") from None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def image_path(self, index: int) -> Path:
+        return self.pairs[index][0]
+
+    def semantic(self, index: int) -> np.ndarray:
+        """(H, W) int64 class ids, 255 = ignore (ground truth for mIoU)."""
+        labels = self._labels(self.pairs[index][1])
+        bad = (labels != IGNORE_LABEL) & (labels >= self.num_classes)
+        if bad.any():
+            raise InputError(f"label PNG {self.pairs[index][1]} has class {int(labels[bad].max())} but the dataset has "
+                             f"{self.num_classes} classes; fix categories.json or the labels")
+        return labels
+
+    def __getitem__(self, index: int) -> Sample:
+        image_path, _ = self.pairs[index]
+        image = _load_rgb(image_path)
+        labels = self.semantic(index)
+        if labels.shape != image.shape[:2]:
+            raise InputError(f"label PNG of {image_path.name} is {labels.shape}, image is {image.shape[:2]}")
+        classes = [int(c) for c in np.unique(labels) if c != IGNORE_LABEL]
+        masks = [labels == c for c in classes]
+        return _sample(image, masks, classes, [False] * len(classes), index, image_path.name)
+
+
+def _sample(image, masks, labels, crowd, image_id, file_name, segment_ids=None) -> Sample:
+    h, w = image.shape[:2]
+    return Sample(
+        image=image,
+        masks=np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool),
+        labels=np.asarray(labels, dtype=np.int64),
+        iscrowd=np.asarray(crowd, dtype=bool),
+        image_id=image_id,
+        file_name=file_name,
+        segment_ids=list(segment_ids or []),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Format detection
+# ---------------------------------------------------------------------------------------------------
+
+
+def _json_kind(data: Any) -> str | None:
+    """'panoptic' / 'instance' from a loaded JSON's annotations, None if it is neither."""
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) or "categories" not in data:
+        return None
+    first = data["annotations"][0] if data["annotations"] else {}
+    if isinstance(first, dict) and "segments_info" in first:
+        return "panoptic"
+    if isinstance(first, dict) and "segmentation" in first:
+        return "instance"
+    return "panoptic" if "panoptic" in str(data.get("info", "")).lower() else None
+
+
+def _image_dir_for(root: Path, json_path: Path, prefix: str) -> Path:
+    """images/ if present, else the split folder named after the JSON (panoptic_val2017.json -> val2017/)."""
+    candidates = [root / "images"]
+    stem = json_path.stem
+    if stem.startswith(prefix):
+        split = stem[len(prefix):]
+        candidates += [root / split, json_path.parent / split, json_path.parent.parent / split]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise InputError(f"no image folder for {json_path.name}: expected one of " + ", ".join(str(c) for c in candidates))
+
+
+def open_dataset(root: str | Path, format: str | None = None, num_classes: int | None = None) -> SegmentationDataset:
+    """Open the dataset in folder ``root``; ``format`` forces panoptic / instance / semantic (else detected)."""
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"data directory {root} does not exist; create one with `m2f data synth --out {root}`")
+    if not root.is_dir():
+        raise InputError(f"--data {root} is a file; pass the dataset folder")
+    if format is not None and format not in FORMATS:
+        raise InputError(f"unknown dataset format {format!r}; choose one of {', '.join(FORMATS)}")
+
+    json_files = sorted(root.glob("*.json")) + sorted((root / "annotations").glob("*.json"))
+    json_files = [p for p in json_files if p.name != "categories.json"]
+    unrecognised = []
+    if format in (None, "panoptic", "instance"):
+        for path in json_files:
+            kind = _json_kind(_read_json(path))  # invalid JSON is an error, not a skip
+            if kind is None:
+                unrecognised.append(path)
+                continue
+            if format is not None and kind != format:
+                continue
+            if kind == "panoptic":
+                png_dir = next((d for d in (path.with_suffix(""), root / path.stem, root / "panoptic") if d.is_dir()),
+                               path.with_suffix(""))
+                return CocoPanopticDataset(path, _image_dir_for(root, path, "panoptic_"), png_dir)
+            return CocoInstanceDataset(path, _image_dir_for(root, path, "instances_"))
+        if format is not None:
+            raise InputError(f"no COCO {format} JSON found in {root} or {root / 'annotations'}")
+
+    label_dir = next((d for d in (root / "labels", root / "annotations") if d.is_dir() and any(d.glob("*.png"))), None)
+    image_dir = root / "images"
+    if label_dir is None or not image_dir.is_dir():
+        if unrecognised:
+            raise InputError(f"{unrecognised[0]} is not a COCO panoptic or instance annotation file (it needs "
+                             "'categories' and 'annotations' with 'segments_info' or 'segmentation')")
+        raise InputError(
+            f"cannot tell the dataset format of {root}: expected a COCO panoptic / instance JSON, or images/ and "
+            "labels/ folders of semantic PNGs (make one with `m2f data synth`)"
+        )
+    categories = None
+    cat_file = root / "categories.json"
+    if cat_file.is_file():
+        raw = _read_json(cat_file)
+        if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            categories = [Category(i, name, False) for i, name in enumerate(raw)]
+        else:
+            categories = _categories_from_json(raw, cat_file)
+            if [c.dataset_id for c in categories] != list(range(len(categories))):
+                raise InputError(f"{cat_file}: semantic label ids must be 0..K-1 in order")
+    return SemanticPngDataset(image_dir, label_dir, categories=categories, num_classes=num_classes)

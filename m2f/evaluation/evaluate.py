@@ -1,0 +1,256 @@
+"""Run a model (PyTorch checkpoint or exported ONNX graph) over a dataset and score it.
+
+Both predictors share the pre-processing (:func:`m2f.preprocess.preprocess`) and the official post-processing
+(:mod:`m2f.postprocess`); only the network call differs. Scores are taken against the dataset's ground truth, or
+against a second predictor's results treated as ground truth (e.g. ONNX vs PyTorch):
+
+* panoptic: PQ / SQ / RQ (all, things, stuff) with panopticapi's rules;
+* semantic: mIoU / fwIoU / mACC / pACC with detectron2's rules;
+* instance: mask AP with pycocotools (a reference predictor's instances with score >= 0.5 become ground truth).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from m2f.config import Mask2FormerConfig
+from m2f.data.datasets import IGNORE_LABEL, SegmentationDataset
+from m2f.errors import InputError
+
+from .coco_ap import MaskAP
+from .miou import SemanticIoU
+from .pq import PanopticQuality
+
+REFERENCE_MIN_SCORE = 0.5  # instances of a reference predictor kept as ground truth
+
+
+class Predictor:
+    """pixel_values (B, 3, Hp, Wp) float32 -> (pred_logits (B, Q, K+1), pred_masks (B, Q, Hp/4, Wp/4))."""
+
+    config: Mask2FormerConfig
+    name: str = ""
+    fixed_size: tuple[int, int] | None = None  # the graph's input size, if it only takes one
+
+    def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class TorchPredictor(Predictor):
+    def __init__(self, model: torch.nn.Module, config: Mask2FormerConfig, name: str = "", device: str = "cpu"):
+        self.model, self.config, self.name = model.eval(), config, name
+        self.device = torch.device(device)
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values):
+        out = self.model(pixel_values.to(self.device))
+        return out.pred_logits.float().cpu(), out.pred_masks.float().cpu()
+
+
+class OnnxPredictor(Predictor):
+    """An exported graph run by onnxruntime: input ``pixel_values``, outputs ``pred_logits`` and ``pred_masks``."""
+
+    def __init__(self, path: str | Path, config: Mask2FormerConfig, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise InputError("--onnx needs onnxruntime; pip install onnxruntime") from None
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"ONNX file {path} does not exist; export one with `m2f export`")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}); is it an m2f ONNX export?") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if "pixel_values" not in inputs or not {"pred_logits", "pred_masks"} <= outputs:
+            raise InputError(f"{path} does not have input pixel_values and outputs pred_logits, pred_masks; "
+                             "export it with `m2f export`")
+        shape = inputs["pixel_values"].shape
+        self.fixed_size = (shape[2], shape[3]) if all(isinstance(s, int) for s in shape[2:]) else None
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        self.config, self.name = config, str(path)
+
+    def __call__(self, pixel_values):
+        logits, masks = self.session.run(["pred_logits", "pred_masks"], {"pixel_values": pixel_values.numpy()})
+        return torch.from_numpy(logits).float(), torch.from_numpy(masks).float()
+
+
+@dataclass
+class Prediction:
+    """What one image's results look like in the metric's terms (numpy, original size)."""
+
+    panoptic: tuple[np.ndarray, list[dict]] | None = None  # ids map, segments (dataset category ids)
+    semantic: np.ndarray | None = None  # (H, W) contiguous class ids
+    instances: list[tuple[np.ndarray, int, float]] | None = None  # (mask, dataset category id, score)
+
+
+def _pad_to(pixel_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    h, w = pixel_values.shape[-2:]
+    if h > size[0] or w > size[1]:
+        raise InputError(f"an image padded to {h}x{w} does not fit the ONNX graph's fixed input "
+                         f"{size[0]}x{size[1]}; export with --dynamic or a larger size")
+    return torch.nn.functional.pad(pixel_values, (0, size[1] - w, 0, size[0] - h))
+
+
+def predict(predictor: Predictor, image: np.ndarray, task: str, resize_shortest: int | None = None,
+            max_size: int | None = None) -> Prediction:
+    from m2f import postprocess as post
+    from m2f.preprocess import preprocess
+
+    cfg = predictor.config
+    batch = preprocess([image], cfg, resize_shortest=resize_shortest, max_size=max_size)
+    pixel_values = batch.pixel_values
+    if predictor.fixed_size is not None:
+        pixel_values = _pad_to(pixel_values, predictor.fixed_size)
+    logits, masks = predictor(pixel_values)
+    args = (logits, masks, batch.image_sizes, batch.original_sizes, tuple(pixel_values.shape[-2:]))
+    dataset_id = cfg.dataset_id
+    if task == "panoptic":
+        result = post.panoptic(*args, thing_classes=cfg.thing_classes,
+                               object_mask_threshold=cfg.postprocess.object_mask_threshold,
+                               overlap_threshold=cfg.postprocess.overlap_threshold)[0]
+        segments = [{"id": s.id, "category_id": dataset_id(s.label), "iscrowd": 0} for s in result.segments]
+        return Prediction(panoptic=(result.segmentation.cpu().numpy().astype(np.int64), segments))
+    if task == "semantic":
+        result = post.semantic(*args, postprocess_before_inference=cfg.default_task != "semantic")[0]
+        return Prediction(semantic=result.labels.cpu().numpy())
+    things = cfg.thing_classes if cfg.default_task == "panoptic" else None
+    result = post.instance(*args, topk=cfg.postprocess.instance_topk, thing_classes=things)[0]
+    return Prediction(instances=[(m.cpu().numpy(), dataset_id(int(c)), float(s))
+                                 for m, c, s in zip(result.masks, result.labels, result.scores)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ground truth from the dataset
+# ---------------------------------------------------------------------------------------------------
+
+
+def _gt_panoptic(ds: SegmentationDataset, index: int) -> tuple[np.ndarray, list[dict]]:
+    if ds.format != "panoptic":
+        raise InputError(f"panoptic evaluation needs a COCO panoptic dataset; {ds.root} is {ds.format} "
+                         f"(use --task {'instance' if ds.format == 'instance' else 'semantic'})")
+    return ds.panoptic(index)  # type: ignore[attr-defined]
+
+
+def _gt_semantic(ds: SegmentationDataset, index: int) -> np.ndarray:
+    if ds.format == "semantic":
+        return ds.semantic(index)  # type: ignore[attr-defined]
+    sample = ds[index]
+    labels = np.full(sample.image.shape[:2], IGNORE_LABEL, dtype=np.int64)
+    for mask, label in zip(sample.masks, sample.labels):
+        labels[mask] = label
+    return labels
+
+
+def _gt_instances(ds: SegmentationDataset, index: int) -> list[tuple[np.ndarray, int, bool]]:
+    if ds.format == "semantic":
+        raise InputError(f"instance evaluation needs instance annotations; {ds.root} holds semantic labels")
+    sample = ds[index]
+    out = []
+    for mask, label, crowd in zip(sample.masks, sample.labels, sample.iscrowd):
+        category = ds.categories[int(label)]
+        if category.isthing:
+            out.append((mask, category.dataset_id, bool(crowd)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_label_sets(config: Mask2FormerConfig, ds: SegmentationDataset, what: str) -> None:
+    ids = tuple(c.dataset_id for c in ds.categories)
+    model_ids = tuple(config.dataset_id(i) for i in range(config.num_classes))
+    if len(ids) != config.num_classes or (ds.format != "semantic" and ids != model_ids):
+        raise InputError(f"{what} predicts {config.num_classes} classes (ids {list(model_ids)[:8]}...) but the dataset "
+                         f"has {len(ids)} (ids {list(ids)[:8]}...); evaluate on data with the model's label set")
+
+
+def evaluate(ds: SegmentationDataset, predictor: Predictor, task: str, reference: Predictor | None = None,
+             limit: int | None = None, resize_shortest: int | None = None, max_size: int | None = None,
+             progress: bool = False, on_image: Callable[[int], Any] | None = None) -> dict:
+    """Score ``predictor`` on ``ds`` (or against ``reference``); returns the metrics dict (percentages)."""
+    if task not in ("panoptic", "semantic", "instance"):
+        raise InputError(f"unknown task {task!r}; choose panoptic, semantic or instance")
+    cfg = predictor.config
+    if reference is None:
+        check_label_sets(cfg, ds, "the model")
+    elif reference.config.num_classes != cfg.num_classes:
+        raise InputError("the model and the reference predict different label sets")
+    count = len(ds) if limit is None else min(limit, len(ds))
+    if count < 1:
+        raise InputError("nothing to evaluate: the dataset is empty or --limit is 0")
+    names = {cfg.dataset_id(i): cfg.class_name(i) for i in range(cfg.num_classes)}
+    if task == "panoptic":
+        metric: Any = PanopticQuality({cfg.dataset_id(i): cfg.is_thing(i) for i in range(cfg.num_classes)}, names)
+    elif task == "semantic":
+        metric = SemanticIoU(cfg.num_classes, IGNORE_LABEL, [cfg.class_name(i) for i in range(cfg.num_classes)])
+    else:
+        things = [i for i in range(cfg.num_classes) if cfg.is_thing(i)] or list(range(cfg.num_classes))
+        metric = MaskAP([(cfg.dataset_id(i), cfg.class_name(i)) for i in things])
+
+    indices: Sequence[int] = range(count)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc=f"eval {task}", unit="img")
+    from m2f.preprocess import load_image
+
+    for index in indices:
+        image = load_image(ds.image_path(index))
+        pred = predict(predictor, image, task, resize_shortest, max_size)
+        ref = predict(reference, image, task, resize_shortest, max_size) if reference is not None else None
+        if task == "panoptic":
+            if ref is not None:
+                gt_ids, gt_segments = ref.panoptic
+            else:
+                gt_ids, gt_segments = _gt_panoptic(ds, index)
+            metric.update(gt_ids, gt_segments, *pred.panoptic)
+        elif task == "semantic":
+            gt = ref.semantic if ref is not None else _gt_semantic(ds, index)
+            metric.update(pred.semantic, gt)
+        else:
+            h, w = image.shape[:2]
+            metric.add_image(index, h, w)
+            if ref is not None:
+                gt = [(m, c, False) for m, c, s in ref.instances if s >= REFERENCE_MIN_SCORE]
+            else:
+                gt = _gt_instances(ds, index)
+            for mask, category, crowd in gt:
+                metric.add_ground_truth(index, mask, category, crowd)
+            for mask, category, score in pred.instances:
+                metric.add_detection(index, mask, category, score)
+        if on_image is not None:
+            on_image(index)
+    result = {"task": task, "num_images": count}
+    result.update(metric.summary())
+    result["num_images"] = count
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A short human-readable summary of :func:`evaluate`'s result."""
+    task = result["task"]
+    if task == "panoptic":
+        lines = [f"{'':8s} {'PQ':>6s} {'SQ':>6s} {'RQ':>6s} {'N':>4s}"]
+        for label, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+            lines.append(f"{label:8s} {result['PQ' + suffix]:6.2f} {result['SQ' + suffix]:6.2f} "
+                         f"{result['RQ' + suffix]:6.2f} {result['N' + suffix]:4d}")
+        for name, row in result["per_class"].items():
+            lines.append(f"  {name:14s} PQ {row['PQ']:6.2f}  SQ {row['SQ']:6.2f}  RQ {row['RQ']:6.2f}  "
+                         f"TP {row['TP']} FP {row['FP']} FN {row['FN']}")
+        return "\n".join(lines)
+    if task == "semantic":
+        head = f"mIoU {result['mIoU']:.2f}  fwIoU {result['fwIoU']:.2f}  mACC {result['mACC']:.2f}  pACC {result['pACC']:.2f}"
+        return "\n".join([head] + [f"  {n:14s} IoU {r['IoU']:6.2f}" for n, r in result["per_class"].items()])
+    head = "  ".join(f"{k} {result[k]:.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+    return "\n".join([head] + [f"  {n:14s} AP {v:6.2f}" for n, v in result["per_class"].items()])

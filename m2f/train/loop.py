@@ -1,0 +1,508 @@
+"""The training loop: data, AMP, DDP, checkpoints and exact resume, logs.
+
+A run directory holds::
+
+    RUN_DIR/checkpoint.pt    latest state: model, optimizer, scheduler, grad scaler, RNG states of every rank,
+                             iteration, model config and training options (written atomically)
+    RUN_DIR/log.jsonl        one JSON object per logged iteration (losses, lr, grad norm, timings)
+    RUN_DIR/log.csv          the same rows as CSV
+    RUN_DIR/loss.png         loss curves
+    RUN_DIR/model/           final weights in m2f's format (m2f_config.json + model.safetensors)
+
+Resuming restores everything in ``checkpoint.pt`` and continues the data order where it stopped (the sample
+order and each sample's augmentation are pure functions of (seed, epoch, index)), so N iterations straight and
+N/2 + resume + N/2 end in the same state. Several processes (``torchrun --nproc_per_node G m2f train ...``) train
+with DistributedDataParallel: the process group comes from the torchrun environment (WORLD_SIZE > 1); each
+rank reads its DistributedSampler share of every batch; only rank 0 writes.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from m2f.config import Mask2FormerConfig
+from m2f.data.datasets import SegmentationDataset
+from m2f.data.transforms import ScaleJitterCrop, collate, sample_generator
+from m2f.errors import InputError
+from m2f.io import atomic_path, write_text_atomic
+
+from .criterion import LossConfig, SetCriterion
+from .optim import OptimConfig, build_optimizer, build_scheduler, clip_full_model
+
+CHECKPOINT = "checkpoint.pt"
+LOG_COLUMNS = ("iter", "epoch", "lr", "loss", "loss_ce", "loss_mask", "loss_dice", "grad_norm", "iter_time",
+               "data_time")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    iters: int = 1000
+    batch_size: int = 16  # total over all ranks (detectron2's IMS_PER_BATCH)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    input_size: tuple[int, int] | None = None  # crop size; None: the first image's size rounded up to 32
+    scale_range: tuple[float, float] = (0.1, 2.0)
+    hflip: bool = True
+    amp: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    num_workers: int = 0
+    backend: str = "torch"
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainOptions":
+        data = dict(data)
+        optim = OptimConfig(**data.pop("optim", {}))
+        loss = LossConfig(**data.pop("loss", {}))
+        for key in ("input_size", "scale_range"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(optim=optim, loss=loss, **data)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed set-up
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env_from(environ: dict[str, str] | None = None) -> DistEnv:
+    """torchrun's WORLD_SIZE / RANK / LOCAL_RANK; a single process when WORLD_SIZE is unset or 1."""
+    environ = os.environ if environ is None else environ
+    try:
+        world = int(environ.get("WORLD_SIZE", "1"))
+        rank = int(environ.get("RANK", "0"))
+        local = int(environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise InputError("WORLD_SIZE / RANK / LOCAL_RANK must be integers (launch with torchrun)") from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise InputError(f"inconsistent torchrun environment: WORLD_SIZE={world} RANK={rank} LOCAL_RANK={local}")
+    if world > 1 and ("MASTER_ADDR" not in environ or "MASTER_PORT" not in environ):
+        raise InputError("WORLD_SIZE > 1 but MASTER_ADDR / MASTER_PORT are not set; launch with torchrun")
+    return DistEnv(world, rank, local)
+
+
+def resolve_device(name: str, env: DistEnv) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda but no CUDA GPU is available; use --device cpu")
+        return torch.device("cuda", env.local_rank if env.world_size > 1 else torch.device(name).index or 0)
+    if name != "cpu":
+        raise InputError(f"unknown device {name!r}; use cpu, cuda or auto")
+    return torch.device("cpu")
+
+
+def init_distributed(env: DistEnv, device: torch.device) -> None:
+    if env.world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                world_size=env.world_size, rank=env.rank)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data order
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Items are (index, epoch) keys -> augmented (image, masks, labels)."""
+
+    def __init__(self, dataset: SegmentationDataset, transform: ScaleJitterCrop, seed: int):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        return self.transform(self.dataset[index], sample_generator(self.seed, epoch, index))
+
+
+def epoch_batches(num_items: int, per_rank_batch: int, env: DistEnv, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's batches of one epoch: DistributedSampler's shuffled share, full batches only."""
+    sampler = torch.utils.data.DistributedSampler(range(num_items), num_replicas=env.world_size, rank=env.rank,
+                                                  shuffle=True, seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    return [indices[i:i + per_rank_batch] for i in range(0, len(indices) - per_rank_batch + 1, per_rank_batch)]
+
+
+def batch_stream(samples: _Samples, per_rank_batch: int, env: DistEnv, seed: int, start_iter: int,
+                 collate_fn: Callable, num_workers: int) -> Iterator[tuple[int, Any]]:
+    """(epoch, batch) from global iteration ``start_iter`` on, forever."""
+    per_epoch = len(epoch_batches(len(samples), per_rank_batch, env, seed, 0))
+    epoch, offset = divmod(start_iter, per_epoch)
+    while True:
+        keys = [[(i, epoch) for i in b] for b in epoch_batches(len(samples), per_rank_batch, env, seed, epoch)[offset:]]
+        # its own generator: creating a loader must not draw from the global RNG (resume would diverge)
+        generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
+        loader = torch.utils.data.DataLoader(samples, batch_sampler=keys, collate_fn=collate_fn,
+                                             num_workers=num_workers, generator=generator)
+        for batch in loader:
+            yield epoch, batch
+        epoch, offset = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNG state
+# ---------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """log.jsonl + log.csv + loss.png in the run directory (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, start_iter: int):
+        self.jsonl, self.csv, self.png = run_dir / "log.jsonl", run_dir / "log.csv", run_dir / "loss.png"
+        self.rows: list[dict] = []
+        if start_iter > 0 and self.jsonl.exists():  # keep what the checkpoint covers, drop the rest
+            for line in self.jsonl.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                if row["iter"] <= start_iter:
+                    self.rows.append(row)
+        write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.csv, buffer.getvalue())
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(self.csv, "a", encoding="utf-8", newline="") as f:
+            csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore").writerow(row)
+
+    def plot(self) -> None:
+        if not self.rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        its = [r["iter"] for r in self.rows]
+        fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        for key in ("loss", "loss_ce", "loss_mask", "loss_dice"):
+            ax.plot(its, [r[key] for r in self.rows], label=key, linewidth=1.2 if key == "loss" else 0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel("loss (total: all layers, weighted)")
+        ax.legend(loc="upper right")
+        ax.grid(alpha=0.3)
+        ax_lr.plot(its, [r["lr"] for r in self.rows], color="gray")
+        ax_lr.set_ylabel("lr")
+        ax_lr.set_xlabel("iteration")
+        fig.tight_layout()
+        with atomic_path(self.png) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------
+
+
+def _amp_context(enabled: bool, device: torch.device):
+    if not enabled:
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _infer_input_size(dataset: SegmentationDataset, divisibility: int) -> tuple[int, int]:
+    h, w = dataset[0].image.shape[:2]
+    div = max(divisibility, 1)
+    return math.ceil(h / div) * div, math.ceil(w / div) * div
+
+
+def load_checkpoint(run_dir: Path) -> dict:
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise InputError(f"--resume: no {CHECKPOINT} in {run_dir}; start a new run without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated / foreign file
+        raise InputError(f"cannot read {path} ({type(exc).__name__}: {exc}); it is not an m2f training checkpoint")
+
+
+def model_from_run(path: str | Path, backend: str = "torch", device: str = "cpu") -> torch.nn.Module:
+    """The model of a training checkpoint (RUN_DIR or RUN_DIR/checkpoint.pt), in eval mode."""
+    from m2f.model import build_model
+
+    path = Path(path)
+    ckpt = load_checkpoint(path if path.is_dir() else path.parent)
+    model = build_model(Mask2FormerConfig.from_dict(ckpt["config"]), backend=backend)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def is_run_checkpoint(path: str | Path) -> bool:
+    """A training checkpoint.pt, or a run folder that has one but no final model yet."""
+    path = Path(path)
+    if path.is_file():
+        return path.name == CHECKPOINT
+    return (path / CHECKPOINT).is_file() and not (path / "model.safetensors").is_file()
+
+
+class Trainer:
+    def __init__(self, config: Mask2FormerConfig, dataset: SegmentationDataset, run_dir: str | Path,
+                 options: TrainOptions, device: str = "auto", resume: bool = False,
+                 init_state: dict[str, torch.Tensor] | None = None, progress: bool = True,
+                 env: DistEnv | None = None, resume_iters: int | None = None,
+                 model_factory: Callable[[Mask2FormerConfig, str], torch.nn.Module] | None = None):
+        """On ``resume`` the model config and options come from RUN_DIR's checkpoint (``config`` and ``options``
+        are ignored); ``resume_iters`` then sets a new total number of iterations."""
+        self.env = env or dist_env_from()
+        self.device = resolve_device(device, self.env)
+        self.run_dir = Path(run_dir)
+        self.checkpoint = load_checkpoint(self.run_dir) if resume else None
+        if self.checkpoint is not None:
+            config = Mask2FormerConfig.from_dict(self.checkpoint["config"])
+            saved = TrainOptions.from_dict(self.checkpoint["options"])
+            options = replace(saved, iters=resume_iters or saved.iters)
+            if options.iters < self.checkpoint["iteration"]:
+                raise InputError(f"--iters {options.iters} is below the checkpoint's iteration "
+                                 f"{self.checkpoint['iteration']}")
+        self.config, self.options, self.dataset, self.progress = config, options, dataset, progress
+        if options.batch_size % self.env.world_size:
+            raise InputError(f"--batch-size {options.batch_size} does not split over {self.env.world_size} processes")
+        self.per_rank_batch = options.batch_size // self.env.world_size
+        if len(epoch_batches(len(dataset), self.per_rank_batch, self.env, options.seed, 0)) == 0:
+            raise InputError(f"the dataset has {len(dataset)} images, fewer than one batch of {self.per_rank_batch} "
+                             "per process; lower --batch-size")
+        if dataset.num_classes != config.num_classes:
+            raise InputError(f"the dataset has {dataset.num_classes} classes but the model config {config.num_classes}")
+        if options.input_size is None:
+            self.options = options = replace(options, input_size=_infer_input_size(dataset, config.size_divisibility))
+        self.init_state = init_state
+        self.model_factory = model_factory
+
+    # -- construction --------------------------------------------------------------------------------
+    def _build(self):
+        if self.model_factory is None:
+            from m2f.model import build_model as factory
+        else:
+            factory = self.model_factory
+        torch.manual_seed(self.options.seed)  # same initial weights on every rank
+        model = factory(self.config, backend=self.options.backend)
+        if self.init_state is not None:
+            model.load_state_dict(self.init_state)
+        model.to(self.device).train()
+        seed_everything(self.options.seed + self.env.rank)
+        criterion = SetCriterion(self.config.num_classes, self.options.loss).to(self.device)
+        optimizer = build_optimizer(model, self.options.optim)
+        scheduler = build_scheduler(optimizer, self.options.iters, self.options.optim)
+        use_scaler = self.options.amp and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
+        return model, criterion, optimizer, scheduler, scaler
+
+    # -- checkpoint ----------------------------------------------------------------------------------
+    def _gather_rng(self) -> list[dict]:
+        state = rng_state()
+        if self.env.world_size == 1:
+            return [state]
+        states: list = [None] * self.env.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def save_checkpoint(self, iteration: int, model, optimizer, scheduler, scaler) -> None:
+        rng_states = self._gather_rng()  # every rank takes part
+        if not self.env.is_main:
+            return
+        state = {
+            "format": "m2f-train-checkpoint",
+            "version": 1,
+            "iteration": iteration,
+            "model": _unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_states,
+            "world_size": self.env.world_size,
+            "config": self.config.to_dict(),
+            "options": self.options.to_dict(),
+        }
+        with atomic_path(self.run_dir / CHECKPOINT) as tmp:
+            torch.save(state, tmp)
+
+    def _restore(self, model, optimizer, scheduler, scaler) -> int:
+        ckpt = self.checkpoint
+        if ckpt is None:
+            return 0
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        for fn in scheduler.lr_lambdas:  # a raised --iters extends the poly schedule
+            fn.max_iters = self.options.iters
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("world_size") == self.env.world_size:
+            set_rng_state(ckpt["rng"][self.env.rank])
+        else:  # another number of processes: the RNG streams cannot continue; reseed deterministically
+            seed_everything(self.options.seed + 1000003 * ckpt["iteration"] + self.env.rank)
+        return int(ckpt["iteration"])
+
+    # -- loop ----------------------------------------------------------------------------------------
+    def train(self, stop_after: int | None = None) -> Path | None:
+        """Train to ``options.iters``; returns the final model folder (RUN_DIR/model).
+
+        ``stop_after``: stop (with a checkpoint) once this iteration is done, as an interrupted run would; returns
+        None then. Resuming continues exactly as if the run had not stopped."""
+        opts, env, device = self.options, self.env, self.device
+        init_distributed(env, device)
+        model, criterion, optimizer, scheduler, scaler = self._build()
+        start = self._restore(model, optimizer, scheduler, scaler)
+        if env.world_size > 1:
+            if device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / "train_config.json", json.dumps(
+                {"config": self.config.to_dict(), "options": opts.to_dict(), "world_size": env.world_size,
+                 "dataset": str(getattr(self.dataset, "root", "")), "device": str(device)}, indent=2) + "\n")
+        log = RunLog(self.run_dir, start) if env.is_main else None
+
+        transform = ScaleJitterCrop(opts.input_size, opts.scale_range, opts.hflip)
+        samples = _Samples(self.dataset, transform, opts.seed)
+        collate_fn = partial(collate, pixel_mean=self.config.pixel_mean, pixel_std=self.config.pixel_std,
+                             size_divisibility=self.config.size_divisibility)
+        stream = batch_stream(samples, self.per_rank_batch, env, opts.seed, start, collate_fn, opts.num_workers)
+        bar = None
+        if self.progress and env.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=opts.iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        tick = time.perf_counter()
+        for iteration in range(start, opts.iters):
+            epoch, (pixel_values, targets) = next(stream)
+            data_time = time.perf_counter() - tick
+            pixel_values = pixel_values.to(device, non_blocking=True)
+            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+            with _amp_context(opts.amp, device):
+                outputs = model(pixel_values)
+            losses = criterion(outputs, targets)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {float(loss)} at iteration {iteration}; lower --lr or disable --amp")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = clip_full_model(params, opts.optim.clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                grad_norm = clip_full_model(params, opts.optim.clip_norm)
+                optimizer.step()
+            scheduler.step()
+            done = iteration + 1
+            iter_time = time.perf_counter() - tick
+            if done % opts.log_every == 0 or done == opts.iters:
+                row = self._log_row(done, epoch, losses, optimizer, grad_norm, iter_time, data_time)
+                if log is not None:
+                    log.add(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
+            if bar is not None:
+                bar.update(1)
+            stopping = stop_after is not None and done >= stop_after
+            if done % opts.checkpoint_every == 0 or done == opts.iters or stopping:
+                self.save_checkpoint(done, model, optimizer, scheduler, scaler)
+                if log is not None:
+                    log.plot()
+            if stopping:
+                break
+            tick = time.perf_counter()
+        if bar is not None:
+            bar.close()
+        if stop_after is not None and stop_after < opts.iters:
+            return None
+        out = self.run_dir / "model"
+        if env.is_main:
+            save_model(_unwrap(model), out)
+        if env.world_size > 1:
+            dist.barrier()
+        return out
+
+    def _log_row(self, done, epoch, losses, optimizer, grad_norm, iter_time, data_time) -> dict:
+        keys = ("loss", "loss_ce", "loss_mask", "loss_dice")
+        values = torch.stack([losses[k].detach().float() for k in keys])
+        if self.env.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.env.world_size
+        row = {"iter": done, "epoch": epoch, "lr": max(g["lr"] for g in optimizer.param_groups)}
+        row.update({k: float(v) for k, v in zip(keys, values)})
+        row.update({"grad_norm": float(grad_norm), "iter_time": round(iter_time, 4), "data_time": round(data_time, 4)})
+        return row
+
+
+def save_model(model: torch.nn.Module, folder: Path) -> None:
+    """Final weights in m2f's format: m2f_config.json + model.safetensors."""
+    from m2f.checkpoints import save_pretrained
+
+    save_pretrained(model, folder, force=True)  # atomic: the old folder is replaced only once the new one is whole
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
