@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import pytest
 import torch
 
 from m2f.train.criterion import LossConfig, SetCriterion, dice_loss, sigmoid_bce_loss

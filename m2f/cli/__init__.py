@@ -15,14 +15,15 @@ from m2f.errors import M2FError
 
 # subcommand -> module under m2f.cli. Explicit on purpose: no registration by import side effects.
 SUBCOMMANDS: dict[str, str] = {
-    "presets": "presets",
-    "bench": "bench",
-    "data": "data",
-    "train": "train",
-    "eval": "eval",
-    "export": "export",
+    "demo": "demo",
     "predict": "predict",
+    "eval": "eval",
+    "train": "train",
+    "data": "data",
     "convert": "convert",
+    "export": "export",
+    "bench": "bench",
+    "presets": "presets",
 }
 
 

@@ -28,6 +28,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _random_fallback_config():
+    from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
+
+    return Mask2FormerConfig(
+        backbone=ResNetConfig(depths=(1, 1, 1, 1), block="basic", stem_channels=16, hidden_sizes=(16, 32, 64, 128)),
+        pixel_decoder=PixelDecoderConfig(conv_dim=64, mask_dim=64, num_encoder_layers=2, ffn_dim=128),
+        transformer_decoder=TransformerDecoderConfig(hidden_dim=64, num_queries=16, ffn_dim=128, num_layers=3),
+        num_classes=6,
+        name="random-fallback",
+    )
+
+
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -47,11 +59,10 @@ def _load_default_model(device: str) -> tuple[Any, str, bool]:
     try:
         path = default_checkpoint_path()
     except CheckpointError:
-        from m2f.assets import DEFAULT_CONFIG_FALLBACK
         from m2f.model import build_model
 
         print("warning: the trained default model is missing from this install: using RANDOM weights")
-        return build_model(DEFAULT_CONFIG_FALLBACK).eval().to(device), "random weights", False
+        return build_model(_random_fallback_config()).eval().to(device), "random weights", False
     return from_pretrained(path, device=device), str(path), True
 
 

@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Segment images with a checkpoint; write overlays and COCO-format predictions.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="m2f / Hugging Face directory or an official checkpoint file")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="m2f / Hugging Face directory or an official checkpoint file (default: the shipped model)")
     p.add_argument("--preset", metavar="NAME", default=None,
                    help="architecture preset for checkpoints without a config (see `m2f presets`)")
     p.add_argument("--task", choices=TASKS, default=None, help="default: the model's own task")
@@ -154,6 +154,10 @@ def _resolve_device(requested: str | None) -> str:
 def _load_model(args: argparse.Namespace, device: str) -> Any:
     import m2f
 
+    if args.checkpoint is None:
+        from m2f.assets import default_checkpoint_path
+
+        args.checkpoint = str(default_checkpoint_path())
     checkpoint = Path(args.checkpoint)
     if not checkpoint.exists():
         raise CheckpointError(f"checkpoint {checkpoint} does not exist; check the --checkpoint path")
