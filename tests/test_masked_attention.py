@@ -226,8 +226,8 @@ def test_broadcast_head_mask(rng):
     """A (B, H, Nq, Nk) mask expanded from (B, 1, ...) (head stride 0) is read once per batch, not per head."""
     (q64, k64, v64), (q, k, v) = make_qkv(rng, 1, 3, 7, 30, 16, torch.float32)
     allow = make_logits(rng, (1, 1, 7, 30), 0.3, empty_rows=1) >= 0
-    expanded = allow.expand(1, 3, 7, 30)
-    mask4, heads = tk.mask_view(expanded.to(DEVICE), 3)
+    expanded = allow.to(DEVICE).expand(1, 3, 7, 30)  # expand after the move: a copy would drop stride 0
+    mask4, heads = tk.mask_view(expanded, 3)
     assert heads == 1
     got = masked_attention(q, k, v, expanded.to(DEVICE), backend="triton")
     assert rel_err(got, reference(q64, k64, v64, expanded)) <= 1e-5, f"seed {rng.seed_value}"
@@ -313,6 +313,8 @@ def test_opcheck(rng):
     logits = make_logits(rng, (1, 3, 5), 0.5, empty_rows=1).to(DEVICE)
     for t in (q, k, v):
         t.requires_grad_(True)
+    import m2f.kernels.masked_attention.op  # noqa: F401 - registers the ops (the public functions import it lazily)
+
     torch.library.opcheck(torch.ops.m2f.masked_attention_from_logits.default, (q, k, v, logits),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

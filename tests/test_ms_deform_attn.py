@@ -18,19 +18,22 @@ from tests.utils import poisoned_like, rel_err
 
 
 
+# Kernels run on the GPU where there is one, else in the interpreter on the CPU (tests/conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF_TOL = 1e-2
 F32_TOL = 1e-5
 GRAD_F32_TOL = 1e-4
 
 
-def make_inputs(rng, shapes, n=1, q=5, m=2, d=8, p=2, dtype=torch.float32, loc_dtype=None, lo=-0.15, hi=1.15):
-    """Random value / locations / weights; locations uniform in [lo, hi] (partly outside the [0, 1] image)."""
+def make_inputs(rng, shapes, n=1, q=5, m=2, d=8, p=2, dtype=torch.float32, loc_dtype=None, lo=-0.15, hi=1.15,
+                device=DEVICE):
+    """Random value / locations / weights on ``device``; locations uniform in [lo, hi] (partly outside the image)."""
     L = len(shapes)
     S = sum(h * w for h, w in shapes)
     value = torch.randn(n, S, m, d, generator=rng).to(dtype)
     loc = (lo + (hi - lo) * torch.rand(n, q, m, L, p, 2, generator=rng)).to(loc_dtype or dtype)
     attn = (0.1 + torch.rand(n, q, m, L, p, generator=rng)).to(loc_dtype or dtype)
-    return value, loc, attn
+    return value.to(device), loc.to(device), attn.to(device)
 
 
 def reference64(value, shapes, loc, attn, grad_out=None):
@@ -47,7 +50,7 @@ def shape_tensors(shapes):
     shapes_t = torch.tensor(shapes, dtype=torch.int64)
     sizes = [h * w for h, w in shapes]
     starts = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64)
-    return shapes_t, starts
+    return shapes_t.to(DEVICE), starts.to(DEVICE)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -80,7 +83,8 @@ def loop_reference(value, shapes, loc, attn):
 
 def test_reference_matches_loop_implementation(rng):
     shapes = [(3, 4), (2, 3)]
-    value, loc, attn = make_inputs(rng, shapes, n=2, q=4, m=2, d=3, p=3, dtype=torch.float64, lo=-0.4, hi=1.4)
+    value, loc, attn = make_inputs(rng, shapes, n=2, q=4, m=2, d=3, p=3, dtype=torch.float64, lo=-0.4, hi=1.4,
+                                   device="cpu")
     # Exactly on the image borders, on pixel centres, and just outside.
     loc[0, 0, 0, :, 0] = torch.tensor([0.0, 1.0], dtype=torch.float64)
     loc[0, 0, 1, :, 1] = torch.tensor([1.0, 0.0], dtype=torch.float64)
@@ -96,7 +100,7 @@ def test_reference_matches_loop_implementation(rng):
 def test_reference_in_half_precision_on_cpu(rng, dtype):
     """Regression: torch's CPU grid_sample read garbage from the channel-minor (N*M, D, H, W) view in half types."""
     shapes = [(16, 16), (8, 8)]
-    value, loc, attn = make_inputs(rng, shapes, n=1, q=40, m=8, d=32, p=4, dtype=dtype)
+    value, loc, attn = make_inputs(rng, shapes, n=1, q=40, m=8, d=32, p=4, dtype=dtype, device="cpu")
     out = ms_deform_attn_torch(value, shapes, loc, attn)
     err = rel_err(out, reference64(value, shapes, loc, attn))
     # grid_sample un-normalises the coordinates in the half type itself (~1 % off in bfloat16, unlike the
@@ -143,7 +147,7 @@ BWD_CASES = [(torch.float32, GRAD_F32_TOL), (torch.float16, HALF_TOL), (torch.bf
 def test_backward_matches_float64_autograd(rng, dtype, tol):
     shapes = [(7, 9), (3, 5), (2, 2)]
     value, loc, attn = make_inputs(rng, shapes, n=2, q=70, m=2, d=24, p=2, dtype=dtype)
-    grad_out = torch.randn(2, 70, 2 * 24, generator=rng).to(dtype)
+    grad_out = torch.randn(2, 70, 2 * 24, generator=rng).to(DEVICE, dtype)
     _, *want = reference64(value, shapes, loc, attn, grad_out)
 
     leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
@@ -176,6 +180,7 @@ def _edge_locations(loc, shapes, rng, with_kinks):
         pick = torch.randperm(flat.shape[0], generator=rng)[: flat.shape[0] // 2]
         xs = torch.tensor(vals_x, dtype=loc.dtype)[torch.randint(len(vals_x), (len(pick),), generator=rng)]
         ys = torch.tensor(vals_y, dtype=loc.dtype)[torch.randint(len(vals_y), (len(pick),), generator=rng)]
+        pick, xs, ys = pick.to(loc.device), xs.to(loc.device), ys.to(loc.device)
         flat[pick, 0] = xs
         flat[pick, 1] = ys
         loc[:, :, :, lvl] = flat.view(loc[:, :, :, lvl].shape)
@@ -206,7 +211,7 @@ def test_edge_cases_forward_and_backward(rng, case):
 
     # Forward and backward on borders / outside without kinks.
     _edge_locations(loc, shapes, rng, with_kinks=False)
-    grad_out = torch.randn(out.shape, generator=rng)
+    grad_out = torch.randn(out.shape, generator=rng).to(DEVICE)
     want_out, *want = reference64(value, shapes, loc, attn, grad_out)
     leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
     out = ms_deform_attn(leaves[0], shapes_arg, starts, leaves[1], leaves[2], backend="triton")
@@ -234,6 +239,7 @@ def test_export_has_exactly_one_op_node(rng):
     f1, f2 = torch.randn(1, 8, 5, 3, generator=rng), torch.randn(1, 8, 2, 3, generator=rng)
     loc = torch.rand(1, 6, 2, 2, 3, 2, generator=rng)
     attn = torch.rand(1, 6, 2, 2, 3, generator=rng)
+    f1, f2, loc, attn = (t.to(DEVICE) for t in (f1, f2, loc, attn))
     module = _DeformSample()
     ep = torch.export.export(module, (f1, f2, loc, attn))
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
@@ -249,6 +255,8 @@ def test_opcheck(rng):
     value, loc, attn = make_inputs(rng, shapes, n=1, q=2, m=1, d=4, p=2)
     shapes_t, starts = shape_tensors(shapes)
     args = (value.requires_grad_(), shapes_t, starts, loc.requires_grad_(), attn.requires_grad_())
+    import m2f.kernels.ms_deform_attn.op  # noqa: F401 - registers the op (ms_deform_attn imports it lazily)
+
     torch.library.opcheck(torch.ops.m2f.ms_deform_attn.default, args)
 
 
@@ -273,4 +281,4 @@ def test_bad_inputs_raise_m2f_errors(rng, monkeypatch):
         call(value, torch.tensor([[3.0, 4.0], [2.0, 3.0]]), None, loc, attn)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor and no interpreter: the op cannot run
     with pytest.raises(BackendUnavailableError, match="CUDA"):
-        torch.ops.m2f.ms_deform_attn(value, *shape_tensors(shapes), loc, attn)
+        torch.ops.m2f.ms_deform_attn(value.cpu(), *(t.cpu() for t in shape_tensors(shapes)), loc.cpu(), attn.cpu())

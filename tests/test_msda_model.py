@@ -18,6 +18,10 @@ from tests.utils import rel_err
 
 
 
+# The kernels run on the GPU where there is one, else in the interpreter on the CPU (tests/conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def tiny_config() -> Mask2FormerConfig:
     return Mask2FormerConfig(
         backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=(32, 32, 64, 64)),
@@ -42,8 +46,9 @@ def test_model_with_triton_pixel_decoder_matches_torch_backend(rng):
     )
     pixel_decoder.load_state_dict(model.pixel_decoder.state_dict())
     pixel_decoder.eval()
+    model.to(DEVICE), pixel_decoder.to(DEVICE)
 
-    x = torch.randn(1, 3, 70, 98, generator=rng)  # odd level sizes: 9x13, 5x7, 3x4
+    x = torch.randn(1, 3, 70, 98, generator=rng).to(DEVICE)  # odd level sizes: 9x13, 5x7, 3x4
     ref = model(x)
     pix = pixel_decoder(model.backbone(x))
     classes, masks = model.transformer_decoder(pix.multi_scale_features, pix.mask_features)
@@ -53,7 +58,7 @@ def test_model_with_triton_pixel_decoder_matches_torch_backend(rng):
     assert e_masks <= 1e-4, f"seed {rng.seed_value}: masks rel_err {e_masks:.3g}"
 
     # Training: the pixel decoder's parameter gradients through the Triton backward match too.
-    weights = [torch.randn(t.shape, generator=rng) for t in (ref.pred_logits, ref.pred_masks)]
+    weights = [torch.randn(t.shape, generator=rng).to(DEVICE) for t in (ref.pred_logits, ref.pred_masks)]
     loss_ref = (ref.pred_logits * weights[0]).sum() + (ref.pred_masks * weights[1]).sum()
     loss = (classes[-1] * weights[0]).sum() + (masks[-1] * weights[1]).sum()
     names = [n for n, _ in model.pixel_decoder.named_parameters()]
