@@ -39,6 +39,7 @@ BACKENDS = ("hf-eager", "m2f-torch", "m2f-triton", "m2f-triton-compile", "onnxru
 DEFAULT_MODELS = ("r50-coco-panoptic", "swin-t-coco-panoptic")
 M2F_BACKEND = {"m2f-torch": "torch", "m2f-triton": "triton", "m2f-triton-compile": "triton"}
 CUDA_ONLY = ("m2f-triton", "m2f-triton-compile")
+SLOW_TO_PREPARE = ("m2f-triton-compile", "onnxruntime")  # compile / export per shape: run after the others
 HF_STAGES = ["stage1", "stage2", "stage3", "stage4"]
 EXTRA_KEYS = ("images_per_s", "rel_err_masks", "panoptic_pixel_agreement", "semantic_pixel_agreement")
 
@@ -342,67 +343,107 @@ def run(
         result.skipped.append(note)
         tqdm.write(note, file=sys.stderr)
 
-    total = sum(len(sizes) * len(batches_for(b)) for b in backends) * len(dtypes) * len(models)
+    # Cheap backends of every model first, then the slow-to-prepare ones (compile, ONNX export): a time budget or
+    # a killed run then loses the optional rows, not a whole model.
+    passes = [[b for b in backends if b not in SLOW_TO_PREPARE], [b for b in backends if b in SLOW_TO_PREPARE]]
+    plan = [(case, cfg, dtype, backend) for group_backends in passes for case, cfg in models for dtype in dtypes
+            for backend in group_backends]
+    last_use = {case: i for i, (case, *_rest) in enumerate(plan)}
+    prepared: dict[str, _Prepared | None] = {}
+    total = sum(len(sizes) * len(batches_for(backend)) for *_rest, backend in plan)
     bar = tqdm(total=total, desc="bench model", unit="case", disable=not progress, file=sys.stderr)
-    for case, cfg in models:
-        try:
-            hf_model = build_hf_model(cfg, seed)
-            hf_state = {k: v.clone() for k, v in hf_model.state_dict().items()}
-        except InputError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - recorded, the other models still run
-            skip(case, "all backends", None, f"building the HF model failed: {type(exc).__name__}: {exc}")
-            bar.update(sum(len(sizes) * len(batches_for(b)) for b in backends) * len(dtypes))
-            continue
-        gen = torch.Generator().manual_seed(seed)
-        inputs = {(h, w, b): torch.randn(b, 3, h, w, generator=gen) for h, w in sizes for b in batches}
-        references = _references(cfg, hf_state, inputs, device)
-        for dtype in dtypes:
-            dname = str(dtype).replace("torch.", "")
-            for backend in backends:
-                group = [(h, w, b) for h, w in sizes for b in batches_for(backend)]
-                why = _unavailable(backend, dtype, device)
-                if why is None and budget_s is not None and time.perf_counter() - start > budget_s:
-                    why = f"time budget of {budget_s:.0f} s spent"
-                    result.complete = False
-                if why is not None:
-                    skip(case, backend, dtype, why)
-                    bar.update(len(group))
-                    continue
-                bar.set_postfix_str(f"{case} {backend} {dname}")
-                runner: Runner | None = None
-                build_error = None
-                workdir = tempfile.TemporaryDirectory(prefix="m2f-bench-onnx-") if backend == "onnxruntime" else None
-                try:
-                    runner = _make_runner(backend, cfg, hf_model, hf_state, device, dtype, workdir)
-                except Exception as exc:  # noqa: BLE001
-                    build_error = f"build: {type(exc).__name__}: {_one_line(exc)}"
-                for h, w, b in group:
-                    row = BenchRow(suite="model", case=case, backend=backend, dtype=dname, batch=b, height=h, width=w,
-                                   median_ms=None, p90_ms=None,  # type: ignore[arg-type]
-                                   extra={"precision": runner.precision if runner else "",
-                                          "reference": "m2f-torch float32, same input"})
-                    if build_error:
-                        row.extra["error"] = build_error
-                    else:
-                        _measure(row, runner, inputs[(h, w, b)], references.get((h, w, b)), device, cfg,
-                                 warmup_ms, rep_ms, backend)
-                    if "error" in row.extra:
-                        tqdm.write(f"{case} {backend} {dname} b{b} {h}x{w}: error: {row.extra['error']}", file=sys.stderr)
-                    result.rows.append(row)
-                    bar.update(1)
-                if runner is not None:
-                    runner.close()
-                del runner
-                if workdir is not None:
-                    workdir.cleanup()
-                _free(device)
-                if on_update is not None:
-                    on_update(result)
-        del hf_model, hf_state, inputs, references
-        _free(device)
+    for index, (case, cfg, dtype, backend) in enumerate(plan):
+        dname = str(dtype).replace("torch.", "")
+        group = [(h, w, b) for h, w in sizes for b in batches_for(backend)]
+        why = _unavailable(backend, dtype, device)
+        if why is None and budget_s is not None and time.perf_counter() - start > budget_s:
+            why = f"time budget of {budget_s:g} s spent"
+            result.complete = False
+        if why is None and case not in prepared:
+            prepared[case] = _prepare(case, cfg, sizes, batches, seed, device, skip)
+        data = prepared.get(case)
+        if why is None and data is None:
+            why = "building the HF model failed (see above)"
+        if why is not None:
+            skip(case, backend, dtype, why)
+            bar.update(len(group))
+        else:
+            bar.set_postfix_str(f"{case} {backend} {dname}")
+            deadline = None if budget_s is None else start + budget_s
+            _run_group(result, case, cfg, dtype, backend, group, data, device, warmup_ms, rep_ms, bar, deadline)
+            if on_update is not None:
+                on_update(result)
+        if last_use[case] == index:
+            prepared[case] = None  # free its weights, inputs and references
+            _free(device)
     bar.close()
     return result
+
+
+@dataclass
+class _Prepared:
+    hf_model: torch.nn.Module  # CPU, float32
+    hf_state: dict[str, torch.Tensor]
+    inputs: dict[tuple[int, int, int], torch.Tensor]  # (h, w, batch) -> CPU input
+    references: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _prepare(case, cfg, sizes, batches, seed, device, skip) -> _Prepared | None:
+    """The shared weights, the inputs and the float32 references of one model (None when HF cannot build it)."""
+    try:
+        hf_model = build_hf_model(cfg, seed)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - recorded, the other models still run
+        skip(case, "all backends", None, f"building the HF model failed: {type(exc).__name__}: {_one_line(exc)}")
+        return None
+    hf_state = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {(h, w, b): torch.randn(b, 3, h, w, generator=gen) for h, w in sizes for b in batches}
+    return _Prepared(hf_model, hf_state, inputs, _references(cfg, hf_state, inputs, device))
+
+
+def _run_group(result, case, cfg, dtype, backend, group, data: _Prepared, device, warmup_ms, rep_ms, bar,
+               deadline: float | None = None) -> None:
+    """One backend in one dtype: built once, then every (size, batch) of ``group``; failures become error rows."""
+    from tqdm.auto import tqdm
+
+    dname = str(dtype).replace("torch.", "")
+    runner: Runner | None = None
+    build_error = None
+    workdir = tempfile.TemporaryDirectory(prefix="m2f-bench-onnx-") if backend == "onnxruntime" else None
+    try:
+        runner = _make_runner(backend, cfg, data.hf_model, data.hf_state, device, dtype, workdir)
+    except Exception as exc:  # noqa: BLE001
+        build_error = f"build: {type(exc).__name__}: {_one_line(exc)}"
+        _free(device)
+    for i, (h, w, b) in enumerate(group):
+        if deadline is not None and time.perf_counter() > deadline:
+            left = ", ".join(f"b{b_} {h_}x{w_}" for h_, w_, b_ in group[i:])
+            result.skipped.append(f"{case} {backend} {dname} {left}: skipped: time budget spent")
+            result.complete = False
+            tqdm.write(result.skipped[-1], file=sys.stderr)
+            bar.update(len(group) - i)
+            break
+        row = BenchRow(suite="model", case=case, backend=backend, dtype=dname, batch=b, height=h, width=w,
+                       median_ms=None, p90_ms=None,  # type: ignore[arg-type]
+                       extra={"precision": runner.precision if runner else "",
+                              "reference": "m2f-torch float32, same input"})
+        if build_error:
+            row.extra["error"] = build_error
+        else:
+            _measure(row, runner, data.inputs[(h, w, b)], data.references.get((h, w, b)), device, cfg,
+                     warmup_ms, rep_ms, backend)
+        if "error" in row.extra:
+            tqdm.write(f"{case} {backend} {dname} b{b} {h}x{w}: error: {row.extra['error']}", file=sys.stderr)
+        result.rows.append(row)
+        bar.update(1)
+    if runner is not None:
+        runner.close()
+    del runner
+    if workdir is not None:
+        workdir.cleanup()
+    _free(device)
 
 
 def _one_line(exc: BaseException) -> str:
