@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import sys
 import tempfile
 import time
@@ -330,7 +331,7 @@ def run(
     for h, w in sizes:
         if h % 32 or w % 32:
             raise InputError(f"size {h}x{w} is not a multiple of 32 (Mask2Former pads its inputs to 32): use e.g. 800x1344")
-    seed = int(torch.seed() % 2**31) if seed is None else seed
+    seed = int.from_bytes(os.urandom(4), "little") % 2**31 if seed is None else seed
     result = ModelBenchResult(rows=[], complete=True)
     start = time.perf_counter()
 

@@ -178,7 +178,9 @@ def run_model(args: argparse.Namespace) -> int:
     settings = {"models": [n for n, _ in models], "sizes": [f"{h}x{w}" for h, w in sizes], "batches": batches,
                 "dtypes": [str(d).replace("torch.", "") for d in dtypes], "backends": backends,
                 "compile_batches": compile_batches, "onnx_batches": onnx_batches, "warmup_ms": args.warmup_ms,
-                "rep_ms": args.rep_ms, "seed": seed}
+                "rep_ms": args.rep_ms, "seed": seed,
+                # float32 convolutions use TF32 on Ampere+ unless disabled: it sets the float32 rows' error level
+                "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}}
 
     def partial(result) -> None:  # written after every backend group: a run killed by a time limit keeps its rows
         bench_model.write(result, out, env=env, settings=settings, with_plot=False)
