@@ -9,6 +9,7 @@ from m2f.errors import InputError
 # op name -> module under m2f.bench providing ``run(...) -> list[BenchRow]`` and ``plot(rows, path)``.
 KERNEL_SUITES = {"ms_deform_attn": "m2f.bench.ms_deform_attn", "masked_attention": "m2f.bench.masked_attention"}
 DEFAULT_SIZES = "512x512,800x1344,1024x1024"
+MODEL_BACKENDS = ("hf-eager", "m2f-torch", "m2f-triton", "m2f-triton-compile", "onnxruntime")  # = bench.model.BACKENDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +25,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--device", default="cuda", help="cuda (default) or cpu (torch baselines only)")
     k.add_argument("--out", default="bench/results", help="results directory (bench/results)")
     k.set_defaults(func=run_kernels)
+
+    m = bsub.add_parser("model", help="end-to-end latency, throughput and memory: HF eager vs m2f backends vs ORT")
+    m.add_argument("--models", default="r50-coco-panoptic,swin-t-coco-panoptic",
+                   help="presets, comma-separated (r50-coco-panoptic,swin-t-coco-panoptic; see `m2f presets`)")
+    m.add_argument("--config", default=None,
+                   help="a custom m2f config (JSON file, or inline JSON) benchmarked instead of the presets")
+    m.add_argument("--sizes", default=DEFAULT_SIZES, help=f"input sizes HxW, multiples of 32 ({DEFAULT_SIZES})")
+    m.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (1,8)")
+    m.add_argument("--dtype", default="float32,bfloat16", help="float32 and/or bfloat16 (float32,bfloat16)")
+    m.add_argument("--backends", default=",".join(MODEL_BACKENDS),
+                   help=f"comma-separated ({','.join(MODEL_BACKENDS)})")
+    m.add_argument("--compile-batches", default="1", help="batches timed with m2f-triton-compile (1)")
+    m.add_argument("--onnx-batches", default="1", help="batches exported and timed with onnxruntime (1)")
+    m.add_argument("--device", default="cuda", help="cuda (default) or cpu (hf-eager and m2f-torch only)")
+    m.add_argument("--out", default="bench/results", help="results directory (bench/results)")
+    m.add_argument("--warmup-ms", type=float, default=50.0, help="warm-up per timing (50)")
+    m.add_argument("--rep-ms", type=float, default=200.0, help="measurement window per timing (200)")
+    m.add_argument("--budget-s", type=float, default=None,
+                   help="start no new backend after this many seconds (the rest is listed as skipped)")
+    m.add_argument("--seed", type=int, default=None, help="seed of the weights and inputs (default: fresh)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(func=run_model)
+
+    r = bsub.add_parser("report", help="regenerate README.md's performance table from bench/results/*.json")
+    r.add_argument("--results", default="bench/results", help="directory of result JSON files (bench/results)")
+    r.add_argument("--readme", default="README.md", help="file with the perf-table markers (README.md)")
+    r.set_defaults(func=run_report)
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -82,4 +110,98 @@ def run_kernels(args: argparse.Namespace) -> int:
                               plot=suite.plot)
         print(paths["md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def parse_backends(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in MODEL_BACKENDS]
+    if unknown or not names:
+        raise InputError(f"unknown backend {', '.join(unknown) or repr(text)}; choose from {', '.join(MODEL_BACKENDS)}")
+    return names
+
+
+def parse_models(args: argparse.Namespace) -> list:
+    """[(case name, Mask2FormerConfig)] from --config (a JSON file or inline JSON) or --models (preset names)."""
+    import json
+    from pathlib import Path
+
+    from m2f.config import Mask2FormerConfig, preset, preset_names
+    from m2f.errors import M2FError
+
+    if args.config:
+        text = args.config
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise InputError(f"--config {text}: no such file; pass a JSON config file (or inline JSON)")
+            text = path.read_text(encoding="utf-8")
+        try:
+            cfg = Mask2FormerConfig.from_dict(json.loads(text))
+        except (ValueError, M2FError) as exc:
+            raise InputError(f"--config is not an m2f config: {' '.join(str(exc).split())}") from None
+        return [(cfg.name or "custom", cfg)]
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in preset_names()]
+    if unknown or not names:
+        raise InputError(f"unknown model {', '.join(unknown) or repr(args.models)}; choose presets from `m2f presets`")
+    return [(n, preset(n)) for n in names]
+
+
+def run_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from m2f.bench import model as bench_model
+    from m2f.bench.common import environment
+
+    sizes, batches = parse_sizes(args.sizes), parse_ints(args.batch, "batch")
+    dtypes = parse_dtypes(args.dtype)
+    if torch.float16 in dtypes:
+        raise InputError("the model benchmark runs float32 and bfloat16 only; drop float16 from --dtype")
+    backends = parse_backends(args.backends)
+    compile_batches = parse_ints(args.compile_batches, "--compile-batches")
+    onnx_batches = parse_ints(args.onnx_batches, "--onnx-batches")
+    models = parse_models(args)
+    device = check_device(args.device)
+    if args.rep_ms <= 0 or args.warmup_ms < 0:
+        raise InputError("--rep-ms must be positive and --warmup-ms not negative")
+    import os
+    from pathlib import Path
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the results directory {out} ({exc.strerror}); pass a writable --out") from None
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
+    env = environment()
+    settings = {"models": [n for n, _ in models], "sizes": [f"{h}x{w}" for h, w in sizes], "batches": batches,
+                "dtypes": [str(d).replace("torch.", "") for d in dtypes], "backends": backends,
+                "compile_batches": compile_batches, "onnx_batches": onnx_batches, "warmup_ms": args.warmup_ms,
+                "rep_ms": args.rep_ms, "seed": seed,
+                # float32 convolutions use TF32 on Ampere+ unless disabled: it sets the float32 rows' error level
+                "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}}
+
+    def partial(result) -> None:  # written after every backend group: a run killed by a time limit keeps its rows
+        bench_model.write(result, out, env=env, settings=settings, with_plot=False)
+
+    result = bench_model.run(models, sizes, batches, dtypes, backends, device, compile_batches=compile_batches,
+                             onnx_batches=onnx_batches, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, seed=seed,
+                             budget_s=args.budget_s, progress=not args.no_progress, on_update=partial)
+    paths = bench_model.write(result, out, env=env, settings=settings)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from m2f.bench.report import END, START, perf_tables, update_readme
+
+    table = perf_tables(args.results)
+    if update_readme(args.readme, table):
+        print(f"updated the performance table in {args.readme}")
+        return 0
+    print(table)
+    print(f"{args.readme} has no {START} ... {END} markers: put both (each on its own line) where the table belongs, "
+          "then run `m2f bench report` again")
     return 0
