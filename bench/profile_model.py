@@ -65,7 +65,10 @@ def profile_variant(preset: str, backend: str, dtype: torch.dtype, height: int, 
     total_us = sum(device_us(e) for e in kernels)
     top = [{"kernel": e.key[:120], "ms_per_forward": device_us(e) / 1e3, "calls_per_forward": e.count // 5,
             "share": device_us(e) / total_us if total_us else None} for e in kernels[:15]]
-    return {"preset": preset, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
+    by_cpu = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    cpu_top = [{"op": e.key[:120], "self_cpu_ms_per_forward": e.self_cpu_time_total / 5e3,
+                "calls_per_forward": e.count // 5} for e in by_cpu]
+    return {"preset": preset, "cpu_top_ops": cpu_top, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
             "height": height, "width": width, "stages_ms": stages, "gpu_kernel_ms_per_forward": total_us / 1e3,
             "kernel_launches_per_forward": sum(e.count for e in kernels) // 5, "top_kernels": top}
 
@@ -92,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"; GPU kernel time {r['gpu_kernel_ms_per_forward']:.2f} ms in {r['kernel_launches_per_forward']} launches")
             for k in r["top_kernels"]:
                 print(f"  {k['ms_per_forward']:7.3f} ms {100 * k['share']:5.1f}% x{k['calls_per_forward']:<4d} {k['kernel'][:90]}")
+            print("  host (self CPU time per forward):")
+            for c in r["cpu_top_ops"]:
+                print(f"  {c['self_cpu_ms_per_forward']:7.3f} ms x{c['calls_per_forward']:<4d} {c['op'][:90]}")
     write_json_atomic(Path(args.out) / "profile.json", {**environment(), "profiles": results})
     return 0
 

@@ -162,35 +162,53 @@ def test_masked_attention_backward_real_size(gen):
         assert err <= 1e-4, f"grad {name}: rel err {err:.3e} (seed {gen.seed_value})"
 
 
-@pytest.mark.parametrize("preset", ["r50-coco-panoptic", "swin-t-coco-panoptic"])
-def test_full_model_triton_matches_torch(gen, preset):
-    """Same weights, backend "triton" against "torch", at 512x768, batch 2.
-
-    Whole-tensor relative error is the wrong measure at this size: the attention mask is a threshold
-    (logit >= 0) on values the two backends compute with different rounding, and among ~10^6 mask entries per
-    layer a few sit within rounding of 0 and flip. A flipped entry changes that query's attention, and the
-    change carries through the later layers for that query alone (seen: 8e-3 whole-tensor error on R50 from
-    one or two queries, every other query within 1e-6). So: most queries must agree to float32 rounding, and
-    only a few may differ."""
-    torch.manual_seed(gen.seed_value)
+def model_pair(preset: str, seed: int):
+    torch.manual_seed(seed)
     config = m2f.preset(preset)
     model_torch = m2f.build_model(config, backend="torch").cuda().eval()
     model_triton = m2f.build_model(config, backend="triton").cuda().eval()
     model_triton.load_state_dict(model_torch.state_dict())
+    return model_torch, model_triton
+
+
+@pytest.mark.parametrize("preset", ["r50-coco-panoptic", "swin-t-coco-panoptic"])
+def test_full_model_triton_matches_torch_without_mask_thresholds(gen, preset):
+    """Same weights, backend "triton" against "torch", at 512x768, batch 2, with every attention mask logit
+    exactly 0 (the mask embedding's last layer zeroed): every key allowed in both, so no threshold can flip and
+    the comparison covers everything else at full size (backbone, deformable attention, the attention kernel,
+    all nine layers) to float32 rounding."""
+    model_torch, model_triton = model_pair(preset, gen.seed_value)
+    for model in (model_torch, model_triton):
+        with torch.no_grad():
+            model.transformer_decoder.mask_embed.layers[-1].weight.zero_()
+            model.transformer_decoder.mask_embed.layers[-1].bias.zero_()
     x = torch.randn(2, 3, 512, 768, generator=gen, device="cuda")
     with torch.no_grad():
         ref = model_torch(x)
         poison_allocator()
         out = model_triton(x)
-    per_query = {}
-    for name in ("pred_logits", "pred_masks"):
-        got, want = getattr(out, name).flatten(2).double(), getattr(ref, name).flatten(2).double()
-        assert torch.isfinite(got).all(), f"{name}: non-finite values (seed {gen.seed_value})"
-        per_query[name] = ((got - want).norm(dim=-1) / want.norm(dim=-1)).flatten()  # (B * Q,)
-    errs = per_query["pred_logits"].maximum(per_query["pred_masks"])
-    n_off = int((errs > 1e-4).sum())
-    print(f"{preset} triton vs torch: whole-tensor logits {rel_err(out.pred_logits, ref.pred_logits):.2e}, "
-          f"masks {rel_err(out.pred_masks, ref.pred_masks):.2e}; per query median {errs.median():.2e}, "
-          f"{n_off}/{errs.numel()} queries above 1e-4")
-    assert errs.median() <= 1e-5, f"median per-query error {errs.median():.3e} (seed {gen.seed_value})"
-    assert n_off <= 0.03 * errs.numel(), f"{n_off} queries differ (seed {gen.seed_value})"
+    assert torch.equal(out.pred_masks, torch.zeros_like(out.pred_masks))
+    err = rel_err(out.pred_logits, ref.pred_logits)
+    print(f"{preset} triton vs torch, all keys allowed: logits rel err {err:.2e}")
+    assert err <= 1e-4, f"rel err {err:.3e} (seed {gen.seed_value})"
+
+
+@pytest.mark.parametrize("preset", ["r50-coco-panoptic", "swin-t-coco-panoptic"])
+def test_full_model_triton_close_to_torch_with_masks(gen, preset):
+    """The same with real masks. Whole-tensor agreement is then only loose: the attention mask is a threshold
+    (logit >= 0) on values the two backends round differently, a few of the ~10^6 entries per layer sit within
+    rounding of 0 and flip, and self-attention spreads each flip to every query (seen on R50: 8e-3 whole-tensor,
+    2e-4 median per query). The test above shows the rest agrees to float32 rounding."""
+    model_torch, model_triton = model_pair(preset, gen.seed_value)
+    x = torch.randn(2, 3, 512, 768, generator=gen, device="cuda")
+    with torch.no_grad():
+        ref = model_torch(x)
+        poison_allocator()
+        out = model_triton(x)
+    assert torch.isfinite(out.pred_logits).all() and torch.isfinite(out.pred_masks).all()
+    err_logits, err_masks = rel_err(out.pred_logits, ref.pred_logits), rel_err(out.pred_masks, ref.pred_masks)
+    agree = float((out.pred_masks >= 0).eq(ref.pred_masks >= 0).float().mean())
+    print(f"{preset} triton vs torch with masks: logits {err_logits:.2e}, masks {err_masks:.2e}, "
+          f"mask sign agreement {agree:.5f}")
+    assert err_logits <= 5e-2 and err_masks <= 5e-2, f"seed {gen.seed_value}"
+    assert agree >= 0.99, f"seed {gen.seed_value}"
