@@ -107,6 +107,14 @@ class _Flex:
             return
         self.create_block_mask = create_block_mask
         self.attend = torch.compile(flex_attention)  # automatic dynamic shapes after the first recompile
+        # Past dynamo's recompile limit (8) flex_attention silently runs unfused, materialising the scores: at
+        # 1024x1024 / batch 8 that took minutes on an H100 (2026-11-24) and stopped the run. Allow one compile per
+        # shape group instead.
+        from torch._dynamo import config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
 
     def case(self, q, k, v, logits, level) -> Callable[[], torch.Tensor] | None:
         if self.note is not None:
@@ -129,7 +137,8 @@ class _Flex:
 
         start = time.perf_counter()
         try:
-            fn()
+            with torch.no_grad():  # as it is timed: a grad-mode change would be one more recompile per shape
+                fn()
             torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 - any failure of an optional baseline is reported, not raised
             self.note = f"FlexAttention skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
