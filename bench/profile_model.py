@@ -10,30 +10,19 @@ most GPU time. Writes ``profile.json`` (every number printed) to --out. GPU only
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 
 import m2f
-from m2f.bench.common import environment
+from m2f.bench.common import environment, time_fn
 from m2f.io import write_json_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cuda_median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def cuda_median_ms(fn) -> float:
+    return time_fn(fn, warmup_ms=50.0, rep_ms=200.0).median_ms
 
 
 def profile_variant(preset: str, backend: str, dtype: torch.dtype, height: int, width: int, batch: int) -> dict:
