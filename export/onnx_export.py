@@ -216,14 +216,15 @@ def _masked_attention_translation() -> dict[Any, Any]:
     return {torch.ops.m2f.masked_attention_from_logits.default: masked_attention_to_plugin}
 
 
-def _require_masked_attention_op() -> None:
+def _require_custom_op(module: str, op_name: str, flag: str, kernel: str, fallback: str) -> None:
+    """Fail in one line if m2f.kernels' custom op ``m2f::op_name`` (needed by a plugin export mode) is missing."""
     try:
-        importlib.import_module("m2f.kernels.masked_attention.op")
-        torch.ops.m2f.masked_attention_from_logits.default  # noqa: B018
+        importlib.import_module(module)
+        getattr(torch.ops.m2f, op_name).default  # noqa: B018
     except (ImportError, AttributeError, RuntimeError):
         raise BackendUnavailableError(
-            "--masked-attn plugin needs the m2f::masked_attention_from_logits custom op of m2f.kernels (Triton "
-            "masked attention), which this build lacks; export with --masked-attn standard"
+            f"{flag} plugin needs the m2f::{op_name} custom op of m2f.kernels ({kernel}), which this build lacks; "
+            f"export with {flag} {fallback}"
         ) from None
 
 
@@ -231,17 +232,6 @@ def _masked_attention_layers(model: nn.Module) -> list[nn.Module]:
     from m2f.transformer_decoder import CrossAttentionLayer
 
     return [m for m in model.modules() if isinstance(m, CrossAttentionLayer)]
-
-
-def _require_msda_op() -> None:
-    try:
-        importlib.import_module("m2f.kernels.ms_deform_attn.op")
-        torch.ops.m2f.ms_deform_attn.default  # noqa: B018
-    except (ImportError, AttributeError, RuntimeError):
-        raise BackendUnavailableError(
-            "--msda plugin needs the m2f::ms_deform_attn custom op of m2f.kernels (Triton MSDA), which this build "
-            "lacks; export with --msda decomposed"
-        ) from None
 
 
 def _msda_modules(model: nn.Module) -> list[nn.Module]:
@@ -391,7 +381,7 @@ def to_onnx(
     translation: dict[Any, Any] = {}
     expected_plugin_nodes = None
     if msda == "plugin":
-        _require_msda_op()
+        _require_custom_op("m2f.kernels.ms_deform_attn.op", "ms_deform_attn", "--msda", "Triton MSDA", "decomposed")
         msda_modules = _msda_modules(module)
         for m in msda_modules:
             m.backend = "triton"  # the model-level switch: the custom op m2f::ms_deform_attn appears in the trace
@@ -399,7 +389,8 @@ def to_onnx(
         expected_plugin_nodes = len(msda_modules)
     expected_masked_nodes = None
     if masked_attn == "plugin":
-        _require_masked_attention_op()
+        _require_custom_op("m2f.kernels.masked_attention.op", "masked_attention_from_logits", "--masked-attn",
+                           "Triton masked attention", "standard")
         layers = _masked_attention_layers(module)
         for layer in layers:
             layer.backend = "triton"  # the custom op m2f::masked_attention_from_logits appears in the trace
