@@ -21,3 +21,7 @@ class InputError(M2FError):
 
 class BackendUnavailableError(M2FError):
     """The requested kernel backend cannot run here (no GPU, no Triton, no TensorRT, ...)."""
+
+
+class ConfigError(M2FError):
+    """A model configuration (``m2f_config.json``, an HF ``config.json``, a preset override) is invalid."""

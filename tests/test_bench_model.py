@@ -3,7 +3,6 @@ error rows, the README table, bad input. (The GPU backends are exercised by the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from m2f.bench.common import BenchRow, environment, write_results
 from m2f.cli import main
 from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
 from m2f.errors import InputError
+from tests.utils import fresh_seed
 
 pytest.importorskip("transformers")
 
@@ -53,7 +53,7 @@ def one_thread():
 def cli_run(tmp_path_factory):
     """One CPU run through the CLI: hf-eager + m2f-torch at 64x96, batch 1 and 2, float32 (+ two skipped backends)."""
     out = tmp_path_factory.mktemp("bench")
-    seed = int.from_bytes(os.urandom(4), "little") % 2**31
+    seed = fresh_seed("cli_run")
     argv = ["bench", "model", "--device", "cpu", "--config", json.dumps(tiny_config().to_dict()), "--sizes", "64x96",
             "--batch", "1,2", "--dtype", "float32", "--backends", "hf-eager,m2f-torch,m2f-triton,onnxruntime",
             "--out", str(out), "--rep-ms", "20", "--warmup-ms", "20", "--seed", str(seed), "--no-progress"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, Swin
 from m2f.errors import CheckpointError, M2FError
 from tests.test_model import hf_resnet_backbone, tiny_hf_model
 from tests.test_pixel_decoder import perturb_
+from tests.utils import fresh_seed
 
 ENC_LAYERS, DEC_LAYERS = 2, 3
 
@@ -236,7 +238,7 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001
     "make,match",
     [
         (lambda d: d / "nope", "does not exist"),
-        (lambda d: (d / "rand.bin").write_bytes(os.urandom(256).replace(b"\x80", b"\x00").replace(b"PK", b"pk")) and d / "rand.bin", "not a checkpoint"),
+        (lambda d: (d / "rand.bin").write_bytes(random.Random(fresh_seed()).randbytes(256).replace(b"\x80", b"\x00").replace(b"PK", b"pk")) and d / "rand.bin", "not a checkpoint"),
         (lambda d: (d / "notes.txt").write_text("hello\n") and d / "notes.txt", "not a checkpoint"),
         (lambda d: (d / "cat.png").write_bytes(PNG) and d / "cat.png", "not a checkpoint"),
         (lambda d: (d / "trunc.pkl").write_bytes(pickle.dumps({"model": {"a": 1}}, protocol=2)[:-5]) and d / "trunc.pkl", "not a readable"),

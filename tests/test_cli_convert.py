@@ -1,7 +1,7 @@
 """``m2f convert``: round trip from a HF directory, refusal to overwrite, one-line errors for bad inputs."""
 from __future__ import annotations
 
-import os
+import random
 import subprocess
 import sys
 
@@ -11,6 +11,7 @@ import torch
 import m2f
 from m2f.cli import main
 from tests.test_model import hf_resnet_backbone, tiny_hf_model
+from tests.utils import fresh_seed
 
 
 def test_convert_hf_round_trip(tmp_path, rng, capsys):
@@ -41,7 +42,7 @@ def test_convert_hf_round_trip(tmp_path, rng, capsys):
 
 
 def _bad_sources(d):
-    (d / "rand.bin").write_bytes(os.urandom(512).replace(b"\x80", b"\x01").replace(b"PK", b"pk"))
+    (d / "rand.bin").write_bytes(random.Random(fresh_seed()).randbytes(512).replace(b"\x80", b"\x01").replace(b"PK", b"pk"))
     (d / "notes.txt").write_text("not a model\n")
     (d / "vit").mkdir()
     (d / "vit" / "config.json").write_text('{"model_type": "vit", "hidden_size": 8}')

@@ -16,6 +16,7 @@ from m2f.cli import main
 from m2f.cli.predict import ImageEntry, group_into_batches, image_id_for, output_names, predict_entries, unique_stems
 from m2f.config import Mask2FormerConfig
 from m2f.outputs import rgb_to_id
+from tests.utils import fresh_seed
 
 
 
@@ -165,8 +166,34 @@ def test_prediction_loop_batches_equal_batch_size_one(tmp_path, rng, task):
     assert names == sorted(os.listdir(results[3]))
     assert len(names) == len(sizes) * len(output_names("x", task))
     for name in names:
-        a, b = (results[1] / name).read_bytes(), (results[3] / name).read_bytes()
-        assert a == b, f"{name} differs between batch sizes 1 and 3 (seed {rng.seed_value})"
+        _assert_same_output(results[1] / name, results[3] / name, f"{name}, batch sizes 1 and 3, seed {rng.seed_value}")
+
+
+def _assert_same_output(a: Path, b: Path, what: str) -> None:
+    """Equal up to float32 batch-reduction noise: a batch of 3 sums in another order than a batch of 1, so scores
+    may differ in the last bits (seen: 1e-7) and a pixel on a near-tie may flip; structure must be identical."""
+    if a.suffix == ".json":
+        _assert_json_close(json.loads(a.read_text()), json.loads(b.read_text()), what)
+    else:
+        pa, pb = np.asarray(Image.open(a)), np.asarray(Image.open(b))
+        assert pa.shape == pb.shape, what
+        differing = np.any(pa != pb, axis=-1) if pa.ndim == 3 else pa != pb
+        assert differing.mean() <= 1e-3, f"{what}: {differing.mean():.2%} of pixels differ"
+
+
+def _assert_json_close(a, b, what: str) -> None:
+    if isinstance(a, float) or isinstance(b, float):
+        assert abs(a - b) <= 1e-5 * max(abs(a), abs(b)) + 1e-6, f"{what}: {a} != {b}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{what}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            _assert_json_close(a[key], b[key], f"{what} [{key!r}]")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{what}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_json_close(x, y, f"{what} [{i}]")
+    else:
+        assert a == b, f"{what}: {a!r} != {b!r}"
 
 
 def test_stand_in_sees_padding_so_grouping_matters(rng):
@@ -231,7 +258,7 @@ E2E_IMAGES = [("a.png", 40, 60), ("b.jpg", 33, 64), ("c.png", 64, 64), ("d.jpg",
 @pytest.fixture(scope="module")
 def e2e_images(tmp_path_factory) -> list[Path]:
     g = torch.Generator()
-    g.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g.manual_seed(fresh_seed("e2e_images"))
     folder = tmp_path_factory.mktemp("images")
     return [_write_image(folder / name, g, h, w) for name, h, w in E2E_IMAGES]
 
@@ -266,7 +293,7 @@ def tiny_checkpoint(tmp_path_factory, e2e_images) -> tuple[Path, int]:
     probe = preprocess([load_image(e2e_images[0])], config)
     seeds = []
     for _ in range(30):
-        seed = int.from_bytes(os.urandom(4), "little")
+        seed = fresh_seed("tiny_checkpoint")
         seeds.append(seed)
         torch.manual_seed(seed)
         model = m2f.build_model(config).eval()

@@ -23,13 +23,10 @@ pytest.importorskip("onnxruntime")
 
 from m2f.export import check_onnx, to_onnx  # noqa: E402
 from m2f.export.plugins import TRT_MSDA  # noqa: E402
+from tests.utils import fresh_seed  # noqa: E402
 
 HEIGHT, WIDTH = 128, 192  # export size of the full-size models (multiples of 32, non-square)
 RTOL = 1e-4
-
-
-def _fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
 
 
 def _full_model(backbone: str, seed: int) -> torch.nn.Module:
@@ -55,7 +52,7 @@ def _assert_parity(report: dict, sizes: int, seed: int) -> None:
 
 
 def _export_and_check(tmp_path_factory, backbone: str, dynamic: bool) -> tuple[dict, dict, int]:
-    seed = _fresh_seed()
+    seed = fresh_seed()
     model = _full_model(backbone, seed)
     path = tmp_path_factory.mktemp(backbone) / f"{backbone}.onnx"
     result = to_onnx(model, path, height=HEIGHT, width=WIDTH, batch=1, dynamic=dynamic)
@@ -118,7 +115,7 @@ def _has_msda_op() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_msda_op(), reason="the m2f::ms_deform_attn custom op (msda branch) is not in this build")
 def test_plugin_mode_graph(tmp_path):
-    seed = _fresh_seed()
+    seed = fresh_seed()
     model = _full_model("r50", seed)
     path = tmp_path / "r50_plugin.onnx"
     result = to_onnx(model, path, height=HEIGHT, width=WIDTH, msda="plugin")
@@ -142,7 +139,7 @@ def test_plugin_mode_graph(tmp_path):
 
 def _tiny_hf_dir(tmp_path_factory, backbone: str) -> tuple[Path, int]:
     transformers = pytest.importorskip("transformers")
-    seed = _fresh_seed()
+    seed = fresh_seed()
     torch.manual_seed(seed)
     if backbone == "swin":
         bb = transformers.SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=2,

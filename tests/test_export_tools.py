@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from m2f.export.plugins import (
 )
 from m2f.export.tensorrt_build import default_profile, parse_shape, retarget_msda_nodes
 from m2f.export.triton_repo import write_triton_repo
+from tests.utils import fresh_seed
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -37,9 +37,8 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 @pytest.fixture
 def seeded() -> tuple[torch.Generator, int]:
-    """(generator, seed) with a fresh seed per test (tests/conftest.py's ``rng`` cannot carry its seed on torch
-    2.13: torch.Generator takes no new attributes)."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """(generator, seed) with a fresh seed per test."""
+    seed = fresh_seed()
     return torch.Generator().manual_seed(seed), seed
 
 

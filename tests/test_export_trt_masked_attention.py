@@ -23,7 +23,7 @@ from m2f.export.plugins import (
 )
 from m2f.kernels.masked_attention.naive import masked_attention_from_logits_torch
 from m2f.kernels.masked_attention.plugin_kernel import masked_attention_plugin
-from tests.utils import poisoned_like, rel_err
+from tests.utils import fresh_seed, poisoned_like, rel_err
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -199,7 +199,7 @@ def _tiny_model(seed: int) -> torch.nn.Module:
 def tiny_checkpoint(tmp_path_factory):
     import m2f
 
-    seed = int(torch.seed() % 2**31)
+    seed = fresh_seed("tiny_checkpoint")
     path = tmp_path_factory.mktemp("tiny") / "ckpt"
     m2f.save_pretrained(_tiny_model(seed), path)
     return path, seed

@@ -16,7 +16,7 @@ import m2f
 from m2f.kernels import masked_attention, masked_attention_from_logits, ms_deform_attn
 from m2f.kernels.masked_attention import masked_attention_from_logits_torch, masked_attention_torch
 from m2f.kernels.ms_deform_attn import ms_deform_attn_torch
-from tests.conftest import SeededGenerator
+from tests.utils import SeededGenerator
 from tests.utils import rel_err
 
 pytestmark = pytest.mark.gpu

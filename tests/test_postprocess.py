@@ -2,6 +2,7 @@
 panoptic against a plain loop of the official algorithm on random outputs."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -226,7 +227,11 @@ def test_panoptic_padded_batch_equals_each_image_alone(rng):
                             (48, 80), thing_classes=(0, 1), object_mask_threshold=0.6)
         assert batched[i].segmentation.shape == original_sizes[i]
         assert torch.equal(batched[i].segmentation, alone.segmentation), f"seed {rng.seed_value}"
-        assert batched[i].segments == alone.segments
+        assert [dataclasses.replace(s, score=0.0) for s in batched[i].segments] == \
+            [dataclasses.replace(s, score=0.0) for s in alone.segments], f"seed {rng.seed_value}"
+        # scores are float32 reductions over the batch: equal up to summation order
+        torch.testing.assert_close(torch.tensor([s.score for s in batched[i].segments]),
+                                   torch.tensor([s.score for s in alone.segments]), msg=f"seed {rng.seed_value}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,8 +294,10 @@ def test_instance_padded_batch_equals_each_image_alone(rng):
     for i in range(2):
         (alone,) = instance(cls[i : i + 1], masks[i : i + 1], sizes[i : i + 1], originals[i : i + 1], (32, 48), topk=7)
         assert batched[i].masks.shape == (7, *originals[i])
-        for name in ("masks", "scores", "labels", "boxes", "query_indices"):
+        for name in ("masks", "labels", "boxes", "query_indices"):
             assert torch.equal(getattr(batched[i], name), getattr(alone, name)), f"{name}, seed {rng.seed_value}"
+        # float32 reductions over the batch: equal up to summation order (seen: 1e-7 apart)
+        torch.testing.assert_close(batched[i].scores, alone.scores, msg=f"scores, seed {rng.seed_value}")
 
 
 def test_instance_masks_use_the_official_resize(rng):
@@ -352,7 +359,7 @@ def test_semantic_padded_batch_equals_each_image_alone(rng):
     batched = semantic(cls, masks, sizes, originals, (32, 32))
     for i in range(2):
         (alone,) = semantic(cls[i : i + 1], masks[i : i + 1], sizes[i : i + 1], originals[i : i + 1], (32, 32))
-        assert torch.equal(batched[i].probabilities, alone.probabilities), f"seed {rng.seed_value}"
+        torch.testing.assert_close(batched[i].probabilities, alone.probabilities, msg=f"seed {rng.seed_value}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

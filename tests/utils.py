@@ -1,7 +1,65 @@
 """Shared test helpers."""
 from __future__ import annotations
 
+import hashlib
+import os
+from collections import Counter
+
 import torch
+
+_SESSION_SEED: int | None = None
+_DRAWS: Counter[str] = Counter()  # how many seeds each key has drawn, so repeated draws differ but replay
+
+
+def session_seed_from_env() -> int:
+    """``M2F_TEST_SEED`` when set (to replay a run), else a fresh one."""
+    text = os.environ.get("M2F_TEST_SEED", "").strip()
+    if text:
+        try:
+            return int(text, 0)
+        except ValueError:
+            raise SystemExit(f"M2F_TEST_SEED must be an integer, got {text!r}") from None
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def set_session_seed(seed: int) -> None:
+    global _SESSION_SEED
+    _SESSION_SEED = seed
+    _DRAWS.clear()
+
+
+def session_seed() -> int:
+    if _SESSION_SEED is None:  # imported outside pytest (a helper script): still replayable through the variable
+        set_session_seed(session_seed_from_env())
+    assert _SESSION_SEED is not None
+    return _SESSION_SEED
+
+
+def fresh_seed(key: str | None = None) -> int:
+    """A 31-bit seed derived from the session seed and ``key`` (default: the running test's node id).
+
+    Module-scoped fixtures pass their own name as ``key``, so their inputs do not depend on which test set them up.
+    """
+    if key is None:
+        key = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    draw = _DRAWS[key]
+    _DRAWS[key] += 1
+    digest = hashlib.sha256(f"{session_seed()}:{key}:{draw}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") % 2**31
+
+
+class SeededGenerator(torch.Generator):
+    """A torch.Generator that remembers its seed (the C type takes no new attributes; a subclass does)."""
+
+    seed_value: int
+
+
+def seeded_generator(key: str | None = None) -> SeededGenerator:
+    seed = fresh_seed(key)
+    g = SeededGenerator()
+    g.manual_seed(seed)
+    g.seed_value = seed
+    return g
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
