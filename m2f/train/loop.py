@@ -42,7 +42,7 @@ from m2f.data.transforms import ScaleJitterCrop, collate, sample_generator
 from m2f.errors import CheckpointError, InputError, M2FError
 from m2f.io import atomic_path, write_text_atomic
 
-from .criterion import LossConfig, SetCriterion
+from .criterion import LossConfig, SetCriterion, _predictions
 from .optim import OptimConfig, build_optimizer, build_scheduler, clip_full_model
 from .state import (MANIFEST, TrainState, encoded_rng_state, has_state, is_state_file, load_state,
                     save_state, set_encoded_rng_state)
@@ -533,6 +533,7 @@ class Trainer:
     def _loop(self, start, stop_after, stream, model, criterion, optimizer, scheduler, scaler, params, log, bar,
               saved) -> None:
         opts, device = self.options, self.device
+        previous_loss = None
         tick = time.perf_counter()
         for iteration in range(start, opts.iters):
             epoch, (pixel_values, targets) = next(stream)
@@ -541,10 +542,15 @@ class Trainer:
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             with _amp_context(opts.amp, device):
                 outputs = model(pixel_values)
+            # checked before the loss, whose matcher cannot work with NaN / inf
+            if not self._all_finite([t for pair in _predictions(outputs) for t in pair]):
+                raise self._diverged(iteration + 1, "the predictions are not finite", saved, previous_loss,
+                                     iteration)
             losses = criterion(outputs, targets)
             loss = losses["loss"]
             if not self._all_finite([loss]):
-                raise self._diverged(iteration + 1, f"the loss is {float(loss)}", saved)
+                raise self._diverged(iteration + 1, f"the loss is {float(loss)}", saved, previous_loss, iteration)
+            previous_loss = loss.detach()
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -556,7 +562,8 @@ class Trainer:
                 loss.backward()
                 grad_norm = clip_full_model(params, opts.optim.clip_norm)
                 if not self._all_finite([grad_norm]):  # with a scaler, its step skips such iterations instead
-                    raise self._diverged(iteration + 1, f"the gradient norm is {float(grad_norm)}", saved)
+                    raise self._diverged(iteration + 1, f"the gradient norm is {float(grad_norm)}", saved, loss,
+                                         iteration + 1)
                 optimizer.step()
             scheduler.step()
             done = iteration + 1
@@ -572,7 +579,7 @@ class Trainer:
             stopping = stop_after is not None and done >= stop_after
             if done % opts.checkpoint_every == 0 or done == opts.iters or stopping:
                 if not self._all_finite(params):  # never replace the last good checkpoint by a broken one
-                    raise self._diverged(done, "the weights are no longer finite", saved)
+                    raise self._diverged(done, "the weights are no longer finite", saved, loss, done)
                 self.save_checkpoint(done, model, optimizer, scheduler, scaler)
                 saved = done
                 if log is not None:
@@ -588,12 +595,15 @@ class Trainer:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite)
 
-    def _diverged(self, iteration: int, what: str, saved: int | None) -> InputError:
+    def _diverged(self, iteration: int, what: str, saved: int | None, loss: torch.Tensor | None,
+                  loss_iteration: int) -> InputError:
+        """The error that stops a diverged run; ``loss`` is that of ``loss_iteration`` (None: none yet)."""
         lr = self.options.optim.lr
+        before = f" (loss {float(loss):.4g} at iteration {loss_iteration})" if loss is not None else ""
         kept = (f"the checkpoint of iteration {saved} in {self.run_dir} is kept" if saved is not None
                 else "no checkpoint was written")
-        return InputError(f"training diverged at iteration {iteration}: {what}; {kept}. Train again with a lower "
-                          f"--lr than {lr:g} (e.g. {lr / 10:g}) and --force")
+        return InputError(f"training diverged at iteration {iteration}: {what}{before}; {kept}. Train again with "
+                          f"a lower --lr than {lr:g} (e.g. {lr / 10:g}) and --force")
 
     def _log_row(self, done, epoch, losses, optimizer, grad_norm, iter_time, data_time) -> dict:
         keys = ("loss", "loss_ce", "loss_mask", "loss_dice")
