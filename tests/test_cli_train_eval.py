@@ -77,7 +77,7 @@ def test_train_bad_config(tmp_path, synth, capsys, monkeypatch, config, needle):
 @pytest.mark.parametrize("extra, needle", [(["--iters", "0"], "--iters"), (["--batch-size", "0"], "--batch-size"),
                                            (["--scale-range", "2,1"], "--scale-range"),
                                            (["--input-size", "12"], "--input-size"),
-                                           (["--resume"], "no checkpoint.pt")])
+                                           (["--resume"], "no training state")])
 def test_train_bad_options(tmp_path, synth, capsys, extra, needle, TRAIN):
     out = tmp_path / "run"
     assert main([*TRAIN, "--data", str(synth), "--out", str(out), *extra]) == 2

@@ -20,6 +20,7 @@ from m2f.data.transforms import ScaleJitterCrop, collate, sample_generator
 from m2f.errors import InputError
 from m2f.train.loop import DistEnv, dist_env_from, epoch_batches
 from m2f.train.optim import OptimConfig, PolyLambda, build_optimizer, param_groups
+from m2f.train.state import load_state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,8 +221,9 @@ def test_loss_falls_on_a_tiny_model(tmp_path, tiny_data):
     assert len(losses) == 30 and all(np.isfinite(losses))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.8 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
-    for name in ("checkpoint.pt", "log.csv", "loss.png", "train_config.json"):
+    for name in ("checkpoint.json", "log.csv", "loss.png", "train_config.json"):
         assert (tmp_path / "run" / name).is_file()
+    assert len(list((tmp_path / "run").glob("checkpoint-*.safetensors"))) == 1  # older tensor files are gone
     assert sorted(p.name for p in out.iterdir()) == ["m2f_config.json", "model.safetensors"]
     from m2f.checkpoints import from_pretrained
 
@@ -238,15 +240,17 @@ def test_resume_gives_the_same_state(tmp_path, tiny_data):
     Trainer(cfg, tiny_data, tmp_path / "straight", opts, device="cpu", progress=False).train()
     assert Trainer(cfg, tiny_data, tmp_path / "halves", opts, device="cpu", progress=False).train(stop_after=2) is None
     Trainer(cfg, tiny_data, tmp_path / "halves", opts, device="cpu", progress=False, resume=True).train()
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=False)
-    assert a["iteration"] == b["iteration"] == 4
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
-    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    a, b = load_state(tmp_path / "straight"), load_state(tmp_path / "halves")
+    assert a.iteration == b.iteration == 4
+    assert a.model.keys() == b.model.keys()
+    for key, value in a.model.items():
+        assert torch.equal(value, b.model[key]), key
+    assert a.optimizer["state"].keys() == b.optimizer["state"].keys()
+    for index, sa in a.optimizer["state"].items():
+        assert all(torch.equal(sa[k], b.optimizer["state"][index][k]) for k in sa), index
+    assert a.optimizer["param_groups"] == b.optimizer["param_groups"]
+    assert a.scheduler == b.scheduler and a.scheduler["last_epoch"] == 4
+    assert a.rng == b.rng
     la = [json.loads(x)["loss"] for x in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "halves" / "log.jsonl").read_text().splitlines()]
     assert la == lb
@@ -329,9 +333,9 @@ def test_ddp_two_processes_gloo(tmp_path, tiny_data):
         proc.communicate()
         pytest.fail("DDP training did not finish in 150 s")
     assert proc.returncode == 0, stderr[-3000:]
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["iteration"] == 2
-    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # each rank its own stream
+    state = load_state(out)
+    assert state.world_size == 2 and len(state.rng) == 2 and state.iteration == 2
+    assert state.rng[0]["torch"] != state.rng[1]["torch"]  # each rank its own stream
     rows = (out / "log.jsonl").read_text().splitlines()
     assert [json.loads(r)["iter"] for r in rows] == [1, 2]  # written once (rank 0), not twice
     assert (out / "model" / "model.safetensors").is_file()

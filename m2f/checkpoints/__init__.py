@@ -15,8 +15,10 @@ Every tensor of the checkpoint must be used and every parameter of the model fil
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -158,13 +160,34 @@ def _read_weights_file(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is missing; is the download complete?")
     if file.suffix == ".safetensors":
         return read_safetensors(file)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{file} is not a readable torch file ({type(exc).__name__}); is the download complete?") from None
+    state = torch_load_weights(file)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{file} does not hold a flat dict of tensors")
     return state
+
+
+def torch_load_weights(file: Path) -> Any:
+    """``torch.load(weights_only=True)``, the only way m2f reads torch files; its refusals become CheckpointErrors
+    that keep torch's warning about ``weights_only=False`` but never advise it."""
+    import pickle
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if not refused:
+            raise CheckpointError(f"{file} is not a readable torch file ({_first_line(exc)}); is it complete?") from None
+        raise CheckpointError(
+            f"{file} needs {refused.group(1)}, which torch.load(weights_only=True) refuses; m2f never loads with "
+            "weights_only=False because that can run arbitrary code from the file: use a checkpoint that holds only "
+            "tensors (an official .pkl / .pth, a Hugging Face folder or `m2f convert` output)") from None
+    except Exception as exc:  # a truncated / foreign file: torch raises assorted types
+        raise CheckpointError(f"{file} is not a readable torch file ({_first_line(exc)}); is it complete?") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -181,8 +204,10 @@ def _preview(keys: list[str], limit: int = 10) -> str:
     return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """``model.load_state_dict(state)`` that fails with one readable line unless every tensor matches exactly."""
+def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                           fix: str = "check the checkpoint and --preset") -> None:
+    """``model.load_state_dict(state)`` that fails with one readable line (ending in ``fix``) unless every tensor
+    matches exactly."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -201,6 +226,6 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
             parts.append(f"{len(mismatched)} shape mismatch(es): {_preview(mismatched, 5)}")
         name = getattr(getattr(model, "config", None), "name", "") or "the configured"
         raise CheckpointError(
-            f"{source} does not fit the {name} architecture: {'; '.join(parts)}; check the checkpoint and --preset"
+            f"{source} does not fit the {name} architecture: {'; '.join(parts)}; {fix}"
         )
     model.load_state_dict(state, strict=True)

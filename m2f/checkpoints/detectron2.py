@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from m2f.checkpoints import torch_load_weights
 from m2f.config import Mask2FormerConfig
 from m2f.errors import CheckpointError
 
@@ -57,13 +58,13 @@ def read_detectron2_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
     obj: Any = None
     if raw[:2] == b"PK":  # torch.save's zip container
-        obj = _torch_load(path)
+        obj = torch_load_weights(path)
     elif raw[:1] == b"\x80":  # a pickle (detectron2 .pkl, or torch.save's legacy format)
         try:
             obj = _load_restricted_pickle(raw)
         except pickle.UnpicklingError as exc:
             if "refusing to load torch" in str(exc):
-                obj = _torch_load(path)
+                obj = torch_load_weights(path)
             else:
                 raise CheckpointError(
                     f"{path} is not a checkpoint m2f can read safely ({exc}); expected numpy arrays under \"model\""
@@ -76,14 +77,6 @@ def read_detectron2_file(path: Path) -> dict[str, torch.Tensor]:
             "`m2f convert`, or an official .pkl / .pth file"
         )
     return _state_from_object(obj, path)
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable torch checkpoint with weights_only=True ({first[:200]})") from None
 
 
 def _state_from_object(obj: Any, path: Path) -> dict[str, torch.Tensor]:

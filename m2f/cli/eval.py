@@ -83,7 +83,7 @@ def _predictor(checkpoint: str | None, onnx_path: str | None, args, *, default: 
         raise CheckpointError(f"checkpoint {checkpoint} does not exist; check the path")
     from m2f.train.loop import is_run_checkpoint, model_from_run
 
-    if is_run_checkpoint(checkpoint):  # a training run in progress: RUN_DIR or RUN_DIR/checkpoint.pt
+    if is_run_checkpoint(checkpoint):  # a training run in progress: RUN_DIR or one of its state files
         model = model_from_run(checkpoint, backend=args.backend, device=args.device)
         return TorchPredictor(model, model.config, name=checkpoint, device=args.device)
     from m2f.checkpoints import from_pretrained

@@ -6,29 +6,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
+
+_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.05, "backbone_multiplier": 0.1, "clip": 0.01, "warmup_factor": 1.0}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or fine-tune on a dataset (COCO panoptic / instance, semantic PNGs)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="preset name (see `m2f presets`) or a JSON config file (Mask2FormerConfig "
-                   "fields, e.g. an m2f_config.json); the label set is taken from the dataset. Not needed with --resume")
+                   "fields, e.g. an m2f_config.json); the label set is taken from the dataset. Not needed with "
+                   "--resume (if given, it must be the run's)")
     p.add_argument("--data", required=True, help="dataset folder (see `m2f data --help` for the layouts)")
     p.add_argument("--format", choices=("panoptic", "instance", "semantic"), help="dataset format (default: detect)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, log.csv, loss.png, model/")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.json + checkpoint-*.safetensors (training "
+                   "state), log.jsonl, log.csv, loss.png, model/")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its training state")
     p.add_argument("--force", action="store_true", help="start a new run even if --out already holds one")
     p.add_argument("--init", metavar="CHECKPOINT", help="start from these weights (m2f folder, HF folder or "
                    "official .pkl/.pth); tensors whose shape differs (e.g. the class head) stay freshly initialised")
     p.add_argument("--iters", type=int, help="total iterations (1000; on --resume: the saved total)")
     p.add_argument("--batch-size", type=int, default=16, help="total batch over all processes (16)")
-    p.add_argument("--lr", type=float, default=1e-4, help="base learning rate (1e-4)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (0.05)")
-    p.add_argument("--backbone-multiplier", type=float, default=0.1, help="backbone lr multiplier (0.1)")
-    p.add_argument("--clip", type=float, default=0.01, help="full-model gradient-norm clip, 0 = off (0.01)")
+    p.add_argument("--lr", type=float, default=_DEFAULTS["lr"], help="base learning rate (1e-4)")
+    p.add_argument("--weight-decay", type=float, default=_DEFAULTS["weight_decay"], help="AdamW weight decay (0.05)")
+    p.add_argument("--backbone-multiplier", type=float, default=_DEFAULTS["backbone_multiplier"],
+                   help="backbone lr multiplier (0.1)")
+    p.add_argument("--clip", type=float, default=_DEFAULTS["clip"],
+                   help="full-model gradient-norm clip, 0 = off (0.01)")
     p.add_argument("--warmup-iters", type=int, default=0, help="linear lr warm-up iterations (0)")
-    p.add_argument("--warmup-factor", type=float, default=1.0,
+    p.add_argument("--warmup-factor", type=float, default=_DEFAULTS["warmup_factor"],
                    help="lr multiplier at iteration 0 of the warm-up (official: 1.0, i.e. no warm-up)")
     p.add_argument("--input-size", help="training crop HxW (default: the first image's size rounded up to 32)")
     p.add_argument("--scale-range", default="0.1,2.0", help="large-scale-jitter range MIN,MAX (0.1,2.0)")
@@ -38,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--backend", default="torch", choices=("torch", "triton", "auto"), help="attention ops (torch)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation (0)")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="save checkpoint.pt every N iterations (500)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="save the training state every N iterations (500)")
     p.add_argument("--log-every", type=int, default=10, help="log every N iterations (10)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (0)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -55,8 +62,9 @@ def _parse_pair(text: str, what: str, cast=float) -> tuple:
     except ValueError:
         example = "128x128" if sep == "x" else "0.1,2.0"
         raise InputError(f"bad {what} {text!r}: write it like {example}") from None
-    if a <= 0 or b <= 0 or (sep == "," and a > b):
-        raise InputError(f"bad {what} {text!r}: values must be positive" + (" and MIN <= MAX" if sep == "," else ""))
+    if not (math.isfinite(a) and math.isfinite(b)) or a <= 0 or b <= 0 or (sep == "," and a > b):
+        raise InputError(f"bad {what} {text!r}: values must be positive and finite"
+                         + (" and MIN <= MAX" if sep == "," else ""))
     return a, b
 
 
@@ -114,8 +122,9 @@ def run(args: argparse.Namespace) -> int:
     from m2f.data.datasets import open_dataset
     from m2f.errors import InputError
     from m2f.train.criterion import LossConfig
-    from m2f.train.loop import CHECKPOINT, Trainer, TrainOptions, dist_env_from
+    from m2f.train.loop import Trainer, TrainOptions, dist_env_from
     from m2f.train.optim import OptimConfig
+    from m2f.train.state import MANIFEST, has_state
 
     # validate everything before touching --out
     if args.threads is not None:
@@ -129,13 +138,21 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--iters must be >= 1")
     if args.workers < 0:
         raise InputError("--workers must be >= 0")
-    if args.lr <= 0:
-        raise InputError("--lr must be > 0")
+    for name, low, strict in (("lr", 0.0, True), ("weight_decay", 0.0, False), ("backbone_multiplier", 0.0, False),
+                              ("clip", 0.0, False), ("warmup_factor", 0.0, True)):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} {value} is not a {'positive' if strict else 'non-negative'} finite number; "
+                             f"pass e.g. {flag} {_DEFAULTS[name]}")
+    if args.warmup_iters < 0:
+        raise InputError("--warmup-iters must be >= 0")
     out = Path(args.out)
     env = dist_env_from()
     if args.resume:
-        if not (out / CHECKPOINT).is_file():
-            raise InputError(f"--resume: {out} holds no {CHECKPOINT}; start a new run without --resume")
+        if not has_state(out):
+            raise InputError(f"--resume: {out} holds no training state ({MANIFEST}); start a new run without "
+                             "--resume")
     elif out.exists() and any(out.iterdir()) and not args.force:
         raise InputError(f"{out} already exists and is not empty; pass --resume to continue it or --force to "
                          "start over")
@@ -161,26 +178,18 @@ def run(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.data, format=args.format)
     if len(dataset) == 0:
         raise InputError(f"the dataset in {args.data} has no images")
-    if args.resume:
-        config = None
-    else:
-        if not args.config:
-            raise InputError("--config is required for a new run (a preset name or a JSON config file)")
-        config = load_config(args.config)
+    config = None  # on --resume: the run's own, which --config (if given) must equal
+    if args.config:
         task = {"panoptic": "panoptic", "instance": "instance", "semantic": "semantic"}[dataset.format]
-        config = config.replace(num_classes=dataset.num_classes, default_task=task, **dataset.label_set())
-    init_state = _init_state(args.init, config) if (args.init and config is not None) else None
-    trainer = Trainer(config if config is not None else _placeholder_config(dataset), dataset, out, options,
-                      device=args.device, resume=args.resume, init_state=init_state, progress=not args.quiet,
-                      env=env, resume_iters=args.iters)
+        config = load_config(args.config).replace(num_classes=dataset.num_classes, default_task=task,
+                                                  **dataset.label_set())
+    elif not args.resume:
+        raise InputError("--config is required for a new run (a preset name or a JSON config file)")
+    init_state = _init_state(args.init, config) if (args.init and not args.resume) else None
+    trainer = Trainer(config, dataset, out, options, device=args.device, resume=args.resume, init_state=init_state,
+                      progress=not args.quiet, env=env, resume_iters=args.iters)
     model_dir = trainer.train()
     if env.is_main:
         print(f"trained {trainer.options.iters} iterations; weights in {model_dir}; logs in {out}")
     return 0
 
-
-def _placeholder_config(dataset):
-    """Resumed runs take their config from the checkpoint; this only carries the dataset's class count."""
-    from m2f.config import Mask2FormerConfig
-
-    return Mask2FormerConfig(num_classes=dataset.num_classes)

@@ -111,18 +111,72 @@ def _load_rgb(path: Path) -> np.ndarray:
 
 def _require(cond: bool, path: Path, what: str) -> None:
     if not cond:
-        raise InputError(f"{path} is not a valid dataset annotation file: {what}")
+        raise InputError(f"{path} is not a valid dataset annotation file: {what}; fix the JSON or regenerate the "
+                         "dataset (`m2f data --help` describes the format)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false are not ids
+
+
+def _is_id(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, str)
+
+
+def _is_flag(value: Any) -> bool:
+    return isinstance(value, bool) or (_is_int(value) and value in (0, 1))
+
+
+def _check_field(item: dict, key: str, test, expected: str, path: Path, where: str, required: bool = True) -> None:
+    """``item[key]`` passes ``test``; ``where`` says which item ("image 'a.png'", "category #3")."""
+    if key not in item:
+        _require(not required, path, f"{where} lacks '{key}'")
+    elif not test(item[key]):
+        _require(False, path, f"{where} has {key} {item[key]!r} ({type(item[key]).__name__}), expected {expected}")
 
 
 def _categories_from_json(raw: Any, path: Path) -> list[Category]:
     _require(isinstance(raw, list) and len(raw) > 0, path, "'categories' must be a non-empty list")
     cats = []
-    for c in raw:
-        _require(isinstance(c, dict) and "id" in c, path, "every category needs an 'id'")
-        cats.append(Category(int(c["id"]), str(c.get("name", f"class_{c['id']}")), bool(c.get("isthing", 1))))
+    for number, c in enumerate(raw):
+        where = f"category #{number}"
+        _require(isinstance(c, dict), path, f"{where} is a {type(c).__name__}, not an object")
+        _check_field(c, "id", _is_int, "an integer", path, where)
+        _check_field(c, "name", lambda v: isinstance(v, str), "a string", path, where, required=False)
+        _check_field(c, "isthing", _is_flag, "0 or 1", path, where, required=False)
+        cats.append(Category(c["id"], c.get("name", f"class_{c['id']}"), bool(c.get("isthing", 1))))
     ids = [c.dataset_id for c in cats]
-    _require(len(set(ids)) == len(ids), path, "category ids must be unique")
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    _require(not duplicates, path, f"category ids {duplicates} appear more than once")
     return sorted(cats, key=lambda c: c.dataset_id)
+
+
+def _index_images(raw: list, path: Path, fields: tuple[tuple[str, Any, str], ...] = ()) -> dict[Any, dict]:
+    """'images' by id: every image an object with a unique int or str 'id', a 'file_name' and ``fields``."""
+    images: dict[Any, dict] = {}
+    for number, img in enumerate(raw):
+        _require(isinstance(img, dict), path, f"image #{number} is a {type(img).__name__}, not an object")
+        where = f"image #{number}"
+        _check_field(img, "id", _is_id, "an integer or string", path, where)
+        _check_field(img, "file_name", lambda v: isinstance(v, str) and v != "", "a file name", path, where)
+        for key, test, expected in fields:
+            _check_field(img, key, test, expected, path, f"image {img['file_name']!r}")
+        _require(img["id"] not in images, path, f"image id {img['id']!r} appears more than once")
+        images[img["id"]] = img
+    return images
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header, with _load_rgb's errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError(f"image {path} listed in the dataset does not exist; check the dataset folder")
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"image {path} cannot be decoded ({exc}); the file is corrupt") from None
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
@@ -150,22 +204,32 @@ class CocoPanopticDataset(SegmentationDataset):
             _require(isinstance(data.get(key), list), self.json_path, f"missing list '{key}'")
         self.categories = _categories_from_json(data["categories"], self.json_path)
         self.contiguous = {c.dataset_id: i for i, c in enumerate(self.categories)}
-        images = {}
-        for img in data["images"]:
-            _require(isinstance(img, dict) and "id" in img and "file_name" in img, self.json_path,
-                     "every image needs 'id' and 'file_name'")
-            images[img["id"]] = img
+        images = _index_images(data["images"], self.json_path)
         self.records = []
-        for ann in data["annotations"]:
-            _require(isinstance(ann, dict) and "image_id" in ann and "file_name" in ann
-                     and isinstance(ann.get("segments_info"), list), self.json_path,
-                     "every annotation needs 'image_id', 'file_name' and a 'segments_info' list")
-            _require(ann["image_id"] in images, self.json_path, f"annotation for unknown image id {ann['image_id']}")
+        annotated: set = set()
+        for number, ann in enumerate(data["annotations"]):
+            path, where = self.json_path, f"annotation #{number}"
+            _require(isinstance(ann, dict), path, f"{where} is a {type(ann).__name__}, not an object")
+            _check_field(ann, "image_id", lambda v: _is_id(v) and v in images, "the id of an image in 'images'",
+                         path, where)
+            where = f"the annotation of image {images[ann['image_id']]['file_name']!r}"
+            _require(ann["image_id"] not in annotated, path, f"{where} appears more than once")
+            annotated.add(ann["image_id"])
+            _check_field(ann, "file_name", lambda v: isinstance(v, str) and v != "", "a PNG file name", path, where)
+            _check_field(ann, "segments_info", lambda v: isinstance(v, list), "a list", path, where)
+            seen: set[int] = set()
             for seg in ann["segments_info"]:
-                _require(isinstance(seg, dict) and "id" in seg and "category_id" in seg, self.json_path,
-                         "every segment needs 'id' and 'category_id'")
-                _require(seg["category_id"] in self.contiguous, self.json_path,
-                         f"segment of unknown category {seg['category_id']}")
+                _require(isinstance(seg, dict), path, f"{where} has a segment that is not an object: {seg!r}")
+                _check_field(seg, "id", lambda v: _is_int(v) and v > 0, "a positive integer (0 is void)", path, where)
+                seg_where = f"{where}, segment {seg['id']},"
+                _require(seg["id"] not in seen, path, f"{where} lists segment id {seg['id']} more than once")
+                seen.add(seg["id"])
+                _check_field(seg, "category_id", _is_int, "an integer category id", path, seg_where)
+                _require(seg["category_id"] in self.contiguous, path, f"{seg_where} has category_id "
+                         f"{seg['category_id']}, which 'categories' does not list")
+                _check_field(seg, "iscrowd", _is_flag, "0 or 1", path, seg_where, required=False)
+                _check_field(seg, "area", lambda v: _is_int(v) and v >= 0, "a pixel count", path, seg_where,
+                             required=False)
             self.records.append((images[ann["image_id"]], ann))
         self.records.sort(key=lambda r: str(r[0]["file_name"]))
         self.raw_categories = data["categories"]
@@ -177,31 +241,43 @@ class CocoPanopticDataset(SegmentationDataset):
         return self.image_dir / self.records[index][0]["file_name"]
 
     def panoptic(self, index: int) -> tuple[np.ndarray, list[dict]]:
-        """The (H, W) segment-id map and the segments_info of image ``index`` (ground truth for PQ)."""
+        """The (H, W) segment-id map and the segments_info of image ``index`` (ground truth for PQ), checked
+        against each other as panopticapi does: same size as the image, the same segment ids in both."""
         from PIL import Image
 
-        ann = self.records[index][1]
+        image_info, ann = self.records[index]
         path = self.panoptic_dir / ann["file_name"]
         if not path.is_file():
-            raise InputError(f"panoptic PNG {path} listed in {self.json_path.name} does not exist")
+            raise InputError(f"panoptic PNG {path} listed in {self.json_path.name} does not exist; add it or "
+                             "remove its annotation")
         try:
             with Image.open(path) as img:
                 ids = rgb_to_id(np.asarray(img.convert("RGB")))
         except OSError as exc:
-            raise InputError(f"panoptic PNG {path} cannot be decoded ({exc})") from None
+            raise InputError(f"panoptic PNG {path} cannot be decoded ({exc}); the file is corrupt") from None
+        size = _image_size(self.image_path(index))
+        if ids.shape != size:
+            raise InputError(f"panoptic PNG {path} is {ids.shape[0]}x{ids.shape[1]} but image "
+                             f"{image_info['file_name']!r} is {size[0]}x{size[1]}; the PNG must be of the image's size")
+        listed = {seg["id"] for seg in ann["segments_info"]}
+        in_png = set(np.unique(ids).tolist()) - {0}
+        if listed - in_png:
+            raise InputError(f"{self.json_path.name}: segments_info ids {sorted(listed - in_png)} of image "
+                             f"{image_info['file_name']!r} appear in no pixel of {path}; remove them from "
+                             "segments_info or regenerate the PNG")
+        if in_png - listed:
+            raise InputError(f"{path} has segment ids {sorted(in_png - listed)[:10]} that segments_info of image "
+                             f"{image_info['file_name']!r} in {self.json_path.name} does not list; add them or "
+                             "regenerate the PNG")
         return ids, ann["segments_info"]
 
     def __getitem__(self, index: int) -> Sample:
         image_info, _ = self.records[index]
         image = _load_rgb(self.image_path(index))
         ids, segments = self.panoptic(index)
-        if ids.shape != image.shape[:2]:
-            raise InputError(f"panoptic PNG of {image_info['file_name']} is {ids.shape}, image is {image.shape[:2]}")
         masks, labels, crowd, seg_ids = [], [], [], []
         for seg in segments:
             mask = ids == seg["id"]
-            if not mask.any():
-                continue
             masks.append(mask)
             labels.append(self.contiguous[seg["category_id"]])
             crowd.append(bool(seg.get("iscrowd", 0)))
@@ -228,19 +304,21 @@ class CocoInstanceDataset(SegmentationDataset):
             _require(isinstance(data.get(key), list), self.json_path, f"missing list '{key}'")
         self.categories = _categories_from_json(data["categories"], self.json_path)
         self.contiguous = {c.dataset_id: i for i, c in enumerate(self.categories)}
-        self.images = []
-        for img in data["images"]:
-            _require(isinstance(img, dict) and {"id", "file_name", "height", "width"} <= set(img), self.json_path,
-                     "every image needs 'id', 'file_name', 'height' and 'width'")
-            self.images.append(img)
-        self.images.sort(key=lambda i: str(i["file_name"]))
+        positive = (lambda v: _is_int(v) and v > 0, "a positive integer")
+        images = _index_images(data["images"], self.json_path, (("height", *positive), ("width", *positive)))
+        self.images = sorted(images.values(), key=lambda i: i["file_name"])
         self.anns: dict[Any, list[dict]] = {img["id"]: [] for img in self.images}
-        for ann in data["annotations"]:
-            _require(isinstance(ann, dict) and {"image_id", "category_id", "segmentation"} <= set(ann),
-                     self.json_path, "every annotation needs 'image_id', 'category_id' and 'segmentation'")
-            _require(ann["category_id"] in self.contiguous, self.json_path,
-                     f"annotation of unknown category {ann['category_id']}")
-            _require(ann["image_id"] in self.anns, self.json_path, f"annotation for unknown image {ann['image_id']}")
+        for number, ann in enumerate(data["annotations"]):
+            path, where = self.json_path, f"annotation #{number}"
+            _require(isinstance(ann, dict), path, f"{where} is a {type(ann).__name__}, not an object")
+            _check_field(ann, "image_id", lambda v: _is_id(v) and v in images, "the id of an image in 'images'",
+                         path, where)
+            _check_field(ann, "category_id", _is_int, "an integer category id", path, where)
+            _require(ann["category_id"] in self.contiguous, path,
+                     f"{where} has category_id {ann['category_id']}, which 'categories' does not list")
+            _check_field(ann, "segmentation", lambda v: isinstance(v, (list, dict)), "polygons or an RLE", path,
+                         where)
+            _check_field(ann, "iscrowd", _is_flag, "0 or 1", path, where, required=False)
             self.anns[ann["image_id"]].append(ann)
         self.coco_json = data
 

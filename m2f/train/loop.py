@@ -2,14 +2,15 @@
 
 A run directory holds::
 
-    RUN_DIR/checkpoint.pt    latest state: model, optimizer, scheduler, grad scaler, RNG states of every rank,
-                             iteration, model config and training options (written atomically)
+    RUN_DIR/checkpoint.json  latest state: iteration, model config, training options, scheduler, grad scaler,
+                             RNG states of every rank, and the name of its tensor file (see m2f.train.state)
+    RUN_DIR/checkpoint-*.safetensors  that state's model weights and optimizer tensors
     RUN_DIR/log.jsonl        one JSON object per logged iteration (losses, lr, grad norm, timings)
     RUN_DIR/log.csv          the same rows as CSV
     RUN_DIR/loss.png         loss curves
     RUN_DIR/model/           final weights in m2f's format (m2f_config.json + model.safetensors)
 
-Resuming restores everything in ``checkpoint.pt`` and continues the data order where it stopped (the sample
+Resuming restores that state and continues the data order where it stopped (the sample
 order and each sample's augmentation are pure functions of (seed, epoch, index)), so N iterations straight and
 N/2 + resume + N/2 end in the same state. Several processes (``torchrun --nproc_per_node G m2f train ...``) train
 with DistributedDataParallel: the process group comes from the torchrun environment (WORLD_SIZE > 1); each
@@ -18,12 +19,14 @@ rank reads its DistributedSampler share of every batch; only rank 0 writes.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
 import os
 import random
 import time
+import typing
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -36,13 +39,14 @@ import torch.distributed as dist
 from m2f.config import Mask2FormerConfig
 from m2f.data.datasets import SegmentationDataset
 from m2f.data.transforms import ScaleJitterCrop, collate, sample_generator
-from m2f.errors import InputError
+from m2f.errors import CheckpointError, InputError, M2FError
 from m2f.io import atomic_path, write_text_atomic
 
-from .criterion import LossConfig, SetCriterion
+from .criterion import LossConfig, SetCriterion, _predictions
 from .optim import OptimConfig, build_optimizer, build_scheduler, clip_full_model
+from .state import (MANIFEST, TrainState, encoded_rng_state, has_state, is_state_file, load_state,
+                    save_state, set_encoded_rng_state)
 
-CHECKPOINT = "checkpoint.pt"
 LOG_COLUMNS = ("iter", "epoch", "lr", "loss", "loss_ce", "loss_mask", "loss_dice", "grad_norm", "iter_time",
                "data_time")
 
@@ -68,13 +72,40 @@ class TrainOptions:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainOptions":
-        data = dict(data)
-        optim = OptimConfig(**data.pop("optim", {}))
-        loss = LossConfig(**data.pop("loss", {}))
-        for key in ("input_size", "scale_range"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(optim=optim, loss=loss, **data)
+        """The inverse of :meth:`to_dict`; a missing, unknown or mistyped field raises ValueError naming it."""
+        return _typed_from_dict(cls, data, "")
+
+
+def _typed_from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'options'} is a {type(data).__name__}, not an object")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    missing = sorted(names - set(data))
+    if unknown or missing:
+        raise ValueError(f"{where or 'options'} has unknown field(s) {unknown} / lacks {missing}")
+    return cls(**{name: _typed_value(data[name], hints[name], where + name) for name in names})
+
+
+def _typed_value(value: Any, hint: Any, where: str) -> Any:
+    """``value`` (from JSON) as type ``hint``: int, float, bool, str, tuple[...], X | None or a dataclass."""
+    if dataclasses.is_dataclass(hint):
+        return _typed_from_dict(hint, value, where + ".")
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return None if value is None else _typed_value(value, next(a for a in args if a is not type(None)), where)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list) or len(value) != len(args):
+            raise ValueError(f"{where} is {value!r}, expected a list of {len(args)}")
+        return tuple(_typed_value(v, a, where) for v, a in zip(value, args))
+    if hint in (bool, str):
+        fits = isinstance(value, hint)
+    else:  # int or float; JSON booleans are not numbers here
+        fits = isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if not fits:
+        raise ValueError(f"{where} is {value!r}, expected {hint.__name__}")
+    return float(value) if hint is float else value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,21 +209,6 @@ def batch_stream(samples: _Samples, per_rank_batch: int, env: DistEnv, seed: int
 # ---------------------------------------------------------------------------------------------------
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -211,9 +227,14 @@ class RunLog:
         self.jsonl, self.csv, self.png = run_dir / "log.jsonl", run_dir / "log.csv", run_dir / "loss.png"
         self.rows: list[dict] = []
         if start_iter > 0 and self.jsonl.exists():  # keep what the checkpoint covers, drop the rest
-            for line in self.jsonl.read_text(encoding="utf-8").splitlines():
-                row = json.loads(line)
-                if row["iter"] <= start_iter:
+            for number, line in enumerate(self.jsonl.read_text(encoding="utf-8").splitlines(), 1):
+                try:
+                    row = json.loads(line)
+                    covered = row["iter"] <= start_iter
+                except (ValueError, TypeError, KeyError):
+                    raise CheckpointError(f"{self.jsonl} line {number} is not a log row; repair the line, or delete "
+                                          "the file to resume with a log that starts here") from None
+                if covered:
                     self.rows.append(row)
         write_text_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
         buffer = io.StringIO()
@@ -272,54 +293,115 @@ def _infer_input_size(dataset: SegmentationDataset, divisibility: int) -> tuple[
     return math.ceil(h / div) * div, math.ceil(w / div) * div
 
 
-def load_checkpoint(run_dir: Path) -> dict:
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise InputError(f"--resume: no {CHECKPOINT} in {run_dir}; start a new run without --resume")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated / foreign file
-        raise InputError(f"cannot read {path} ({type(exc).__name__}: {exc}); it is not an m2f training checkpoint")
+def _run_dir_of(path: Path) -> Path:
+    return path.parent if path.is_file() else path
 
 
 def model_from_run(path: str | Path, backend: str = "torch", device: str = "cpu") -> torch.nn.Module:
-    """The model of a training checkpoint (RUN_DIR or RUN_DIR/checkpoint.pt), in eval mode."""
+    """The model of a run's training state (RUN_DIR, or one of its state files), in eval mode."""
+    from m2f.checkpoints import load_state_dict_strict
     from m2f.model import build_model
 
-    path = Path(path)
-    ckpt = load_checkpoint(path if path.is_dir() else path.parent)
-    model = build_model(Mask2FormerConfig.from_dict(ckpt["config"]), backend=backend)
-    model.load_state_dict(ckpt["model"])
+    run_dir = _run_dir_of(Path(path))
+    state = load_state(run_dir)
+    model = build_model(_saved_config(state, run_dir), backend=backend)
+    load_state_dict_strict(model, state.model, source=str(run_dir / MANIFEST),
+                           fix="the run's state is damaged; evaluate its final weights in RUN_DIR/model if it has them")
     return model.to(device).eval()
 
 
 def is_run_checkpoint(path: str | Path) -> bool:
-    """A training checkpoint.pt, or a run folder that has one but no final model yet."""
+    """A run's training state (checkpoint.json, its tensor file, a legacy checkpoint.pt), or a run folder that has
+    one but no final model yet."""
     path = Path(path)
     if path.is_file():
-        return path.name == CHECKPOINT
-    return (path / CHECKPOINT).is_file() and not (path / "model.safetensors").is_file()
+        return is_state_file(path)
+    return has_state(path) and not (path / "model.safetensors").is_file()
+
+
+def _saved_config(state: TrainState, run_dir: Path) -> Mask2FormerConfig:
+    try:
+        return Mask2FormerConfig.from_dict(state.config)
+    except M2FError as exc:
+        raise CheckpointError(f"{run_dir / MANIFEST}: its model config is invalid ({exc}); restore the run folder "
+                              "from a backup or start a new run with --force") from None
+
+
+def _config_differences(given: Mask2FormerConfig, saved: Mask2FormerConfig) -> list[str]:
+    def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(obj, dict):
+            return {k: v for key, value in obj.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: obj}
+
+    a, b = flat(given.to_dict()), flat(saved.to_dict())
+    return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, where: Path, damaged: str) -> None:
+    """torch's load_state_dict checks the group sizes only: the state of another model with as many parameters
+    would load and then fail, or train wrongly. Groups must carry this model's parameter names and shapes."""
+    groups, live = saved["param_groups"], optimizer.param_groups
+    names = [g.get("name") if isinstance(g, dict) else None for g in groups]
+    if names != [g["name"] for g in live]:
+        raise CheckpointError(f"{where}: the optimizer state is of other parameters than this model's "
+                              f"({len(groups)} groups vs {len(live)}); {damaged}")
+    params: dict[int, tuple[str, torch.Tensor]] = {}
+    for group, live_group in zip(groups, live):
+        indices = group.get("params")
+        if (not isinstance(indices, list) or len(indices) != len(live_group["params"])
+                or not all(isinstance(i, int) for i in indices)):
+            raise CheckpointError(f"{where}: optimizer group {group['name']} has params {indices!r}; {damaged}")
+        params.update({index: (group["name"], p) for index, p in zip(indices, live_group["params"])})
+    for index, values in saved["state"].items():
+        if index not in params:
+            raise CheckpointError(f"{where}: optimizer state for parameter {index}, which no group lists; {damaged}")
+        name, param = params[index]
+        for key, tensor in values.items():
+            if tensor.ndim and tensor.shape != param.shape:
+                raise CheckpointError(f"{where}: optimizer {key} of {name} is {tuple(tensor.shape)}, the parameter "
+                                      f"{tuple(param.shape)}; {damaged}")
+
+
+def _with_live_tuples(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """JSON stores tuples (AdamW's betas) as lists: give them back the live groups' types."""
+    groups = [{k: tuple(v) if isinstance(live.get(k), tuple) and isinstance(v, list) else v for k, v in g.items()}
+              for g, live in zip(saved["param_groups"], optimizer.param_groups)]
+    return {"state": saved["state"], "param_groups": groups}
 
 
 class Trainer:
-    def __init__(self, config: Mask2FormerConfig, dataset: SegmentationDataset, run_dir: str | Path,
+    def __init__(self, config: Mask2FormerConfig | None, dataset: SegmentationDataset, run_dir: str | Path,
                  options: TrainOptions, device: str = "auto", resume: bool = False,
                  init_state: dict[str, torch.Tensor] | None = None, progress: bool = True,
                  env: DistEnv | None = None, resume_iters: int | None = None,
                  model_factory: Callable[[Mask2FormerConfig, str], torch.nn.Module] | None = None):
-        """On ``resume`` the model config and options come from RUN_DIR's checkpoint (``config`` and ``options``
-        are ignored); ``resume_iters`` then sets a new total number of iterations."""
+        """On ``resume`` the model config and options come from RUN_DIR's training state (``options`` is ignored;
+        ``config``, when given, must equal the saved one); ``resume_iters`` then sets a new total number of
+        iterations."""
         self.env = env or dist_env_from()
         self.device = resolve_device(device, self.env)
         self.run_dir = Path(run_dir)
-        self.checkpoint = load_checkpoint(self.run_dir) if resume else None
-        if self.checkpoint is not None:
-            config = Mask2FormerConfig.from_dict(self.checkpoint["config"])
-            saved = TrainOptions.from_dict(self.checkpoint["options"])
+        self.state = load_state(self.run_dir) if resume else None
+        if self.state is not None:
+            saved_config = _saved_config(self.state, self.run_dir)
+            differences = _config_differences(config, saved_config) if config is not None else []
+            if differences:
+                raise CheckpointError(
+                    f"the run in {self.run_dir} is a model of another shape than --config ({len(differences)} "
+                    f"field(s) differ: {'; '.join(differences[:3])}); resume without --config, or start a new run "
+                    "in another --out")
+            config = saved_config
+            try:
+                saved = TrainOptions.from_dict(self.state.options)
+            except ValueError as exc:
+                raise CheckpointError(f"{self.run_dir / MANIFEST}: bad training options ({exc}); restore the run "
+                                      "folder from a backup or start a new run with --force") from None
             options = replace(saved, iters=resume_iters or saved.iters)
-            if options.iters < self.checkpoint["iteration"]:
+            if options.iters < self.state.iteration:
                 raise InputError(f"--iters {options.iters} is below the checkpoint's iteration "
-                                 f"{self.checkpoint['iteration']}")
+                                 f"{self.state.iteration}; pass a larger --iters")
+        if config is None:
+            raise InputError("a new run needs a model config (--config: a preset name or a JSON config file)")
         self.config, self.options, self.dataset, self.progress = config, options, dataset, progress
         if options.batch_size % self.env.world_size:
             raise InputError(f"--batch-size {options.batch_size} does not split over {self.env.world_size} processes")
@@ -355,7 +437,7 @@ class Trainer:
 
     # -- checkpoint ----------------------------------------------------------------------------------
     def _gather_rng(self) -> list[dict]:
-        state = rng_state()
+        state = encoded_rng_state()
         if self.env.world_size == 1:
             return [state]
         states: list = [None] * self.env.world_size
@@ -366,38 +448,39 @@ class Trainer:
         rng_states = self._gather_rng()  # every rank takes part
         if not self.env.is_main:
             return
-        state = {
-            "format": "m2f-train-checkpoint",
-            "version": 1,
-            "iteration": iteration,
-            "model": _unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_states,
-            "world_size": self.env.world_size,
-            "config": self.config.to_dict(),
-            "options": self.options.to_dict(),
-        }
-        with atomic_path(self.run_dir / CHECKPOINT) as tmp:
-            torch.save(state, tmp)
+        save_state(self.run_dir, TrainState(
+            iteration=iteration, world_size=self.env.world_size, config=self.config.to_dict(),
+            options=self.options.to_dict(), model=_unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
+            rng=rng_states))
 
     def _restore(self, model, optimizer, scheduler, scaler) -> int:
-        ckpt = self.checkpoint
-        if ckpt is None:
+        """Load the saved state into the freshly built objects; any mismatch is a CheckpointError raised before
+        the run folder is touched."""
+        from m2f.checkpoints import load_state_dict_strict
+
+        state = self.state
+        if state is None:
             return 0
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        where = self.run_dir / MANIFEST
+        damaged = "restore the run folder from a backup or start a new run with --force"
+        load_state_dict_strict(model, state.model, source=str(where), fix=damaged)
+        _check_optimizer_state(optimizer, state.optimizer, where, damaged)
+        try:
+            optimizer.load_state_dict(_with_live_tuples(state.optimizer, optimizer))
+            scheduler.load_state_dict(state.scheduler)
+            if scaler is not None and state.scaler:
+                scaler.load_state_dict(state.scaler)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{where}: the optimizer / scheduler / scaler state does not fit this run "
+                                  f"({type(exc).__name__}: {exc}); {damaged}") from None
         for fn in scheduler.lr_lambdas:  # a raised --iters extends the poly schedule
             fn.max_iters = self.options.iters
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("world_size") == self.env.world_size:
-            set_rng_state(ckpt["rng"][self.env.rank])
+        if state.world_size == self.env.world_size:
+            set_encoded_rng_state(state.rng[self.env.rank])
         else:  # another number of processes: the RNG streams cannot continue; reseed deterministically
-            seed_everything(self.options.seed + 1000003 * ckpt["iteration"] + self.env.rank)
-        return int(ckpt["iteration"])
+            seed_everything(self.options.seed + 1000003 * state.iteration + self.env.rank)
+        return state.iteration
 
     # -- loop ----------------------------------------------------------------------------------------
     def train(self, stop_after: int | None = None) -> Path | None:
@@ -414,12 +497,11 @@ class Trainer:
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
+        log = RunLog(self.run_dir, start) if env.is_main else None
         if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / "train_config.json", json.dumps(
                 {"config": self.config.to_dict(), "options": opts.to_dict(), "world_size": env.world_size,
                  "dataset": str(getattr(self.dataset, "root", "")), "device": str(device)}, indent=2) + "\n")
-        log = RunLog(self.run_dir, start) if env.is_main else None
 
         transform = ScaleJitterCrop(opts.input_size, opts.scale_range, opts.hflip)
         samples = _Samples(self.dataset, transform, opts.seed)
@@ -432,6 +514,26 @@ class Trainer:
 
             bar = tqdm(total=opts.iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
         params = [p for p in model.parameters() if p.requires_grad]
+        saved = start if self.state is not None else None  # the iteration of the last checkpoint written
+        try:
+            self._loop(start, stop_after, stream, model, criterion, optimizer, scheduler, scaler, params, log, bar,
+                       saved)
+        finally:
+            if bar is not None:
+                bar.close()
+        if stop_after is not None and stop_after < opts.iters:
+            return None
+        out = self.run_dir / "model"
+        if env.is_main:
+            save_model(_unwrap(model), out)
+        if env.world_size > 1:
+            dist.barrier()
+        return out
+
+    def _loop(self, start, stop_after, stream, model, criterion, optimizer, scheduler, scaler, params, log, bar,
+              saved) -> None:
+        opts, device = self.options, self.device
+        previous_loss = None
         tick = time.perf_counter()
         for iteration in range(start, opts.iters):
             epoch, (pixel_values, targets) = next(stream)
@@ -440,10 +542,15 @@ class Trainer:
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             with _amp_context(opts.amp, device):
                 outputs = model(pixel_values)
+            # checked before the loss, whose matcher cannot work with NaN / inf
+            if not self._all_finite([t for pair in _predictions(outputs) for t in pair]):
+                raise self._diverged(iteration + 1, "the predictions are not finite", saved, previous_loss,
+                                     iteration)
             losses = criterion(outputs, targets)
             loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {float(loss)} at iteration {iteration}; lower --lr or disable --amp")
+            if not self._all_finite([loss]):
+                raise self._diverged(iteration + 1, f"the loss is {float(loss)}", saved, previous_loss, iteration)
+            previous_loss = loss.detach()
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -454,6 +561,9 @@ class Trainer:
             else:
                 loss.backward()
                 grad_norm = clip_full_model(params, opts.optim.clip_norm)
+                if not self._all_finite([grad_norm]):  # with a scaler, its step skips such iterations instead
+                    raise self._diverged(iteration + 1, f"the gradient norm is {float(grad_norm)}", saved, loss,
+                                         iteration + 1)
                 optimizer.step()
             scheduler.step()
             done = iteration + 1
@@ -468,22 +578,32 @@ class Trainer:
                 bar.update(1)
             stopping = stop_after is not None and done >= stop_after
             if done % opts.checkpoint_every == 0 or done == opts.iters or stopping:
+                if not self._all_finite(params):  # never replace the last good checkpoint by a broken one
+                    raise self._diverged(done, "the weights are no longer finite", saved, loss, done)
                 self.save_checkpoint(done, model, optimizer, scheduler, scaler)
+                saved = done
                 if log is not None:
                     log.plot()
             if stopping:
                 break
             tick = time.perf_counter()
-        if bar is not None:
-            bar.close()
-        if stop_after is not None and stop_after < opts.iters:
-            return None
-        out = self.run_dir / "model"
-        if env.is_main:
-            save_model(_unwrap(model), out)
-        if env.world_size > 1:
-            dist.barrier()
-        return out
+
+    def _all_finite(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether every value is finite, agreed over all ranks (so they all stop together)."""
+        finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all().to(torch.int32)
+        if self.env.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
+
+    def _diverged(self, iteration: int, what: str, saved: int | None, loss: torch.Tensor | None,
+                  loss_iteration: int) -> InputError:
+        """The error that stops a diverged run; ``loss`` is that of ``loss_iteration`` (None: none yet)."""
+        lr = self.options.optim.lr
+        before = f" (loss {float(loss):.4g} at iteration {loss_iteration})" if loss is not None else ""
+        kept = (f"the checkpoint of iteration {saved} in {self.run_dir} is kept" if saved is not None
+                else "no checkpoint was written")
+        return InputError(f"training diverged at iteration {iteration}: {what}{before}; {kept}. Train again with "
+                          f"a lower --lr than {lr:g} (e.g. {lr / 10:g}) and --force")
 
     def _log_row(self, done, epoch, losses, optimizer, grad_norm, iter_time, data_time) -> dict:
         keys = ("loss", "loss_ce", "loss_mask", "loss_dice")
