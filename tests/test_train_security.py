@@ -305,6 +305,22 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, synth, ca
     assert not [p.name for p in run.iterdir() if p.name.endswith(".partial")]
 
 
+def test_force_removes_the_replaced_runs_state_before_training(tmp_path, trained_run, synth, capsys):
+    from m2f.train.state import has_state
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert has_state(run)
+    argv = ["train", "--config", str(_tiny_config_json(tmp_path / "tiny.json")), "--data", str(synth), "--out",
+            str(run), "--iters", "6", "--batch-size", "1", "--num-points", "196", "--device", "cpu", "--quiet",
+            "--checkpoint-every", "100", "--lr", "1e30", "--force"]
+    assert main(argv) == 2  # diverges before its first save
+    _one_line_error(capsys)
+    assert not has_state(run) and not list(run.glob("checkpoint*")), sorted(p.name for p in run.iterdir())
+    assert main(["train", "--data", str(synth), "--out", str(run), "--resume", "--device", "cpu", "--quiet"]) == 2
+    assert "holds no training state" in _one_line_error(capsys)
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--lr", "0"], "--lr 0.0 is not a positive"), (["--lr=-1e-4"], "--lr -0.0001"),
     (["--lr", "nan"], "--lr nan"), (["--lr", "inf"], "--lr inf"), (["--weight-decay", "nan"], "--weight-decay nan"),

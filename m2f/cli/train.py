@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from m2f.train.criterion import LossConfig
     from m2f.train.loop import Trainer, TrainOptions, dist_env_from
     from m2f.train.optim import OptimConfig
-    from m2f.train.state import MANIFEST, has_state
+    from m2f.train.state import MANIFEST, clear_state, has_state
 
     # validate everything before touching --out
     if args.threads is not None:
@@ -186,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     elif not args.resume:
         raise InputError("--config is required for a new run (a preset name or a JSON config file)")
     init_state = _init_state(args.init, config) if (args.init and not args.resume) else None
+    if args.force and not args.resume and env.is_main:
+        clear_state(out)  # the replaced run's state must not outlive a new run that fails before its first save
     trainer = Trainer(config, dataset, out, options, device=args.device, resume=args.resume, init_state=init_state,
                       progress=not args.quiet, env=env, resume_iters=args.iters)
     model_dir = trainer.train()

@@ -60,6 +60,16 @@ def is_state_file(path: Path) -> bool:
     return path.name in (MANIFEST, LEGACY_CHECKPOINT) or bool(TENSORS_NAME.fullmatch(path.name))
 
 
+def clear_state(run_dir: Path) -> None:
+    """Remove a run's training state (``--force``): manifest first, so an interruption never leaves a manifest that
+    names a deleted tensor file, and a later ``--resume`` cannot pick up the run that was replaced."""
+    for name in (MANIFEST, LEGACY_CHECKPOINT):
+        (run_dir / name).unlink(missing_ok=True)
+    for old in run_dir.glob("checkpoint-*.safetensors"):
+        if TENSORS_NAME.fullmatch(old.name):
+            old.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # RNG states as JSON
 # ---------------------------------------------------------------------------------------------------
