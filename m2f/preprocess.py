@@ -27,7 +27,7 @@ ImageInput = Union[np.ndarray, torch.Tensor]
 
 # Partly transparent images are composited over this colour: what image viewers show them on (a white page).
 TRANSPARENT_BACKGROUND = (255, 255, 255)
-# An image whose short edge is this many times below the model's input size is "far smaller" (it gets a note).
+# A short edge more than this many times below the model's input size is "far smaller" (the image gets a note).
 _FAR_SMALLER = 4
 
 
@@ -259,7 +259,7 @@ def preprocess(
 def _note_if_far_smaller(name: str, height: int, width: int, config: Mask2FormerConfig,
                          resize_shortest: int | None) -> None:
     input_size = resize_shortest if resize_shortest is not None else config.test_size[0]
-    if min(height, width) * _FAR_SMALLER > input_size:
+    if min(height, width) * _FAR_SMALLER >= input_size:
         return
     how = (f"it is upscaled {input_size / min(height, width):.1f}x" if resize_shortest is not None
            else "it is not resized")
@@ -272,15 +272,18 @@ def _note_if_far_smaller(name: str, height: int, width: int, config: Mask2Former
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def inference_bytes(config: Mask2FormerConfig, input_size: tuple[int, int], original_size: tuple[int, int]) -> int:
-    """About how many bytes one image needs to be segmented: the network at its padded ``input_size`` plus the
-    post-processing at its ``original_size``. An upper-end estimate (every term at its largest, all held at once).
+def inference_bytes(config: Mask2FormerConfig, input_size: tuple[int, int], original_size: tuple[int, int],
+                    task: str) -> int:
+    """About how many bytes one image needs to be segmented for ``task``: the network at its padded ``input_size``
+    plus the post-processing at its ``original_size`` (within ~10% of the measured peak for the default model).
 
     Network, float32 per input pixel: the input; backbone stages; the deformable encoder's sampled values, which
     the plain-PyTorch op materialises as (tokens, conv_dim, levels x points) twice (the grid_sample results and
     their weighted product; the dominant term); the mask features and every decoder layer's mask logits (kept as
-    auxiliary outputs), at stride 4. Post-processing: all queries' masks (or all classes' probabilities) upsampled
-    to the padded size and to the original size.
+    auxiliary outputs), at stride 4. Post-processing, what the task surely holds at the original size: semantic,
+    all queries' mask probabilities and all classes' probabilities; instance, the top-k masks (logits, probabilities,
+    binary); panoptic, only its per-pixel maps, since how many queries it keeps is known only after the network
+    ran (so for panoptic this is a lower bound).
     """
     pixel, decoder = config.pixel_decoder, config.transformer_decoder
     strides = [4 * 2**i for i in range(len(config.backbone.out_channels))]  # res2..res5
@@ -288,10 +291,15 @@ def inference_bytes(config: Mask2FormerConfig, input_size: tuple[int, int], orig
     tokens = sum(1 / s**2 for s in strides[-pixel.num_feature_levels:])
     deformable = 2 * tokens * pixel.conv_dim * pixel.num_feature_levels * pixel.num_points
     masks = (pixel.mask_dim + (decoder.num_layers + 1) * decoder.num_queries) / pixel.common_stride**2
-    per_input_pixel = 3 + backbone + deformable + masks
-    channels = max(decoder.num_queries, config.num_classes)
-    post = channels * (input_size[0] * input_size[1] + original_size[0] * original_size[1])
-    return int(4 * (per_input_pixel * input_size[0] * input_size[1] + post))
+    network = 4 * (3 + backbone + deformable + masks) * input_size[0] * input_size[1]
+    queries = decoder.num_queries
+    per_original_pixel = {  # bytes
+        "semantic": 4 * (2 * queries + config.num_classes),
+        "instance": 9 * min(config.postprocess.instance_topk, queries * config.num_classes),
+        "panoptic": 24,  # assigned query (int64), its prob (float32), segment ids (int32), masks of them
+    }[task]
+    return int(network + 4 * queries * input_size[0] * input_size[1]
+               + per_original_pixel * original_size[0] * original_size[1])
 
 
 def available_memory_bytes(device: str | torch.device) -> int | None:

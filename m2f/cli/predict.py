@@ -295,7 +295,7 @@ def predict_entries(
 
     padded = [padded_shape([network_size(e)], config.size_divisibility) for e in entries]
     batches = group_into_batches(padded, batch_size)
-    _check_memory(config, entries, batches, padded, device, resize_shortest is not None)
+    _check_memory(config, task, entries, batches, padded, device, resize_shortest is not None)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(entries), unit="img", desc="predict", disable=None if progress else True) as progress_bar:
         for batch_indices in batches:
@@ -348,7 +348,7 @@ def predict_entries(
             progress_bar.update(len(batch_entries))
 
 
-def _check_memory(config: Any, entries: Sequence[ImageEntry], batches: Sequence[Sequence[int]],
+def _check_memory(config: Any, task: str, entries: Sequence[ImageEntry], batches: Sequence[Sequence[int]],
                   padded: Sequence[tuple[int, int]], device: str, resized: bool) -> None:
     """Refuse, before allocating anything, a batch that needs more than the device's available memory."""
     from m2f.preprocess import available_memory_bytes, inference_bytes
@@ -357,7 +357,8 @@ def _check_memory(config: Any, entries: Sequence[ImageEntry], batches: Sequence[
     if available is None:
         return
     for batch in batches:
-        need = sum(inference_bytes(config, padded[i], (entries[i].height, entries[i].width)) for i in batch)
+        need = sum(inference_bytes(config, padded[i], (entries[i].height, entries[i].width), task)
+                   for i in batch)
         if need <= available:
             continue
         first = entries[batch[0]]
