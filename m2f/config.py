@@ -124,6 +124,9 @@ class Mask2FormerConfig:
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     size_divisibility: int = 32
+    # Test-time detectron2 ResizeShortestEdge (INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST) of the model's dataset:
+    # what `m2f predict` resizes to unless told otherwise. The default is detectron2's (the COCO configs').
+    test_size: tuple[int, int] = (800, 1333)
     name: str = ""  # preset name, or where the config came from
 
     def __post_init__(self) -> None:
@@ -219,6 +222,14 @@ DATASET_PRESETS: dict[str, tuple[int, str]] = {
     "cityscapes-semantic": (19, "semantic"),
 }
 
+# dataset -> test_size (MIN_SIZE_TEST, MAX_SIZE_TEST) of the official configs
+_TEST_SIZES: dict[str, tuple[int, int]] = {
+    "coco-panoptic": (800, 1333),
+    "coco-instance": (800, 1333),
+    "ade20k-semantic": (512, 2048),
+    "cityscapes-semantic": (1024, 2048),
+}
+
 # Swin-L on COCO uses 200 queries in the official configs; every other preset uses 100.
 _QUERIES_OVERRIDE = {("swin-l", "coco-panoptic"): 200, ("swin-l", "coco-instance"): 200}
 
@@ -244,6 +255,7 @@ def preset(name: str) -> Mask2FormerConfig:
                     thing_classes=labels.thing_classes,
                     dataset_ids=labels.dataset_ids,
                     default_task=task,
+                    test_size=_TEST_SIZES[dataset_name],
                     name=name,
                 )
     raise M2FError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -80,7 +81,8 @@ def _bad_input_cases(tmp_path: Path, rng) -> dict[str, tuple[list[str], str]]:
         "directory": ([str(tmp_path / "folder"), "--checkpoint", str(missing_ckpt)], "is a directory"),
         "missing checkpoint": ([str(good), "--checkpoint", str(missing_ckpt)], "no_such_checkpoint"),
         "bad batch size": ([str(good), "--checkpoint", str(missing_ckpt), "--batch-size", "0"], "--batch-size"),
-        "max size alone": ([str(good), "--checkpoint", str(missing_ckpt), "--max-size", "100"], "--resize-shortest"),
+        "no resize and a size": ([str(good), "--checkpoint", str(missing_ckpt), "--no-resize", "--max-size", "100"],
+                                 "--no-resize contradicts --resize-shortest / --max-size"),
     }
 
 
@@ -134,6 +136,7 @@ def _stand_in_config(task: str) -> Mask2FormerConfig:
         dataset_ids=(1, 3, 18, 149, 187, 193),
         default_task=task,
         transformer_decoder=TransformerDecoderConfig(num_queries=12),
+        test_size=(48, 160),  # about the test images' size: no notes on them
     )
 
 
@@ -288,6 +291,7 @@ def tiny_checkpoint(tmp_path_factory, e2e_images) -> tuple[Path, int]:
         thing_classes=(0, 1, 2),
         dataset_ids=(1, 3, 18, 149, 187, 193),
         default_task="panoptic",
+        test_size=(48, 160),
         name="tiny-test",
     )
     probe = preprocess([load_image(e2e_images[0])], config)
@@ -313,8 +317,10 @@ def tiny_checkpoint(tmp_path_factory, e2e_images) -> tuple[Path, int]:
 
 
 def _predict(images, checkpoint, out, *extra) -> int:
+    # at their own sizes (the padded-size groups of E2E_IMAGES) unless a test resizes
+    resize = [] if "--resize-shortest" in extra else ["--no-resize"]
     return main(["predict", *map(str, images), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
-                 *extra])
+                 *resize, *extra])
 
 
 @pytest.mark.parametrize("task", ["panoptic", "instance", "semantic"])
@@ -442,7 +448,7 @@ def test_e2e_subprocess(tmp_path, tiny_checkpoint, e2e_images):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "m2f", "predict", str(e2e_images[0]), str(e2e_images[4]), "--checkpoint",
-         str(checkpoint), "--out", str(out), "--device", "cpu", "--task", "instance"],
+         str(checkpoint), "--out", str(out), "--device", "cpu", "--task", "instance", "--no-resize"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -455,3 +461,99 @@ def test_e2e_subprocess(tmp_path, tiny_checkpoint, e2e_images):
     )
     assert bad.returncode == 2 and bad.stderr.startswith("m2f: error: ") and len(bad.stderr.splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images as users give them, with the shipped default model (test size 128 / 512)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_default_resize_leaves_the_bundled_samples_unchanged(tmp_path, capsys):
+    from m2f.assets import sample_images
+
+    samples = [str(p) for p in sample_images()]
+    default, plain = tmp_path / "default", tmp_path / "plain"
+    assert main(["predict", *samples, "--out", str(default), "--device", "cpu"]) == 0
+    assert main(["predict", *samples, "--out", str(plain), "--device", "cpu", "--no-resize"]) == 0
+    assert "m2f: note" not in capsys.readouterr().err
+    index = json.loads((default / "predictions.json").read_text())
+    assert (index["resize_shortest"], index["max_size"]) == (128, 512)
+    assert json.loads((plain / "predictions.json").read_text())["resize_shortest"] is None
+    for name in sorted(os.listdir(default)):
+        if name != "predictions.json":
+            assert (default / name).read_bytes() == (plain / name).read_bytes(), name
+
+
+def test_large_images_are_resized_to_the_test_size_and_reported_at_their_own(tmp_path, rng, capsys):
+    image = _write_image(tmp_path / "wide.png", rng, 200, 900)  # -> 114 x 512 for the network
+    out = tmp_path / "out"
+    assert main(["predict", str(image), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert rgb_to_id(np.asarray(Image.open(out / "wide_panoptic.png"))).shape == (200, 900)
+    assert np.asarray(Image.open(out / "wide_overlay.png")).shape == (200, 900, 3)
+
+
+def test_unusual_images_are_noted_one_line_each(tmp_path, rng, capsys):
+    tiny = _write_image(tmp_path / "tiny.png", rng, 16, 16)
+    rgba = torch.randint(0, 256, (64, 64, 4), generator=rng, dtype=torch.uint8).numpy()
+    rgba[:16, :, 3], rgba[16:, :, 3] = 0, 255
+    Image.fromarray(rgba).save(tmp_path / "cutout.png")
+    frames = [Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=rng, dtype=torch.uint8).numpy())
+              for _ in range(2)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    images = [str(tiny), str(tmp_path / "cutout.png"), str(tmp_path / "anim.gif")]
+    out = tmp_path / "out"
+    assert main(["predict", *images, "--out", str(out), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    notes = [line for line in lines if line.startswith("m2f: note: ")]
+    assert len(notes) == len(lines), lines
+    expected = [f"image {tmp_path / 'cutout.png'} has transparent pixels (25% of the image); composited over white",
+                f"image {tmp_path / 'anim.gif'} has 2 frames; m2f segments the first only",
+                f"image {tiny} is 16x16, far smaller than the model's input size (short edge 128); it is upscaled 8.0x"]
+    for text in expected:
+        assert sum(text in line for line in notes) == 1, (text, notes)
+    assert len(json.loads((out / "predictions.json").read_text())["images"]) == 3
+
+    assert main(["predict", *images, "--out", str(tmp_path / "quiet"), "--device", "cpu", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("task, option, expected", [
+    ("panoptic", {"object_mask_threshold": 1.0}, r"no segment found in image .*im0.png: no query passed the "
+                                                  r"model's object_mask_threshold 1.0"),
+    ("instance", {}, r"no instance in image .*im0.png scores at least --min-score 2.0; the overlay shows none"),
+])
+def test_empty_predictions_are_noted(tmp_path, rng, task, option, expected):
+    from m2f.config import PostProcessConfig
+    from m2f.preprocess import InputNote
+
+    config = _stand_in_config(task).replace(postprocess=PostProcessConfig(**option))
+    model = _StandInNetwork(config, seed=rng.seed_value).eval()
+    entries = _entries(tmp_path, rng, [(40, 60)])
+    with pytest.warns(InputNote, match=expected):
+        predict_entries(model, entries, task, tmp_path / "out", min_score=2.0)
+    assert len(os.listdir(tmp_path / "out")) == len(output_names("x", task)), "the outputs are still written"
+
+
+def test_runs_that_cannot_fit_are_refused_before_anything_is_written(tmp_path, rng, capsys, monkeypatch):
+    import m2f.preprocess
+
+    monkeypatch.setattr(m2f.preprocess, "available_memory_bytes", lambda device: 50 * 10**6)
+    big = _write_image(tmp_path / "big.png", rng, 600, 800)  # no resize: ~180 MB; at the test size: ~10 MB
+    cases = {
+        "no resize": (["--no-resize"], r"image \S+big.png \(600x800, network input 608x800\) needs about 0.\d GB, "
+                                       r"more than the 0.1 GB available on cpu; use drop --no-resize \(the model's "
+                                       r"test size is 128 / 512\), or downscale the image"),
+        "explicit size, batch": (["--resize-shortest", "600", "--batch-size", "2"],
+                                 r"batch of 2\) needs about .* GB, more than the 0.1 GB available on cpu; use a "
+                                 r"smaller --batch-size, a smaller --resize-shortest / --max-size, or downscale"),
+    }
+    for case, (options, expected) in cases.items():
+        out = tmp_path / f"out_{case.replace(' ', '_').replace(',', '')}"
+        code = main(["predict", str(big), str(big), "--out", str(out), "--device", "cpu", *options])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("m2f: error: "), (case, lines)
+        assert re.search(expected, lines[0]), (case, lines[0])
+        assert not out.exists(), case
+    out = tmp_path / "fits"
+    assert main(["predict", str(big), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err

@@ -36,6 +36,7 @@ def _random_fallback_config():
         pixel_decoder=PixelDecoderConfig(conv_dim=64, mask_dim=64, num_encoder_layers=2, ffn_dim=128),
         transformer_decoder=TransformerDecoderConfig(hidden_dim=64, num_queries=16, ffn_dim=128, num_layers=3),
         num_classes=6,
+        test_size=(128, 512),  # the bundled samples' size, like the trained default model
         name="random-fallback",
     )
 
@@ -67,6 +68,13 @@ def _load_default_model(device: str) -> tuple[Any, str, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from m2f.cli.predict import notes_to_stderr
+
+    with notes_to_stderr():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from m2f.assets import sample_images
@@ -97,11 +105,13 @@ def run(args: argparse.Namespace) -> int:
                                width=image.shape[1])
             entry.outputs = output_names(stem, "panoptic")
             entries.append(entry)
-        predict_entries(model, entries, "panoptic", work / "predictions", device=args.device)
+        resize_shortest, max_size = config.test_size  # as `m2f predict` does by default
+        predict_entries(model, entries, "panoptic", work / "predictions", device=args.device,
+                        resize_shortest=resize_shortest, max_size=max_size)
         summary["outputs"] = sorted(str(p.relative_to(work)) for p in (work / "predictions").iterdir())
 
         # 4a. PyTorch timing on the first image
-        batch = preprocess(images[:1], config, device=args.device)
+        batch = preprocess(images[:1], config, *config.test_size, device=args.device)
         with torch.inference_mode():
             torch_ms = _median_ms(lambda: model(batch.pixel_values), args.repeats)
         rows = [("PyTorch eager", args.device, torch_ms, "reference")]
@@ -128,7 +138,7 @@ def _export_and_verify(model: Any, images: list, work: Path, args: argparse.Name
     from m2f.preprocess import preprocess
 
     config = model.config
-    batch = preprocess(images, config, device="cpu")
+    batch = preprocess(images, config, *config.test_size, device="cpu")
     height, width = batch.padded_size
     onnx_path = work / "model.onnx"
     t0 = time.perf_counter()

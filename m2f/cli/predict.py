@@ -5,6 +5,12 @@ output names are planned and checked. Then, per image, ``<stem>_overlay.png`` an
 (panoptic: ``<stem>_panoptic.png`` + ``<stem>_panoptic.json``; instance: ``<stem>_instances.json``; semantic:
 ``<stem>_semantic.png``), and at the end one ``predictions.json`` index. Each file is written atomically.
 
+Images are resized as the official test-time pipeline does for the model's dataset (detectron2 ResizeShortestEdge to
+the config's ``test_size``, e.g. 800 / 1333 for COCO) unless ``--resize-shortest`` / ``--max-size`` say otherwise
+or ``--no-resize`` turns it off; results are always at the original image size. A run that would not fit in the
+device's memory is refused before it starts. What m2f handled about an input (transparency, extra frames, a tiny
+image, no segment found, ...) is printed as one ``m2f: note: ...`` line each on stderr; ``--quiet`` drops them.
+
 Batching (``--batch-size``) only puts images with the same padded input size in one batch. The network has no
 padding mask: its convolutions and attention see the zero padding, so an image padded to a larger size (as it
 would be next to a larger image) gets different outputs. Grouping by padded size keeps each image's input tensor
@@ -13,6 +19,9 @@ exactly what it is at batch size 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,12 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="images per forward pass; only images with the same padded size share a batch")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="kernel backend")
     p.add_argument("--resize-shortest", type=int, default=None, metavar="N",
-                   help="resize the short edge to N pixels first (detectron2 ResizeShortestEdge); default: none")
+                   help="resize the short edge to N pixels first (detectron2 ResizeShortestEdge); default: the "
+                        "model's test size (its config's test_size, e.g. 800 for COCO models)")
     p.add_argument("--max-size", type=int, default=None, metavar="N",
-                   help="with --resize-shortest: cap the long edge at N pixels")
+                   help="cap the resized long edge at N pixels (default: the model's, unless --resize-shortest)")
+    p.add_argument("--no-resize", action="store_true",
+                   help="feed images at their own size (needs much more memory for large images)")
     p.add_argument("--min-score", type=float, default=0.5, metavar="S",
                    help="instance task: draw instances scoring at least S in the overlay (files keep all)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no `m2f: note:` lines")
     p.set_defaults(func=run)
 
 
@@ -114,8 +127,8 @@ def group_into_batches(padded_sizes: Sequence[tuple[int, int]], batch_size: int)
 def _validate_arguments(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.max_size is not None and args.resize_shortest is None:
-        raise InputError("--max-size needs --resize-shortest (e.g. --resize-shortest 800 --max-size 1333)")
+    if args.no_resize and (args.resize_shortest is not None or args.max_size is not None):
+        raise InputError("--no-resize contradicts --resize-shortest / --max-size; pass one or the other")
     if args.resize_shortest is not None and args.resize_shortest < 1:
         raise InputError(f"--resize-shortest must be a positive number of pixels, got {args.resize_shortest}")
     if args.max_size is not None and args.max_size < 1:
@@ -165,13 +178,50 @@ def _load_model(args: argparse.Namespace, device: str) -> Any:
     return model.eval()
 
 
+def effective_resize(test_size: tuple[int, int], resize_shortest: int | None, max_size: int | None,
+                no_resize: bool) -> tuple[int | None, int | None]:
+    """The (shortest edge, max size) to resize to: the options given, the rest from the model's ``test_size``
+    (an explicit --resize-shortest alone has no cap, as detectron2's ResizeShortestEdge without max_size)."""
+    if no_resize:
+        return None, None
+    if resize_shortest is not None:
+        return resize_shortest, max_size
+    return test_size[0], max_size if max_size is not None else test_size[1]
+
+
+@contextlib.contextmanager
+def notes_to_stderr(quiet: bool = False):
+    """Print :class:`m2f.preprocess.InputNote` warnings as one ``m2f: note: ...`` line each (none if ``quiet``);
+    other warnings as usual."""
+    from m2f.preprocess import InputNote
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if quiet else "always", InputNote)
+        show_other = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, InputNote):
+                print(f"m2f: note: {message}", file=sys.stderr)
+            else:
+                show_other(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def run(args: argparse.Namespace) -> int:
+    with notes_to_stderr(args.quiet):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     _validate_arguments(args)
     entries = _load_entries(args.images)
     device = _resolve_device(args.device)
     model = _load_model(args, device)
     config = model.config
     task = args.task or config.default_task
+    resize_shortest, max_size = effective_resize(config.test_size, args.resize_shortest, args.max_size, args.no_resize)
 
     out_dir = Path(args.out)
     planned = [out_dir / "predictions.json"]
@@ -185,15 +235,16 @@ def run(args: argparse.Namespace) -> int:
             raise M2FError(f"{existing[0]}{more} already exist; pass --force to overwrite or choose another --out")
 
     predict_entries(model, entries, task, out_dir, batch_size=args.batch_size, device=device,
-                    resize_shortest=args.resize_shortest, max_size=args.max_size, min_score=args.min_score)
+                    resize_shortest=resize_shortest, max_size=max_size, min_score=args.min_score,
+                    progress=not args.quiet)
     index = {
         "checkpoint": str(args.checkpoint),
         "model": config.name,
         "task": task,
         "device": device,
         "backend": args.backend,
-        "resize_shortest": args.resize_shortest,
-        "max_size": args.max_size,
+        "resize_shortest": resize_shortest,
+        "max_size": max_size,
         "images": [
             {"image": str(e.path), "image_id": e.image_id, "height": e.height, "width": e.width, **e.outputs}
             for e in entries
@@ -217,15 +268,20 @@ def predict_entries(
     resize_shortest: int | None = None,
     max_size: int | None = None,
     min_score: float = 0.5,
+    progress: bool = True,
 ) -> None:
-    """Run ``model`` on ``entries`` (batched by padded size) and write each image's files into ``out_dir``."""
+    """Run ``model`` on ``entries`` (batched by padded size) and write each image's files into ``out_dir``.
+
+    Raises :class:`InputError` before writing anything if a batch would need more memory than ``device`` has.
+    Notes (:class:`m2f.preprocess.InputNote`) for images with no segment found (panoptic) or no instance scoring
+    ``min_score`` (instance)."""
     import torch
     from tqdm import tqdm
 
     from m2f import postprocess as post
     from m2f.labels import labels_for_config
     from m2f.outputs import write_instances, write_panoptic, write_png, write_semantic
-    from m2f.preprocess import load_image, padded_shape, preprocess, resized_shape
+    from m2f.preprocess import InputNote, load_image, padded_shape, preprocess, resized_shape
     from m2f.visualize import draw_instances, draw_panoptic, draw_semantic
 
     config = model.config
@@ -238,12 +294,17 @@ def predict_entries(
         return resized_shape(entry.height, entry.width, resize_shortest, max_size)
 
     padded = [padded_shape([network_size(e)], config.size_divisibility) for e in entries]
+    batches = group_into_batches(padded, batch_size)
+    _check_memory(config, task, entries, batches, padded, device, resize_shortest is not None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(entries), unit="img", desc="predict", disable=None) as progress:
-        for batch_indices in group_into_batches(padded, batch_size):
+    with tqdm(total=len(entries), unit="img", desc="predict", disable=None if progress else True) as progress_bar:
+        for batch_indices in batches:
             batch_entries = [entries[i] for i in batch_indices]
-            images = [e.cached if e.cached is not None else load_image(e.path) for e in batch_entries]
-            batch = preprocess(images, config, resize_shortest=resize_shortest, max_size=max_size, device=device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", InputNote)  # an image decoded again: its notes were given
+                images = [e.cached if e.cached is not None else load_image(e.path) for e in batch_entries]
+            batch = preprocess(images, config, resize_shortest=resize_shortest, max_size=max_size, device=device,
+                               names=[f"image {e.path}" for e in batch_entries])
             with torch.inference_mode():
                 outputs = model(batch.pixel_values)
                 args = (outputs.pred_logits, outputs.pred_masks, batch.image_sizes, batch.original_sizes,
@@ -263,12 +324,19 @@ def predict_entries(
             for entry, image, result in zip(batch_entries, images, results):
                 names = entry.outputs or output_names(entry.stem, task)
                 if task == "panoptic":
+                    if not result.segments:
+                        warnings.warn(f"no segment found in image {entry.path}: no query passed the model's "
+                                      f"object_mask_threshold {thresholds.object_mask_threshold} and overlap test; "
+                                      "its outputs are empty", InputNote)
                     result.segmentation = result.segmentation.cpu()
                     overlay = draw_panoptic(image, result, labels)
                     write_panoptic(out_dir / names["panoptic_png"], out_dir / names["panoptic_json"], result, labels,
                                    entry.image_id)
                 elif task == "instance":
                     result = post.InstanceResult(**{k: v.cpu() for k, v in vars(result).items()})
+                    if not bool((result.scores >= min_score).any()):
+                        warnings.warn(f"no instance in image {entry.path} scores at least --min-score {min_score}; "
+                                      f"the overlay shows none (its JSON keeps all {len(result)})", InputNote)
                     overlay = draw_instances(image, result, labels, min_score=min_score)
                     write_instances(out_dir / names["instances_json"], result, labels, entry.image_id)
                 else:
@@ -277,5 +345,31 @@ def predict_entries(
                     write_semantic(out_dir / names["semantic_png"], result, labels)
                 write_png(out_dir / names["overlay"], overlay)
                 entry.cached = None  # done with the pixels
-            progress.update(len(batch_entries))
+            progress_bar.update(len(batch_entries))
+
+
+def _check_memory(config: Any, task: str, entries: Sequence[ImageEntry], batches: Sequence[Sequence[int]],
+                  padded: Sequence[tuple[int, int]], device: str, resized: bool) -> None:
+    """Refuse, before allocating anything, a batch that needs more than the device's available memory."""
+    from m2f.preprocess import available_memory_bytes, inference_bytes
+
+    available = available_memory_bytes(device)
+    if available is None:
+        return
+    for batch in batches:
+        need = sum(inference_bytes(config, padded[i], (entries[i].height, entries[i].width), task)
+                   for i in batch)
+        if need <= available:
+            continue
+        first = entries[batch[0]]
+        fixes = ("a smaller --resize-shortest / --max-size" if resized
+                 else f"drop --no-resize (the model's test size is {config.test_size[0]} / {config.test_size[1]})")
+        if len(batch) > 1:
+            fixes = f"a smaller --batch-size, {fixes}"
+        raise InputError(
+            f"image {first.path} ({first.height}x{first.width}, network input {padded[batch[0]][0]}x"
+            f"{padded[batch[0]][1]}{f', batch of {len(batch)}' if len(batch) > 1 else ''}) needs about "
+            f"{need / 1e9:.1f} GB, more than the {available / 1e9:.1f} GB available on {device}; use {fixes}, or "
+            "downscale the image"
+        )
 
