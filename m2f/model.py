@@ -75,12 +75,53 @@ class Mask2Former(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def forward(self, pixel_values: torch.Tensor) -> Mask2FormerOutput:  # (B, 3, H, W) normalised
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def check_input(self, pixel_values: torch.Tensor) -> None:
+        """Raise InputError naming the fix unless ``pixel_values`` is what :meth:`forward` takes.
+
+        Looks only at the tensor's type, dtype, device and shape (never its values): no host sync, and nothing that
+        tracing (torch.compile, torch.export, ONNX export) cannot see through.
+        """
+        prepare = "prepare images with m2f.preprocess.preprocess(images, model.config)"
+        if not isinstance(pixel_values, torch.Tensor):
+            raise InputError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}; {prepare}")
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise InputError(
-                f"pixel_values must be (B, 3, H, W) normalised RGB, got shape {tuple(pixel_values.shape)}; "
-                "see m2f's preprocessing for how to prepare images"
+                f"pixel_values must be (B, 3, H, W) normalised RGB, got shape {tuple(pixel_values.shape)}; {prepare}"
             )
+        if not pixel_values.is_floating_point():
+            raise InputError(f"pixel_values is {pixel_values.dtype}, not normalised floats; {prepare}")
+        if pixel_values.dtype != self.dtype:
+            raise InputError(
+                f"pixel_values is {pixel_values.dtype} but the model is {self.dtype}; pass "
+                f"pixel_values.to({self.dtype}) (or cast the model with model.to(dtype))"
+            )
+        if pixel_values.device != self.device:
+            raise InputError(
+                f"pixel_values is on {pixel_values.device} but the model is on {self.device}; pass "
+                "pixel_values.to(model.device)"
+            )
+        batch, _, height, width = pixel_values.shape
+        if batch == 0:
+            raise InputError("pixel_values is an empty batch (B = 0); pass at least one image")
+        # GroupNorm needs two values per group; the smallest map it normalises is res5 (the backbones round up)
+        res5 = (-(-height // 32), -(-width // 32))
+        per_group = self.config.pixel_decoder.conv_dim // self.config.pixel_decoder.norm_groups
+        if per_group * res5[0] * res5[1] < 2:
+            raise InputError(
+                f"pixel_values of {height}x{width} is too small for this model: its 1/32 feature map "
+                f"({res5[0]}x{res5[1]}) leaves one value per GroupNorm group; make one side at least 33 pixels"
+            )
+
+    def forward(self, pixel_values: torch.Tensor) -> Mask2FormerOutput:  # (B, 3, H, W) normalised
+        self.check_input(pixel_values)
         features = self.backbone(pixel_values)  # {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)}
         pixel = self.pixel_decoder(features)
         classes, masks = self.transformer_decoder(pixel.multi_scale_features, pixel.mask_features)

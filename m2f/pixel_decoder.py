@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2f.config import PixelDecoderConfig
+from m2f.errors import ConfigError
 from m2f.kernels import check_backend_name, ms_deform_attn
 from m2f.position_encoding import PositionEmbeddingSine
 
@@ -70,7 +71,7 @@ class MultiScaleDeformableAttention(nn.Module):
     def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4, backend: str = "torch"):
         super().__init__()
         if d_model % n_heads != 0:
-            raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
+            raise ConfigError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}; fix pixel_decoder.num_heads")
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads
@@ -274,7 +275,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         conv_dim, groups = config.conv_dim, config.norm_groups
         names = sorted(in_channels, key=lambda k: in_strides[k])  # finest first: res2 .. res5
         if len(names) < config.num_feature_levels:
-            raise ValueError(f"need {config.num_feature_levels} backbone levels, got {names}")
+            raise ConfigError(
+                f"pixel_decoder.num_feature_levels is {config.num_feature_levels} but the backbone has only {names}"
+            )
         self.in_features = names
         self.transformer_in_features = names[-config.num_feature_levels :]
         min_stride = in_strides[self.transformer_in_features[0]]

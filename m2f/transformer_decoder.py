@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2f.config import TransformerDecoderConfig
+from m2f.errors import ConfigError, InputError
 from m2f.kernels import check_backend_name, masked_attention_from_logits
 from m2f.pixel_decoder import c2_xavier_fill
 from m2f.position_encoding import PositionEmbeddingSine
@@ -33,7 +34,7 @@ class PackedAttentionProjections(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int) -> None:
         super().__init__()
         if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim must be divisible by num_heads, got {embed_dim} and {num_heads}")
+            raise ConfigError(f"embed_dim must be divisible by num_heads, got {embed_dim} and {num_heads}; fix num_heads")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
@@ -245,7 +246,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_features: torch.Tensor,  # (B, mask_dim, H, W)
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # per prediction: (B, Q, K+1) logits, (B, Q, H, W) masks
         if len(x) != self.num_feature_levels:
-            raise ValueError(f"expected {self.num_feature_levels} feature maps, got {len(x)}")
+            raise InputError(f"expected {self.num_feature_levels} feature maps (coarsest first), got {len(x)}")
         src, pos, size_list = [], [], []
         for i in range(self.num_feature_levels):
             size_list.append((x[i].shape[-2], x[i].shape[-1]))

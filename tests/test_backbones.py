@@ -13,7 +13,7 @@ from m2f.backbones import build_backbone
 from m2f.backbones.convert import backbone_config_from_hf, pop_detectron2_backbone_state, pop_hf_backbone_state
 from m2f.backbones.swin import DropPath
 from m2f.config import BACKBONE_PRESETS, ResNetConfig
-from m2f.errors import CheckpointError
+from m2f.errors import CheckpointError, ConfigError
 from tests.utils import rel_err
 
 transformers = pytest.importorskip("transformers")  # test-only dependency
@@ -288,8 +288,6 @@ def _hf_dict(model_type: str, **overrides) -> dict:
         ("resnet", {"downsample_in_first_stage": True}, "downsample_in_first_stage"),
         ("resnet", {"layer_type": "preactivation"}, "layer_type"),
         ("resnet", {"num_channels": 4}, "num_channels"),
-        ("resnet", {"depths": [1, 1, 1]}, "depths"),
-        ("resnet", {"hidden_sizes": [16, 24, 30, 48]}, "hidden_sizes"),
         ("resnet", {"out_features": ["stage2", "stage3", "stage4"], "out_indices": [2, 3, 4]}, "out_features"),
         ("resnet", {"out_features": None, "out_indices": None}, "out_features"),
         ("swin", {"hidden_act": "relu"}, "hidden_act"),
@@ -297,10 +295,7 @@ def _hf_dict(model_type: str, **overrides) -> dict:
         ("swin", {"hidden_dropout_prob": 0.1}, "hidden_dropout_prob"),
         ("swin", {"attention_probs_dropout_prob": 0.1}, "attention_probs_dropout_prob"),
         ("swin", {"layer_norm_eps": 1e-6}, "layer_norm_eps"),
-        ("swin", {"patch_size": 2}, "patch_size"),
         ("swin", {"patch_size": [4, 2]}, "patch_size"),
-        ("swin", {"num_heads": [3, 3, 6, 12]}, "num_heads"),
-        ("swin", {"window_size": 0}, "window_size"),
         ("swin", {"out_indices": [1, 2, 3], "out_features": None}, "out_indices"),
         ("swinv2", {}, "model_type"),
     ],
@@ -313,6 +308,28 @@ def test_bad_hf_options_raise(model_type, overrides, option):
         backbone_config_from_hf(config)
     message = str(info.value)
     assert option in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, message",
+    [
+        ("resnet", {"depths": [1, 1, 1]}, r"backbone_config.depths must be 4 integers in 1\.\.128 .*got \[1, 1, 1\]"),
+        ("resnet", {"hidden_sizes": [16, 24, 30, 48]}, r"backbone_config.hidden_sizes must be multiples of .* \(4\)"),
+        ("resnet", {"embedding_size": 0}, r"backbone_config.embedding_size must be an integer in 1\.\.8192, got 0"),
+        ("resnet", {"depths": [1, 1.5, 1, 1]}, r"backbone_config.depths must be 4 integers"),
+        ("resnet", {"downsample_in_bottleneck": "yes"}, r"backbone_config.downsample_in_bottleneck must be true or false"),
+        ("swin", {"patch_size": 2}, r"backbone_config.patch_size must be an integer in 4\.\.4 .*got 2"),
+        ("swin", {"num_heads": [3, 3, 6, 12]}, r"backbone_config.num_heads must be divisors .*stage 1: 3 does not divide 16"),
+        ("swin", {"window_size": 0}, r"backbone_config.window_size must be an integer in 1\.\.128, got 0"),
+        ("swin", {"embed_dim": True}, r"backbone_config.embed_dim must be an integer in 1\.\.1024 .*got True"),
+        ("swin", {"mlp_ratio": float("inf")}, r"backbone_config.mlp_ratio must be a number in \(0, 16\], got inf"),
+        ("swin", {"image_size": 10**9}, r"backbone_config.image_size must be an integer in 4\.\.8192"),
+    ],
+)
+def test_invalid_hf_backbone_values_raise_config_errors_under_hf_names(model_type, overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        backbone_config_from_hf(_hf_dict(model_type, **overrides))
+    assert "\n" not in str(info.value)
 
 
 def test_hf_config_defaults_follow_transformers():

@@ -41,10 +41,10 @@ def test_resnet_backbone_is_the_default_and_round_trips():
     "bad, message",
     [
         ({"num_classes": 0}, "num_classes"),
-        ({"num_classes": 2, "class_names": ["x"]}, "class names"),
+        ({"num_classes": 2, "class_names": ["x"]}, "class_names must be a list of 2 strings"),
         ({"default_task": "depth"}, "default_task"),
         ({"no_such_field": 1}, "no_such_field"),
-        ({"backbone": {"type": "vit"}}, "unknown backbone type"),
+        ({"backbone": {"type": "vit"}}, "backbone.type must be 'resnet' or 'swin', got 'vit'"),
     ],
 )
 def test_invalid_configs_raise_a_named_error(bad, message):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from m2f.config import ResNetConfig, SwinConfig
-from m2f.errors import M2FError
+from m2f.errors import ConfigError
 
 from .resnet import ResNet
 from .swin import SwinTransformer
@@ -45,7 +45,7 @@ def build_backbone(cfg: ResNetConfig | SwinConfig) -> nn.Module:
             patch_norm=cfg.patch_norm,
             layer_norm_eps=cfg.layer_norm_eps,
         )
-    raise M2FError(f"unknown backbone config {type(cfg).__name__}; expected ResNetConfig or SwinConfig")
+    raise ConfigError(f"unknown backbone config {type(cfg).__name__}; expected ResNetConfig or SwinConfig")
 
 
 __all__ = ["build_backbone", "ResNet", "SwinTransformer"]

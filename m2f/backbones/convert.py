@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from m2f.config import ResNetConfig, SwinConfig
+from m2f.config import ConfigFieldError, ResNetConfig, SwinConfig
 from m2f.errors import CheckpointError, M2FError
 
 from . import build_backbone
@@ -69,7 +69,8 @@ _HF_SWIN_DEFAULTS: dict[str, Any] = {
 def backbone_config_from_hf(backbone_config: dict) -> ResNetConfig | SwinConfig:
     """Translate the ``backbone_config`` of an HF Mask2Former ``config.json`` (model_type "resnet" or "swin").
 
-    Raises :class:`CheckpointError` naming the option for anything m2f cannot reproduce faithfully.
+    Raises :class:`CheckpointError` naming the option for anything m2f cannot reproduce faithfully, and
+    :class:`~m2f.config.ConfigFieldError` (under HF's ``backbone_config.*`` name) for a value that is invalid.
     """
     if not isinstance(backbone_config, dict):
         raise CheckpointError(f"backbone_config must be a JSON object, got {type(backbone_config).__name__}")
@@ -97,17 +98,31 @@ def _check_out_features(bc: dict, model_type: str) -> None:
     indices = bc.get("out_indices", bc.get("_out_indices"))
     if features is None and indices is None:
         raise _reject(model_type, "out_features", None, f"Mask2Former needs all four stages, set it to {HF_STAGES}")
-    if features is not None and list(features) != HF_STAGES:
+    if features is not None and features != HF_STAGES:
         raise _reject(model_type, "out_features", features, f"Mask2Former needs exactly {HF_STAGES}")
-    if indices is not None and list(indices) != [1, 2, 3, 4]:
+    if indices is not None and indices != [1, 2, 3, 4]:
         raise _reject(model_type, "out_indices", indices, "Mask2Former needs exactly [1, 2, 3, 4]")
 
 
-def _four_ints(bc: dict, defaults: dict, name: str, model_type: str) -> tuple[int, ...]:
-    value = _option(bc, defaults, name)
-    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(isinstance(v, int) and v > 0 for v in value):
-        raise _reject(model_type, name, value, "Mask2Former needs four positive integers (res2..res5)")
-    return tuple(value)
+# Our backbone field -> HF's backbone_config name, to report a translated field under the name in config.json
+_HF_RESNET_NAMES = {
+    "backbone.depths": "backbone_config.depths",
+    "backbone.stem_channels": "backbone_config.embedding_size",
+    "backbone.hidden_sizes": "backbone_config.hidden_sizes",
+    "backbone.block": "backbone_config.layer_type",
+    "backbone.stride_in_1x1": "backbone_config.downsample_in_bottleneck",
+}
+_HF_SWIN_NAMES = {
+    "backbone.embed_dim": "backbone_config.embed_dim",
+    "backbone.depths": "backbone_config.depths",
+    "backbone.num_heads": "backbone_config.num_heads",
+    "backbone.window_size": "backbone_config.window_size",
+    "backbone.mlp_ratio": "backbone_config.mlp_ratio",
+    "backbone.qkv_bias": "backbone_config.qkv_bias",
+    "backbone.patch_size": "backbone_config.patch_size",
+    "backbone.pretrain_img_size": "backbone_config.image_size",
+    "backbone.drop_path_rate": "backbone_config.drop_path_rate",
+}
 
 
 def _resnet_config_from_hf(bc: dict) -> ResNetConfig:
@@ -126,32 +141,27 @@ def _resnet_config_from_hf(bc: dict) -> ResNetConfig:
     layer_type = _option(bc, d, "layer_type")
     if layer_type not in ("bottleneck", "basic"):
         raise _reject("resnet", "layer_type", layer_type, "use 'bottleneck' or 'basic'")
-    depths = _four_ints(bc, d, "depths", "resnet")
-    hidden_sizes = _four_ints(bc, d, "hidden_sizes", "resnet")
-    if layer_type == "bottleneck" and any(c % 4 for c in hidden_sizes):
-        raise _reject("resnet", "hidden_sizes", list(hidden_sizes), "bottleneck widths must be multiples of 4")
-    stem = _option(bc, d, "embedding_size")
-    if not isinstance(stem, int) or stem < 1:
-        raise _reject("resnet", "embedding_size", stem, "must be a positive integer")
-    return ResNetConfig(
-        depths=depths,
-        stem_channels=stem,
-        hidden_sizes=hidden_sizes,
-        block=layer_type,
-        bottleneck_reduction=4,  # HF's ResNetBottleNeckLayer reduction, fixed
-        stride_in_1x1=bool(_option(bc, d, "downsample_in_bottleneck")),
-        norm="frozen_bn",  # HF runs BatchNorm2d in eval mode for inference: identical
-        norm_eps=1e-5,  # nn.BatchNorm2d's default, which HF uses
-    )
+    try:  # the values go through as they are: ResNetConfig validates them
+        return ResNetConfig(
+            depths=_option(bc, d, "depths"),
+            stem_channels=_option(bc, d, "embedding_size"),
+            hidden_sizes=_option(bc, d, "hidden_sizes"),
+            block=layer_type,
+            bottleneck_reduction=4,  # HF's ResNetBottleNeckLayer reduction, fixed
+            stride_in_1x1=_option(bc, d, "downsample_in_bottleneck"),
+            norm="frozen_bn",  # HF runs BatchNorm2d in eval mode for inference: identical
+            norm_eps=1e-5,  # nn.BatchNorm2d's default, which HF uses
+        )
+    except ConfigFieldError as exc:
+        raise exc.renamed(_HF_RESNET_NAMES, "") from None
 
 
-def _square(value: Any, name: str) -> int:
+def _square(value: Any, name: str) -> Any:
+    """HF's (h, w) pairs as one side; anything else goes through for SwinConfig to validate."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
             raise _reject("swin", name, value, "only square sizes are supported")
-        value = value[0]
-    if not isinstance(value, int) or value < 1:
-        raise _reject("swin", name, value, "must be a positive integer")
+        return value[0]
     return value
 
 
@@ -177,40 +187,23 @@ def _swin_config_from_hf(bc: dict) -> SwinConfig:
             "swin", "layer_norm_eps", eps,
             "HF applies it to the block norms only and 1e-5 elsewhere; m2f uses one eps (1e-5 as the official)",
         )
-    patch_size = _square(_option(bc, d, "patch_size"), "patch_size")
-    if patch_size != 4:
-        raise _reject("swin", "patch_size", patch_size, "Mask2Former needs 4 (res2..res5 at strides 4..32)")
-    depths = _four_ints(bc, d, "depths", "swin")
-    num_heads = _four_ints(bc, d, "num_heads", "swin")
-    embed_dim = _option(bc, d, "embed_dim")
-    if not isinstance(embed_dim, int) or embed_dim < 1:
-        raise _reject("swin", "embed_dim", embed_dim, "must be a positive integer")
-    for i, heads in enumerate(num_heads):
-        if (embed_dim * 2**i) % heads:
-            width = embed_dim * 2**i
-            raise _reject("swin", "num_heads", list(num_heads), f"stage {i + 1} width {width} is not divisible")
-    window_size = _option(bc, d, "window_size")
-    if not isinstance(window_size, int) or window_size < 1:
-        raise _reject("swin", "window_size", window_size, "must be a positive integer")
-    mlp_ratio = _option(bc, d, "mlp_ratio")
-    if not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
-        raise _reject("swin", "mlp_ratio", mlp_ratio, "must be a positive number")
-    image_size = _option(bc, d, "image_size")
-    pretrain_img_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size  # used by ape only
-    return SwinConfig(
-        embed_dim=embed_dim,
-        depths=depths,
-        num_heads=num_heads,
-        window_size=window_size,
-        mlp_ratio=float(mlp_ratio),
-        qkv_bias=bool(_option(bc, d, "qkv_bias")),
-        patch_size=patch_size,
-        pretrain_img_size=int(pretrain_img_size),
-        drop_path_rate=float(_option(bc, d, "drop_path_rate")),
-        ape=False,
-        patch_norm=True,  # HF's SwinEmbeddings always normalises the patches
-        layer_norm_eps=1e-5,
-    )
+    try:  # the values go through as they are: SwinConfig validates them
+        return SwinConfig(
+            embed_dim=_option(bc, d, "embed_dim"),
+            depths=_option(bc, d, "depths"),
+            num_heads=_option(bc, d, "num_heads"),
+            window_size=_option(bc, d, "window_size"),
+            mlp_ratio=_option(bc, d, "mlp_ratio"),
+            qkv_bias=_option(bc, d, "qkv_bias"),
+            patch_size=_square(_option(bc, d, "patch_size"), "patch_size"),
+            pretrain_img_size=_square(_option(bc, d, "image_size"), "image_size"),  # used by ape only
+            drop_path_rate=_option(bc, d, "drop_path_rate"),
+            ape=False,
+            patch_norm=True,  # HF's SwinEmbeddings always normalises the patches
+            layer_norm_eps=1e-5,
+        )
+    except ConfigFieldError as exc:
+        raise exc.renamed(_HF_SWIN_NAMES, "") from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from m2f.errors import M2FError
+from m2f.errors import ConfigError
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 STAGE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -51,7 +51,7 @@ def _make_norm(kind: str, channels: int, eps: float) -> nn.Module:
         return FrozenBatchNorm2d(channels, eps=eps)
     if kind == "bn":
         return nn.BatchNorm2d(channels, eps=eps)
-    raise M2FError(f"unknown ResNet norm {kind!r}; use 'frozen_bn' (inference, fine-tuning) or 'bn'")
+    raise ConfigError(f"unknown ResNet norm {kind!r}; use 'frozen_bn' (inference, fine-tuning) or 'bn'")
 
 
 class ConvNorm(nn.Conv2d):
@@ -161,15 +161,15 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         if len(depths) != 4 or len(hidden_sizes) != 4:
-            raise M2FError(
+            raise ConfigError(
                 f"ResNet needs 4 stages (res2..res5); got depths={tuple(depths)}, hidden_sizes={tuple(hidden_sizes)}"
             )
         if min(depths) < 1:
-            raise M2FError(f"every ResNet stage needs at least one block; got depths={tuple(depths)}")
+            raise ConfigError(f"every ResNet stage needs at least one block; got depths={tuple(depths)}")
         if block not in ("bottleneck", "basic"):
-            raise M2FError(f"unknown ResNet block {block!r}; use 'bottleneck' or 'basic'")
+            raise ConfigError(f"unknown ResNet block {block!r}; use 'bottleneck' or 'basic'")
         if block == "bottleneck" and any(c % bottleneck_reduction for c in hidden_sizes):
-            raise M2FError(
+            raise ConfigError(
                 f"hidden_sizes {tuple(hidden_sizes)} must be multiples of bottleneck_reduction={bottleneck_reduction}"
             )
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from m2f.errors import M2FError
+from m2f.errors import ConfigError
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 STAGE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -168,7 +168,7 @@ class SwinTransformerBlock(nn.Module):
     ):
         super().__init__()
         if not 0 <= shift_size < window_size:
-            raise M2FError(f"shift_size must be in [0, window_size), got {shift_size} for window {window_size}")
+            raise ConfigError(f"shift_size must be in [0, window_size), got {shift_size} for window {window_size}")
         self.window_size = window_size
         self.shift_size = shift_size
         self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
@@ -304,19 +304,19 @@ class SwinTransformer(nn.Module):
     ):
         super().__init__()
         if len(depths) != 4 or len(num_heads) != 4:
-            raise M2FError(
+            raise ConfigError(
                 f"Swin needs 4 stages (res2..res5); got depths={tuple(depths)}, num_heads={tuple(num_heads)}"
             )
         if min(depths) < 1:
-            raise M2FError(f"every Swin stage needs at least one block; got depths={tuple(depths)}")
+            raise ConfigError(f"every Swin stage needs at least one block; got depths={tuple(depths)}")
         dims = [embed_dim * 2**i for i in range(4)]
         for dim, heads in zip(dims, num_heads):
             if heads < 1 or dim % heads:
-                raise M2FError(f"Swin stage width {dim} is not divisible by its num_heads {heads}; fix num_heads")
+                raise ConfigError(f"Swin stage width {dim} is not divisible by its num_heads {heads}; fix num_heads")
         if window_size < 1 or patch_size < 1:
-            raise M2FError(f"window_size and patch_size must be >= 1, got {window_size} and {patch_size}")
+            raise ConfigError(f"window_size and patch_size must be >= 1, got {window_size} and {patch_size}")
         if patch_size * 8 != STAGE_STRIDES["res5"]:
-            raise M2FError(f"patch_size must be 4 (res2..res5 at strides 4..32), got {patch_size}")
+            raise ConfigError(f"patch_size must be 4 (res2..res5 at strides 4..32), got {patch_size}")
 
         self.ape = ape
         self.patch_embed = PatchEmbed(

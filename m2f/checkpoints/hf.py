@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from m2f.config import Mask2FormerConfig, PixelDecoderConfig, TransformerDecoderConfig
+from m2f.config import ConfigFieldError, Mask2FormerConfig, PixelDecoderConfig, TransformerDecoderConfig, is_int
 from m2f.errors import CheckpointError
 
 PIXEL_DECODER_PREFIX = "model.pixel_level_module.decoder."
@@ -123,86 +123,125 @@ def convert_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: Mask2FormerCon
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Our field path -> HF's name, to report a translated field under the name the user sees in config.json. A name
+# with arithmetic says how our value is derived from HF's (the error then shows our value).
+_HF_NAMES = {
+    "pixel_decoder.conv_dim": "feature_size",
+    "pixel_decoder.mask_dim": "mask_feature_size",
+    "pixel_decoder.num_encoder_layers": "encoder_layers",
+    "pixel_decoder.num_heads": "num_attention_heads",
+    "pixel_decoder.ffn_dim": "encoder_feedforward_dim",
+    "pixel_decoder.common_stride": "common_stride",
+    "pixel_decoder.dropout": "dropout",
+    "transformer_decoder.hidden_dim": "hidden_dim",
+    "transformer_decoder.num_queries": "num_queries",
+    "transformer_decoder.num_heads": "num_attention_heads",
+    "transformer_decoder.ffn_dim": "dim_feedforward",
+    "transformer_decoder.num_layers": "decoder_layers - 1",
+    "transformer_decoder.pre_norm": "pre_norm",
+    "transformer_decoder.enforce_input_proj": "enforce_input_projection",
+    "transformer_decoder.dropout": "dropout",
+    "num_classes": "num_labels",
+}
+# the same for preprocessor_config.json; HF's mean / std are for pixels rescaled to [0, 1], ours for 0..255
+_HF_PREPROCESSOR_NAMES = {"pixel_mean": "255 * image_mean", "pixel_std": "255 * image_std", "size_divisibility": "size_divisor"}
+
+
 def config_from_hf(hf: dict[str, Any], name: str = "", preprocessor: dict[str, Any] | None = None) -> Mask2FormerConfig:
-    """Translate a HF ``Mask2FormerConfig`` (as the dict of its config.json) into ours."""
+    """Translate a HF ``Mask2FormerConfig`` (as the dict of its config.json) into ours.
+
+    Values are passed through untouched for our config to validate; an invalid one raises
+    :class:`~m2f.config.ConfigFieldError` under HF's field name.
+    """
     from m2f.backbones.convert import backbone_config_from_hf
 
+    where = f"{name or 'the checkpoint'}"
     if hf.get("model_type") != "mask2former":
         raise CheckpointError(
-            f"{name or 'config'} is a {hf.get('model_type')!r} model, not Mask2Former (model_type 'mask2former'); "
+            f"{where} is a {hf.get('model_type')!r} model, not Mask2Former (model_type 'mask2former'); "
             "pass a Mask2FormerForUniversalSegmentation checkpoint"
         )
     backbone_cfg = hf.get("backbone_config")
     if not isinstance(backbone_cfg, dict):
         if hf.get("backbone") or hf.get("use_timm_backbone"):
             raise CheckpointError(
-                f"{name or 'config'} uses a named/timm backbone ({hf.get('backbone')!r}) instead of backbone_config; "
+                f"{where} uses a named/timm backbone ({hf.get('backbone')!r}) instead of backbone_config; "
                 "only Swin and ResNet backbone_config checkpoints are supported"
             )
         # HF's default backbone when config.json has none
         backbone_cfg = {"model_type": "swin", "depths": [2, 2, 18, 2], "drop_path_rate": 0.3,
                         "out_features": ["stage1", "stage2", "stage3", "stage4"]}
-    try:
-        backbone = backbone_config_from_hf(backbone_cfg)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # the backbones helper raises M2FError subclasses for unsupported ones
-        raise CheckpointError(f"cannot translate the backbone config of {name or 'the checkpoint'}: {exc}") from None
 
     def get(key: str, default: Any) -> Any:
         value = hf.get(key, default)
         return default if value is None else value
 
-    hf_heads = int(get("num_attention_heads", 8))
-    pixel = PixelDecoderConfig(
-        conv_dim=int(get("feature_size", 256)),
-        mask_dim=int(get("mask_feature_size", 256)),
-        num_encoder_layers=int(get("encoder_layers", 6)),
-        num_heads=hf_heads,
-        num_points=4,
-        ffn_dim=int(get("encoder_feedforward_dim", 1024)),
-        num_feature_levels=3,
-        common_stride=int(get("common_stride", 4)),
-        dropout=float(get("dropout", 0.0)),
-    )
-    decoder = TransformerDecoderConfig(
-        hidden_dim=int(get("hidden_dim", 256)),
-        num_queries=int(get("num_queries", 100)),
-        num_heads=hf_heads,
-        ffn_dim=int(get("dim_feedforward", 2048)),
-        num_layers=int(get("decoder_layers", 10)) - 1,  # HF counts the prediction on the learnable queries
-        pre_norm=bool(get("pre_norm", False)),
-        enforce_input_proj=bool(get("enforce_input_projection", False)),
-        dropout=float(get("dropout", 0.0)),
-    )
     if get("activation_function", "relu") != "relu":
-        raise CheckpointError(f"{name or 'config'} uses activation {hf['activation_function']!r}; only relu is supported")
-    id2label = hf.get("id2label") or {}
-    try:
-        labels = {int(k): str(v) for k, v in id2label.items()}
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{name or 'config'} has a malformed id2label; expected {{index: name}}") from None
-    num_classes = len(labels) if labels else int(get("num_labels", 0))
-    if num_classes < 1 or (labels and sorted(labels) != list(range(num_classes))):
-        raise CheckpointError(f"{name or 'config'}: id2label must number the classes 0..N-1 (got {sorted(labels)[:5]}...)")
+        raise CheckpointError(f"{where} uses activation {hf['activation_function']!r}; only relu is supported")
+    labels = _hf_class_names(hf.get("id2label"), where)
+    decoder_layers = get("decoder_layers", 10)
     extra: dict[str, Any] = {}
-    if preprocessor:
-        mean, std = preprocessor.get("image_mean"), preprocessor.get("image_std")
-        if isinstance(mean, list) and isinstance(std, list) and len(mean) == 3 and len(std) == 3:
-            # HF stores them for pixels rescaled to [0, 1]; ours are for 0..255
-            extra["pixel_mean"] = tuple(float(m) * 255.0 for m in mean)
-            extra["pixel_std"] = tuple(float(s) * 255.0 for s in std)
-        if isinstance(preprocessor.get("size_divisor"), int) and preprocessor["size_divisor"] > 0:
-            extra["size_divisibility"] = preprocessor["size_divisor"]
-    return Mask2FormerConfig(
-        backbone=backbone,
-        pixel_decoder=pixel,
-        transformer_decoder=decoder,
-        num_classes=num_classes,
-        class_names=tuple(labels[i] for i in range(num_classes)) if labels else (),
-        name=name,
-        **extra,
-    )
+    for ours, key in (("pixel_mean", "image_mean"), ("pixel_std", "image_std")):
+        value = (preprocessor or {}).get(key)
+        if value is not None:
+            scalable = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            extra[ours] = tuple(v * 255.0 for v in value) if scalable else value
+    if (preprocessor or {}).get("size_divisor") is not None:
+        extra["size_divisibility"] = preprocessor["size_divisor"]
+    try:
+        return Mask2FormerConfig(
+            backbone=backbone_config_from_hf(backbone_cfg),
+            pixel_decoder=PixelDecoderConfig(
+                conv_dim=get("feature_size", 256),
+                mask_dim=get("mask_feature_size", 256),
+                num_encoder_layers=get("encoder_layers", 6),
+                num_heads=get("num_attention_heads", 8),
+                num_points=4,
+                ffn_dim=get("encoder_feedforward_dim", 1024),
+                num_feature_levels=3,
+                common_stride=get("common_stride", 4),
+                dropout=get("dropout", 0.0),
+            ),
+            transformer_decoder=TransformerDecoderConfig(
+                hidden_dim=get("hidden_dim", 256),
+                num_queries=get("num_queries", 100),
+                num_heads=get("num_attention_heads", 8),
+                ffn_dim=get("dim_feedforward", 2048),
+                # HF counts the prediction on the learnable queries; a non-integer is reported as it is
+                num_layers=decoder_layers - 1 if is_int(decoder_layers) else decoder_layers,
+                pre_norm=get("pre_norm", False),
+                enforce_input_proj=get("enforce_input_projection", False),
+                dropout=get("dropout", 0.0),
+            ),
+            num_classes=len(labels) if labels else get("num_labels", 0),
+            class_names=labels,
+            name=name,
+            **extra,
+        )
+    except ConfigFieldError as exc:
+        if exc.field in _HF_PREPROCESSOR_NAMES:
+            raise exc.renamed(_HF_PREPROCESSOR_NAMES, f"{where} preprocessor_config.json") from None
+        raise exc.renamed(_HF_NAMES, f"{where} config.json") from None
+
+
+def _hf_class_names(id2label: Any, where: str) -> tuple[str, ...]:
+    """The class names of HF's ``id2label`` ({"0": "person", ...}: keys are indices, as strings in JSON)."""
+    if id2label is None or id2label == {}:
+        return ()
+    source = f"{where} config.json"
+    if not isinstance(id2label, dict):
+        raise ConfigFieldError("id2label", id2label, 'an object {"0": "name of class 0", ...}', source)
+    labels: dict[int, str] = {}
+    for key, label in id2label.items():
+        index = key if is_int(key) else int(key) if isinstance(key, str) and key.isdigit() else None
+        if index is None or not isinstance(label, str):
+            raise ConfigFieldError(f"id2label[{key!r}]", label, "a class name (string) under an integer key", source)
+        labels[index] = label
+    if sorted(labels) != list(range(len(labels))):
+        raise ConfigFieldError(
+            "id2label", sorted(labels), f"keyed by the class indices 0..{len(labels) - 1}, each once", source
+        )
+    return tuple(labels[i] for i in range(len(labels)))
 
 
 def read_json(path: Path) -> dict[str, Any]:

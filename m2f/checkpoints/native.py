@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from m2f.config import Mask2FormerConfig
-from m2f.errors import CheckpointError, M2FError
+from m2f.config import Mask2FormerConfig, is_int
+from m2f.errors import CheckpointError, ConfigError, M2FError
 from m2f.io import atomic_dir, write_json_atomic
 
 CONFIG_NAME = "m2f_config.json"
@@ -30,14 +30,18 @@ def read_native_config(path: Path) -> Mask2FormerConfig:
     if data.pop("format", None) != FORMAT_MARKER:
         raise CheckpointError(f"{path / CONFIG_NAME} lacks the \"format\": \"m2f\" marker; re-create it with `m2f convert`")
     version = data.pop("format_version", None)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not is_int(version) or version < 1:
+        raise CheckpointError(
+            f"{path / CONFIG_NAME} has format_version {version!r}, not a version number; re-create it with `m2f convert`"
+        )
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path / CONFIG_NAME} has format_version {version!r}; this m2f reads up to {FORMAT_VERSION}: upgrade m2f"
         )
     try:
         return Mask2FormerConfig.from_dict(data)
-    except M2FError as exc:
-        raise CheckpointError(f"{path / CONFIG_NAME} is not a valid m2f config: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path / CONFIG_NAME}: {exc}") from None
 
 
 def read_native_weights(path: Path) -> dict[str, torch.Tensor]:
