@@ -275,7 +275,7 @@ def write_dataset(out: str | Path, num: int, seed: int, size: tuple[int, int] = 
         raise InputError(f"--num must be >= 1, got {num}")
     if seed < 0:
         raise InputError(f"--seed must be >= 0, got {seed}")
-    out = check_can_write(out, force=force)
+    out = check_can_write(out, force=force, directory=True)
     height, width = size
     images, annotations = [], []
     indices = range(num)
