@@ -185,6 +185,7 @@ def load_onnx(path: str | Path, load_external_data: bool = True) -> Any:
         raise  # unreadable, not malformed: the CLI names the path and the OS's reason
     except Exception as exc:  # protobuf's DecodeError, a bad external-data reference, ...
         raise InputError(f"{path} is not a readable ONNX file ({type(exc).__name__}); re-export it") from None
-    if model.ir_version < 1 or not model.graph.output:  # protobuf reads an empty or foreign file as an empty model
-        raise InputError(f"{path} is not an ONNX model (no IR version or no graph outputs); re-export it")
+    # protobuf reads an empty or foreign file as an empty model, a truncated one without its trailing opset_import
+    if model.ir_version < 1 or not model.opset_import or not model.graph.output:
+        raise InputError(f"{path} is not a complete ONNX model (no IR version, opset or graph outputs); re-export it")
     return model
