@@ -31,7 +31,7 @@ from m2f.errors import InputError
 from m2f.io import write_json_atomic
 
 from . import tensorrt_onnx_ops
-from .manifest import read_manifest, sha256_file
+from .manifest import load_onnx, read_manifest, sha256_file
 from .plugins import M2F_MASKED_ATTENTION, MASKED_ATTENTION_INPUTS, MSDA_INPUTS, TRT_MSDA
 
 log = logging.getLogger("m2f.export")
@@ -339,8 +339,6 @@ def check_onnx(
     force: bool = False,
 ) -> dict[str, Any]:
     """Check ``onnx_path``; write the JSON report to ``report`` when given; return the report."""
-    import onnx
-
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise InputError(f"ONNX file {onnx_path} not found; export one with `m2f export onnx`")
@@ -348,11 +346,8 @@ def check_onnx(
         from m2f.io import check_can_write
 
         check_can_write(report, force=force)
-    manifest = read_manifest(onnx_path, required=checkpoint is None and model is None) or {}
-    try:
-        proto = onnx.load(str(onnx_path))
-    except Exception as exc:
-        raise InputError(f"{onnx_path} is not a readable ONNX file ({type(exc).__name__}); re-export it") from None
+    manifest = read_manifest(onnx_path, required=checkpoint is None and model is None, kind="onnx") or {}
+    proto = load_onnx(onnx_path)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     census = op_census(proto)
     doubles = double_tensors(proto)

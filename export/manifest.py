@@ -3,7 +3,8 @@
 A manifest says what the file is and where it came from, so that ``m2f export check``, ``m2f export tensorrt``
 and ``m2f export triton-repo`` need nothing but the file: opset, input / output names with shapes (symbolic
 dimensions as strings), dynamic axes, deformable-attention mode, dtype, the versions of the tools that wrote it,
-the source checkpoint with its sha256, and the export date.
+the source checkpoint with its sha256, the export date, and the model file's own size and sha256, so a reader
+never acts on a manifest beside another model (a replaced file, an interrupted export).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 from m2f.errors import InputError
 from m2f.io import write_json_atomic
 
-MANIFEST_FORMAT = "m2f-export-manifest/1"
+MANIFEST_FORMAT = "m2f-export-manifest/2"  # 2: records its model's size and sha256
 
 
 def manifest_path(model_path: str | Path) -> Path:
@@ -68,12 +69,43 @@ def new_manifest(kind: str, **fields: Any) -> dict[str, Any]:
     return {"format": MANIFEST_FORMAT, "kind": kind, **fields, "versions": tool_versions(), "created": now_utc()}
 
 
-def write_manifest(model_path: str | Path, manifest: dict[str, Any]) -> Path:
-    return write_json_atomic(manifest_path(model_path), manifest)
+def write_manifest(model_path: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest of ``model_path`` with the model's size and sha256, once the model is in place; returns
+    what was written.
+
+    The model is committed first and its manifest last (two renames are never atomic together): an interrupted
+    export leaves a model without a manifest, or a new model beside the old manifest, whose checksum then refuses
+    the pair (:func:`read_manifest`); never a manifest vouching for a model that is not there.
+    """
+    model_path = Path(model_path)
+    written = {**manifest, "artifact": {"size": model_path.stat().st_size, "sha256": sha256_file(model_path)}}
+    write_json_atomic(manifest_path(model_path), written)
+    return written
 
 
-def read_manifest(model_path: str | Path, required: bool = True) -> dict[str, Any] | None:
-    """The manifest beside ``model_path``; None when absent and not ``required``."""
+# Fields the readers rely on (check, tensorrt build, triton-repo, runner, eval), with their JSON types.
+_FIELDS: dict[str, dict[str, type]] = {
+    "all": {"inputs": list, "outputs": list, "batch": int, "height": int, "width": int, "dynamic": bool,
+            "artifact": dict},
+    "onnx": {"opset": int, "dtype": str, "msda": str, "masked_attn": str, "postprocess": str},
+    "tensorrt": {"max_batch": int, "precision": str, "plugins": str},
+}
+_NULLABLE: dict[str, type] = {"source": dict, "topk": int, "expected_plugin_nodes": int,
+                              "expected_masked_attention_nodes": int, "config": dict, "pixel_mean": list,
+                              "pixel_std": list}
+_JSON_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false", list: "a list", dict: "an object"}
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    if kind is int:  # JSON true / false load as bool, a subclass of int
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def read_manifest(model_path: str | Path, required: bool = True, kind: str | None = None) -> dict[str, Any] | None:
+    """The manifest beside ``model_path``, checked: its format, the fields readers use, and that it describes
+    this very file (size and sha256). None when absent and not ``required``; InputError otherwise."""
+    model_path = Path(model_path)
     path = manifest_path(model_path)
     if not path.exists():
         if required:
@@ -84,8 +116,76 @@ def read_manifest(model_path: str | Path, required: bool = True) -> dict[str, An
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read manifest {path}: {exc}; re-export the model") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); re-export the model") from None
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if not isinstance(fmt, str) or not fmt.startswith(MANIFEST_FORMAT.split("/")[0] + "/"):
         raise InputError(f"{path} is not an m2f export manifest (format {MANIFEST_FORMAT!r}); re-export the model")
+    if fmt != MANIFEST_FORMAT:
+        raise InputError(f"{path} has manifest format {fmt!r}, this m2f reads {MANIFEST_FORMAT!r} (format 1 records "
+                         "no checksum of its model); re-export the model with this m2f")
+    if kind is not None and data.get("kind") != kind:
+        raise InputError(f"{path} describes a {data.get('kind')!r} file, not a {kind!r} one; re-export the model")
+    _check_fields(path, data)
+    _check_artifact(path, data["artifact"], model_path)
     return data
+
+
+def _check_fields(path: Path, data: dict[str, Any]) -> None:
+    def bad(why: str) -> InputError:
+        return InputError(f"{path}: {why}; the manifest was edited or damaged: re-export the model")
+
+    fields = {**_FIELDS["all"], **_FIELDS.get(data.get("kind"), {})}
+    for name, kind in fields.items():
+        if name not in data:
+            raise bad(f"field {name!r} is missing")
+        if not _has_type(data[name], kind):
+            raise bad(f"field {name!r} must be {_JSON_TYPE_NAMES[kind]}, got {data[name]!r}")
+    for name, kind in _NULLABLE.items():
+        if data.get(name) is not None and not _has_type(data[name], kind):
+            raise bad(f"field {name!r} must be {_JSON_TYPE_NAMES[kind]} or null, got {data[name]!r}")
+    for name in ("batch", "height", "width"):
+        if data[name] < 1:
+            raise bad(f"field {name!r} must be >= 1, got {data[name]}")
+    for group in ("inputs", "outputs"):
+        for spec in data[group]:
+            if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("dtype"), str)
+                    and isinstance(spec.get("shape"), list)
+                    and all(isinstance(d, str) or _has_type(d, int) for d in spec["shape"])):
+                raise bad(f"an entry of {group!r} is not a tensor (name, dtype, shape of ints / strings): {spec!r}")
+    if not data["inputs"] or not data["outputs"]:
+        raise bad("it lists no inputs or no outputs")
+    export_shape = [data["batch"], 3, data["height"], data["width"]]
+    if not data["dynamic"] and data["inputs"][0]["shape"] != export_shape:
+        raise bad(f"its batch / height / width {export_shape} disagree with its input shape {data['inputs'][0]['shape']}")
+
+
+def _check_artifact(path: Path, artifact: dict[str, Any], model_path: Path) -> None:
+    size, sha256 = artifact.get("size"), artifact.get("sha256")
+    if not _has_type(size, int) or not isinstance(sha256, str):
+        raise InputError(f"{path}: field 'artifact' must hold the model's size and sha256; re-export the model")
+    if not model_path.is_file():
+        raise InputError(f"{model_path} not found beside its manifest {path}; re-export the model")
+    actual = model_path.stat().st_size
+    mismatch = f"{actual} bytes, the manifest says {size}" if actual != size else None
+    if mismatch is None and sha256_file(model_path) != sha256:
+        mismatch = "its sha256 differs from the manifest's"
+    if mismatch is not None:
+        raise InputError(f"{model_path} does not match its manifest {path} ({mismatch}): the model was replaced or "
+                         "its export was interrupted; re-export the model")
+
+
+def load_onnx(path: str | Path, load_external_data: bool = True) -> Any:
+    """The ONNX model in ``path``; InputError for a file that is not one (corrupt, truncated, another format)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except OSError:
+        raise  # unreadable, not malformed: the CLI names the path and the OS's reason
+    except Exception as exc:  # protobuf's DecodeError, a bad external-data reference, ...
+        raise InputError(f"{path} is not a readable ONNX file ({type(exc).__name__}); re-export it") from None
+    # protobuf reads an empty or foreign file as an empty model, a truncated one without its trailing opset_import
+    if model.ir_version < 1 or not model.opset_import or not model.graph.output:
+        raise InputError(f"{path} is not a complete ONNX model (no IR version, opset or graph outputs); re-export it")
+    return model

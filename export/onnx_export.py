@@ -369,8 +369,7 @@ def to_onnx(
     start = time.perf_counter()
     validate_export_args(height, width, batch, opset, msda, postprocess, masked_attn)
     path = Path(path)
-    check_can_write(path, force=force)
-    check_can_write(manifest_path(path), force=force)
+    check_can_write(path, force=force)  # a manifest without its model is stale: the new one replaces it
     config = getattr(model, "config", None)
     if topk is None:
         topk = config.postprocess.instance_topk if config is not None else 100
@@ -476,7 +475,7 @@ def to_onnx(
             source=source,
             notes=notes,
         )
-        write_manifest(path, manifest)
+    manifest = write_manifest(path, manifest)  # after the model is committed: it records the model's sha256
     return ExportResult(path, manifest_path(path), manifest, time.perf_counter() - start, simplified, notes)
 
 

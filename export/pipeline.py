@@ -37,7 +37,7 @@ def run_pipeline(
                          export_kwargs.get("batch", 1), export_kwargs.get("opset", 18),
                          export_kwargs.get("msda", "decomposed"), export_kwargs.get("postprocess", "none"),
                          export_kwargs.get("masked_attn", "standard"))
-    check_can_write(workdir, force=force)
+    check_can_write(workdir, force=force, directory=True)
     if tensorrt:
         from ._trt import import_cudart, import_tensorrt
 
@@ -96,7 +96,7 @@ def _compare_engine(engine: Path, onnx_path: Path, checkpoint: Any, runner_cls: 
     from .manifest import read_manifest
     from .onnx_export import OnnxExportModule, load_checkpoint_model
 
-    manifest = read_manifest(onnx_path)
+    manifest = read_manifest(onnx_path, kind="onnx")
     module = OnnxExportModule(load_checkpoint_model(checkpoint), manifest["postprocess"], manifest.get("topk") or 100)
     x = np.random.default_rng().standard_normal((manifest["batch"], 3, manifest["height"], manifest["width"]))
     x = x.astype(np.float32)

@@ -43,7 +43,7 @@ class TensorRTRunner:
         engine_path = Path(engine_path)
         if not engine_path.is_file():
             raise InputError(f"engine {engine_path} not found; build one with `m2f export tensorrt`")
-        self.manifest = read_manifest(engine_path, required=False) or {}
+        self.manifest = read_manifest(engine_path, required=False, kind="tensorrt") or {}
         trt = self.trt = import_tensorrt()
         self.cudart = import_cudart()
         self.logger = trt.Logger(trt.Logger.WARNING)

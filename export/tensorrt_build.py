@@ -26,7 +26,7 @@ from m2f.errors import InputError
 from m2f.io import atomic_path, check_can_write, write_bytes_atomic
 
 from ._trt import import_tensorrt
-from .manifest import new_manifest, read_manifest, sha256_file, write_manifest
+from .manifest import load_onnx, new_manifest, read_manifest, sha256_file, write_manifest
 
 log = logging.getLogger("m2f.export")
 
@@ -188,15 +188,13 @@ def build_engine(
     if workspace_gb <= 0:
         raise InputError(f"--workspace must be > 0 GB, got {workspace_gb}")
     check_can_write(output, force=force)
-    manifest = read_manifest(onnx_path)
+    manifest = read_manifest(onnx_path, kind="onnx")
     profile = default_profile(manifest, min_shape, opt_shape, max_shape)
 
     trt = import_tensorrt()
-    import onnx
-
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")  # TensorRT's own plugins, MultiscaleDeformableAttnPlugin_TRT among them
-    model = onnx.load(str(onnx_path))
+    model = load_onnx(onnx_path)
     retargeted = retarget_msda_nodes(model) if plugins == "m2f" else 0
     m2f_nodes = sum(1 for n in model.graph.node if n.domain == "m2f")
     if m2f_nodes:  # retargeted MSDA nodes and / or masked-attention plugin nodes
@@ -261,7 +259,6 @@ def build_engine(
         postprocess=manifest.get("postprocess", "none"),
         pixel_mean=manifest.get("pixel_mean"), pixel_std=manifest.get("pixel_std"),
         config=manifest.get("config"),
-        engine_sha256=sha256_file(output),
     ))
     log.info("wrote %s (%s, profile %s)", output, precision, profile)
     return output

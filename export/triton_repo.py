@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from m2f.errors import InputError
 from m2f.io import atomic_dir, check_can_write
 
-from .manifest import read_manifest
+from .manifest import load_onnx, read_manifest
 
 TRITON_DTYPES = {
     "float32": "TYPE_FP32",
@@ -52,10 +52,9 @@ def _is_dynamic(dim: int | str) -> bool:
 
 
 def _onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    import onnx
     from onnx import helper
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_onnx(path, load_external_data=False)
 
     def spec(value_info: Any) -> TensorSpec:
         t = value_info.type.tensor_type
@@ -123,7 +122,7 @@ def write_triton_repo(
         raise InputError(f"model name {name!r} must be letters, digits, '-' or '_'")
     platform, filename = PLATFORMS[suffix]
 
-    manifest = read_manifest(model_path, required=suffix != ".onnx")
+    manifest = read_manifest(model_path, required=suffix != ".onnx", kind="onnx" if suffix == ".onnx" else "tensorrt")
     if manifest is not None:
         inputs = [_spec(d) for d in manifest["inputs"]]
         outputs = [_spec(d) for d in manifest["outputs"]]
@@ -138,7 +137,7 @@ def write_triton_repo(
         max_batch_size = 0  # the file has a fixed batch: Triton must not batch requests
     config = render_config(name, platform, inputs, outputs, max_batch_size, instance_count, model_filename=filename)
 
-    target = check_can_write(Path(output) / name, force=force)
+    target = check_can_write(Path(output) / name, force=force, directory=True)
     with atomic_dir(target) as tmp:
         (tmp / "1").mkdir()
         shutil.copyfile(model_path, tmp / "1" / filename)

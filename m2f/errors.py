@@ -25,3 +25,8 @@ class BackendUnavailableError(M2FError):
 
 class ConfigError(M2FError):
     """A model configuration (``m2f_config.json``, an HF ``config.json``, a preset override) is invalid."""
+
+
+class OutputError(M2FError):
+    """An output cannot be written where asked: disk full, read-only file system, no permission, a file in the
+    way of a directory, ..."""

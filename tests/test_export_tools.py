@@ -2,6 +2,7 @@
 NumPy post-processing, engine-builder argument handling, TensorRT absence."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -16,7 +17,7 @@ from m2f.errors import BackendUnavailableError, InputError
 from m2f.export import postprocess_numpy as pp
 from m2f.export import tensorrt_onnx_ops
 from m2f.export.check import double_tensors, msda_plugin_nodes, op_census, tensorrt_support
-from m2f.export.manifest import manifest_path, new_manifest, read_manifest, write_manifest
+from m2f.export.manifest import manifest_path, read_manifest, write_manifest
 from m2f.export.plugins import (
     M2F_MSDA,
     MSDA_INPUTS,
@@ -27,7 +28,7 @@ from m2f.export.plugins import (
 )
 from m2f.export.tensorrt_build import default_profile, parse_shape, retarget_msda_nodes
 from m2f.export.triton_repo import write_triton_repo
-from tests.utils import fresh_seed
+from tests.utils import fresh_seed, full_manifest
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -192,9 +193,7 @@ def test_tensorrt_missing_is_a_clear_error(tmp_path):
 
     onnx_file = tmp_path / "m.onnx"
     onnx.save(_msda_graph(1), onnx_file)
-    write_manifest(onnx_file, new_manifest("onnx", batch=1, height=64, width=64, dynamic=False,
-                                           inputs=[{"name": "value", "dtype": "float32", "shape": [1, 3, 64, 64]}],
-                                           outputs=[]))
+    write_manifest(onnx_file, full_manifest("onnx"))
     with pytest.raises(BackendUnavailableError, match=r"TensorRT >= 10.7 is not installed: pip install tensorrt"):
         build_engine(onnx_file, tmp_path / "m.engine")
     assert not (tmp_path / "m.engine").exists()
@@ -246,9 +245,10 @@ def test_triton_repo_fixed_batch_and_engine(tmp_path):
     engine.write_bytes(b"\0engine")
     with pytest.raises(InputError, match="manifest"):
         write_triton_repo(engine, tmp_path / "repo2")
-    write_manifest(engine, new_manifest("tensorrt", max_batch=8,
-                                        inputs=[{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, "h", "w"]}],
-                                        outputs=[{"name": "pred_masks", "dtype": "float16", "shape": ["batch", 100, "h4", "w4"]}]))
+    write_manifest(engine, full_manifest(
+        "tensorrt", dynamic=True, max_batch=8,
+        inputs=[{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, "h", "w"]}],
+        outputs=[{"name": "pred_masks", "dtype": "float16", "shape": ["batch", 100, "h4", "w4"]}]))
     target = write_triton_repo(engine, tmp_path / "repo2", max_batch=16)
     config = (target / "config.pbtxt").read_text()
     assert 'platform: "tensorrt_plan"' in config and "max_batch_size: 8" in config  # capped by the profile
@@ -263,9 +263,10 @@ def test_manifest_roundtrip(tmp_path):
     f = tmp_path / "a.onnx"
     f.write_bytes(b"x")
     assert manifest_path(f) == tmp_path / "a.onnx.json"
-    write_manifest(f, new_manifest("onnx", opset=17))
-    m = read_manifest(f)
+    write_manifest(f, full_manifest("onnx", opset=17))
+    m = read_manifest(f, kind="onnx")
     assert m["opset"] == 17 and m["versions"]["torch"] and m["created"].endswith("+00:00")
+    assert m["artifact"] == {"size": 1, "sha256": hashlib.sha256(b"x").hexdigest()}
     (tmp_path / "b.onnx.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(InputError, match="not an m2f export manifest"):
         read_manifest(tmp_path / "b.onnx")

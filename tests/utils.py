@@ -71,3 +71,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer full of NaN: any element a kernel forgets to write shows up in the comparison."""
     return torch.full_like(t, float("nan"))
+
+
+def full_manifest(kind: str = "onnx", batch: int = 1, height: int = 64, width: int = 64, **fields) -> dict:
+    """An export manifest with every field its readers check (as `m2f export` writes it), ``fields`` overriding;
+    ``write_manifest`` adds the model's checksum."""
+    from m2f.export.manifest import new_manifest
+
+    per_kind = {
+        "onnx": {"opset": 18, "dtype": "float32", "msda": "decomposed", "masked_attn": "standard", "postprocess": "none"},
+        "tensorrt": {"max_batch": batch, "precision": "fp16", "plugins": "none"},
+    }[kind]
+    defaults = {
+        "dynamic": False,
+        "inputs": [{"name": "pixel_values", "dtype": "float32", "shape": [batch, 3, height, width]}],
+        "outputs": [{"name": "pred_logits", "dtype": "float32", "shape": [batch, 7, 6]}],
+        **per_kind,
+    }
+    return new_manifest(kind, batch=batch, height=height, width=width, **{**defaults, **fields})

@@ -58,7 +58,7 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, force: bool = Fals
 
     Refuses to replace an existing ``path`` unless ``force``; a failure leaves nothing behind.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     if path.exists() and not force:
@@ -66,6 +66,9 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, force: bool = Fals
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     config = {**model.config.to_dict(), "format": FORMAT_MARKER, "format_version": FORMAT_VERSION}
     with atomic_dir(path) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "m2f_format_version": str(FORMAT_VERSION)})
+        # Serialised here and written by Python: safetensors' own file writer reports a full disk as a
+        # SafetensorError, which m2f.io could not name (an OSError becomes "no space left on the device").
+        weights = save(state, metadata={"format": "pt", "m2f_format_version": str(FORMAT_VERSION)})
+        (tmp / WEIGHTS_NAME).write_bytes(weights)
         write_json_atomic(tmp / CONFIG_NAME, config)
     return path

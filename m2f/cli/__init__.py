@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from m2f.errors import M2FError
+from m2f.io import describe_os_error
 
 # subcommand -> module under m2f.cli. Explicit on purpose: no registration by import side effects.
 SUBCOMMANDS: dict[str, str] = {
@@ -48,8 +49,6 @@ def _version() -> str:
         return "unknown"
 
 
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -67,6 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: still one line, with how to get the traceback
         if debug:
             raise
+        # Last resort for an OSError no writer translated: one naming a path (or a full disk) is the set-up's fault.
+        problem = describe_os_error(exc) if isinstance(exc, OSError) else None
+        if problem is not None:
+            print(f"m2f: error: {problem}", file=sys.stderr)
+            return 2
         print(f"m2f: internal error: {type(exc).__name__}: {exc} (set M2F_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
     return int(result or 0)

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from m2f.errors import M2FError
+from m2f.io import check_can_write
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,10 +26,9 @@ def run(args: argparse.Namespace) -> int:
     from m2f.checkpoints import from_pretrained, save_pretrained
 
     output = Path(args.output)
-    if output.exists() and not args.force:
-        raise M2FError(f"{output} already exists; pass --force to overwrite it")
     if Path(args.src).resolve() == output.resolve():
         raise M2FError("SRC and --output are the same path; write the converted checkpoint somewhere else")
+    check_can_write(output, force=args.force, directory=True)
     model = from_pretrained(args.src, preset=args.preset)
     save_pretrained(model, output, force=True)
     cfg = model.config

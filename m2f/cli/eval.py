@@ -41,17 +41,14 @@ def _onnx_config(path: Path, explicit: str | None):
     from m2f.cli.train import load_config
     from m2f.config import Mask2FormerConfig
     from m2f.errors import InputError
+    from m2f.export.manifest import read_manifest
 
     if explicit:
         return load_config(explicit)
-    manifest = path.with_name(path.name + ".json")  # `m2f export` writes model.onnx.json with the config
-    if manifest.is_file():
-        try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            data = None
-        if isinstance(data, dict) and isinstance(data.get("config"), dict):
-            return Mask2FormerConfig.from_dict(data["config"])
+    # `m2f export` writes model.onnx.json with the config; one beside another model (or damaged) is refused
+    manifest = read_manifest(path, required=False, kind="onnx")
+    if manifest is not None and manifest.get("config") is not None:
+        return Mask2FormerConfig.from_dict(manifest["config"])
     beside = path.with_name("m2f_config.json")
     if beside.is_file():
         return load_config(str(beside))

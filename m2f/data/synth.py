@@ -14,6 +14,7 @@ bundled demo samples); see ``m2f/assets/default/TRAINING.md``.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -275,15 +276,16 @@ def write_dataset(out: str | Path, num: int, seed: int, size: tuple[int, int] = 
         raise InputError(f"--num must be >= 1, got {num}")
     if seed < 0:
         raise InputError(f"--seed must be >= 0, got {seed}")
-    out = check_can_write(out, force=force)
+    out = check_can_write(out, force=force, directory=True)
     height, width = size
     images, annotations = [], []
     indices = range(num)
-    if progress:
-        from tqdm import tqdm
+    with contextlib.ExitStack() as stack:
+        if progress:  # closed on an error too, so the error line does not land on the bar's line
+            from tqdm import tqdm
 
-        indices = tqdm(indices, desc="synth", unit="img")
-    with atomic_dir(out) as tmp:
+            indices = stack.enter_context(tqdm(indices, desc="synth", unit="img"))
+        tmp = stack.enter_context(atomic_dir(out))
         (tmp / "images").mkdir()
         (tmp / "panoptic").mkdir()
         for index in indices:
