@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "export",
     "bench": "bench",
     "presets": "presets",
+    "serve": "serve",
 }
 
 
