@@ -160,6 +160,37 @@ def test_export_onnx_output_is_a_directory(tmp_path, capsys, force):
     assert _tree(tmp_path) == {"m.onnx"}  # no orphan manifest
 
 
+@pytest.mark.parametrize("command", ["export onnx", "export tensorrt", "export triton-repo", "export check",
+                                     "convert", "data synth"])
+def test_outputs_through_a_file_are_refused_before_any_work(tmp_path, capsys, command):
+    (tmp_path / "afile").write_text("x")
+    model = tmp_path / "m.onnx"
+    onnx.save(_graph("first"), model)
+    out = str(tmp_path / "afile" / "out")
+    ckpt = str(default_checkpoint_path())
+    argv = {
+        "export onnx": ["export", "onnx", "--checkpoint", ckpt, "--output", out],
+        "export tensorrt": ["export", "tensorrt", "--onnx", str(model), "--output", out],
+        "export triton-repo": ["export", "triton-repo", "--model", str(model), "--output", out],
+        "export check": ["export", "check", str(model), "--checkpoint", ckpt, "--report", out],
+        "convert": ["convert", ckpt, "--output", out],
+        "data synth": ["data", "synth", "--out", out, "--num", "1", "--size", "32x32"],
+    }[command]
+    code, err = _cli(capsys, argv)
+    _assert_one_line_error(code, err, "afile is a file, not a directory; remove it or choose another path")
+    assert _tree(tmp_path) == {"afile", "m.onnx"}
+
+
+def test_export_onnx_on_a_full_disk(tmp_path, monkeypatch):
+    def full(module, args, f, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # write() on a full disk names no file
+
+    monkeypatch.setattr(torch.onnx, "export", full)
+    with pytest.raises(OutputError, match=f"^cannot write {tmp_path / 'm.onnx'}: no space left on the device"):
+        to_onnx(torch.nn.Identity(), tmp_path / "m.onnx", height=64, width=64, simplify=False)
+    assert _tree(tmp_path) == set()  # neither a partial model nor an orphan manifest
+
+
 def test_convert_on_a_full_disk(tmp_path, capsys, monkeypatch):
     _inject(monkeypatch, pathlib.Path, "write_bytes", errno.ENOSPC, tmp_path, named=False)
     code, err = _cli(capsys, ["convert", str(default_checkpoint_path()), "--output", str(tmp_path / "conv")])
