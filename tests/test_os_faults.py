@@ -89,6 +89,15 @@ def test_atomic_write_faults_name_the_target_and_leave_nothing(tmp_path, monkeyp
     assert _tree(tmp_path) <= {"out"}  # at most the (empty) parent directory
 
 
+def test_a_fault_inside_a_temporary_directory_names_the_target(tmp_path, monkeypatch):
+    target = tmp_path / "dataset"
+    _inject(monkeypatch, pathlib.Path, "write_bytes", errno.EACCES, tmp_path)  # named: a temp file in the temp dir
+    with pytest.raises(OutputError, match=f"^cannot write {target / 'inner.json'}: permission denied"):
+        with atomic_dir(target) as tmp:
+            write_json_atomic(tmp / "inner.json", {})
+    assert _tree(tmp_path) == set()
+
+
 def test_a_file_in_the_way_of_a_directory_is_named(tmp_path):
     (tmp_path / "afile").write_text("x")
     for write in (lambda p: write_json_atomic(p, {}), lambda p: atomic_dir(p).__enter__()):
