@@ -89,6 +89,15 @@ def test_atomic_write_faults_name_the_target_and_leave_nothing(tmp_path, monkeyp
     assert _tree(tmp_path) <= {"out"}  # at most the (empty) parent directory
 
 
+def test_a_fault_inside_a_temporary_directory_names_the_target(tmp_path, monkeypatch):
+    target = tmp_path / "dataset"
+    _inject(monkeypatch, pathlib.Path, "write_bytes", errno.EACCES, tmp_path)  # named: a temp file in the temp dir
+    with pytest.raises(OutputError, match=f"^cannot write {target / 'inner.json'}: permission denied"):
+        with atomic_dir(target) as tmp:
+            write_json_atomic(tmp / "inner.json", {})
+    assert _tree(tmp_path) == set()
+
+
 def test_a_file_in_the_way_of_a_directory_is_named(tmp_path):
     (tmp_path / "afile").write_text("x")
     for write in (lambda p: write_json_atomic(p, {}), lambda p: atomic_dir(p).__enter__()):
@@ -158,6 +167,37 @@ def test_export_onnx_output_is_a_directory(tmp_path, capsys, force):
                               str(tmp_path / "m.onnx"), *force])
     _assert_one_line_error(code, err, "m.onnx is a directory; give a file name")
     assert _tree(tmp_path) == {"m.onnx"}  # no orphan manifest
+
+
+@pytest.mark.parametrize("command", ["export onnx", "export tensorrt", "export triton-repo", "export check",
+                                     "convert", "data synth"])
+def test_outputs_through_a_file_are_refused_before_any_work(tmp_path, capsys, command):
+    (tmp_path / "afile").write_text("x")
+    model = tmp_path / "m.onnx"
+    onnx.save(_graph("first"), model)
+    out = str(tmp_path / "afile" / "out")
+    ckpt = str(default_checkpoint_path())
+    argv = {
+        "export onnx": ["export", "onnx", "--checkpoint", ckpt, "--output", out],
+        "export tensorrt": ["export", "tensorrt", "--onnx", str(model), "--output", out],
+        "export triton-repo": ["export", "triton-repo", "--model", str(model), "--output", out],
+        "export check": ["export", "check", str(model), "--checkpoint", ckpt, "--report", out],
+        "convert": ["convert", ckpt, "--output", out],
+        "data synth": ["data", "synth", "--out", out, "--num", "1", "--size", "32x32"],
+    }[command]
+    code, err = _cli(capsys, argv)
+    _assert_one_line_error(code, err, "afile is a file, not a directory; remove it or choose another path")
+    assert _tree(tmp_path) == {"afile", "m.onnx"}
+
+
+def test_export_onnx_on_a_full_disk(tmp_path, monkeypatch):
+    def full(module, args, f, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # write() on a full disk names no file
+
+    monkeypatch.setattr(torch.onnx, "export", full)
+    with pytest.raises(OutputError, match=f"^cannot write {tmp_path / 'm.onnx'}: no space left on the device"):
+        to_onnx(torch.nn.Identity(), tmp_path / "m.onnx", height=64, width=64, simplify=False)
+    assert _tree(tmp_path) == set()  # neither a partial model nor an orphan manifest
 
 
 def test_convert_on_a_full_disk(tmp_path, capsys, monkeypatch):
