@@ -207,6 +207,20 @@ def test_convert_on_a_full_disk(tmp_path, capsys, monkeypatch):
     assert _tree(tmp_path) == set()
 
 
+def test_train_checkpoint_on_a_full_disk(tmp_path, capsys, monkeypatch):
+    from m2f.data.synth import write_dataset
+    from tests.utils import fresh_seed
+
+    data = write_dataset(tmp_path / "data", num=2, seed=fresh_seed(), size=(64, 64))
+    run = tmp_path / "run"
+    _inject(monkeypatch, pathlib.Path, "write_bytes", errno.ENOSPC, run, named=False)
+    code, err = _cli(capsys, ["train", "--config", str(default_checkpoint_path() / "m2f_config.json"), "--data",
+                              str(data), "--out", str(run), "--iters", "1", "--batch-size", "1", "--num-points", "64",
+                              "--device", "cpu", "--quiet"])
+    _assert_one_line_error(code, err, "no space left on the device")
+    assert not [p.name for p in run.rglob("*") if p.name.endswith(".partial") or p.suffix == ".safetensors"]
+
+
 @pytest.mark.parametrize("owner,name,code,named,needle", [
     (pathlib.Path, "write_bytes", errno.ENOSPC, False, "no space left on the device"),
     (os, "mkdir", errno.EACCES, True, "permission denied"),
