@@ -71,3 +71,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer full of NaN: any element a kernel forgets to write shows up in the comparison."""
     return torch.full_like(t, float("nan"))
+
+
+def off_kink_locations(shapes, size: tuple[int, int, int, int], generator: torch.Generator, margin: float = 0.2,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:  # (N, Q, M, L, P, 2)
+    """Deformable-attention sampling locations whose pixel coordinates (x * W - 0.5) lie in [i + margin,
+    i + 1 - margin] for a random cell i in [-2, W] (per axis and level): corners partly or wholly outside the map,
+    yet never within rounding of a kink (pixel centre, border), so float32 and float64 pick the same corners and
+    finite differences stay on one side."""
+    n, q, m, p = size
+    coords = []
+    for h, w in shapes:
+        extent = torch.tensor([w, h], dtype=torch.float64)
+        cell = torch.floor(torch.rand(n, q, m, p, 2, generator=generator, dtype=torch.float64) * (extent + 3)) - 2
+        frac = margin + (1 - 2 * margin) * torch.rand(n, q, m, p, 2, generator=generator, dtype=torch.float64)
+        coords.append((cell + frac + 0.5) / extent)
+    return torch.stack(coords, dim=3).to(dtype)
