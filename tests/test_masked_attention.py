@@ -2,6 +2,7 @@
 against a float64 reference, forward and backward, every mask corner case, the split-KV path, and the ops."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -330,10 +331,27 @@ def test_input_errors(rng):
         masked_attention(q, k, v, good[:, :, :4], backend="torch")
     with pytest.raises(InputError, match="do not fit"):
         masked_attention(q, k[:, :, :, :8], v, good, backend="torch")
-    with pytest.raises(InputError, match="float32, float16 or bfloat16"):
-        masked_attention(q.double(), k.double(), v.double(), good, backend="triton")
-    with pytest.raises(InputError, match="share one floating dtype"):
+    with pytest.raises(InputError, match="share one dtype of float32, float16, bfloat16 or float64, got torch.int64"):
+        masked_attention(q.long(), k.long(), v.long(), good, backend="triton")
+    with pytest.raises(InputError, match="share one dtype"):
         masked_attention(q, k.half(), v, good, backend="torch")
+    with pytest.raises(InputError, match="must be on one device"):
+        masked_attention(q, k, v, good.to("meta"), backend="torch")
+    with pytest.raises(InputError, match="head dim <= 256"):
+        masked_attention(*(t.expand(-1, -1, -1, 257) for t in (q[..., :1], k[..., :1], v[..., :1])), good,
+                         backend="triton")
+
+
+def test_int32_offsets_checked(rng, monkeypatch):
+    """Offsets inside one (batch, head) slice are int32 in the kernels: a slice spanning more is refused."""
+    ma = importlib.import_module("m2f.kernels.masked_attention")  # the package's attribute is the function
+
+    (_, _, _), (q, k, v) = make_qkv(rng, 1, 2, 3, 5, 16, torch.float32)
+    allow = torch.ones(1, 3, 5, dtype=torch.bool, device=DEVICE)
+    monkeypatch.setattr(ma, "INT32_SPAN", 64)  # k's (5, 16) slices span 80 elements
+    with pytest.raises(InputError, match=r"^k \(1, 2, 5, 16\) with strides .* spans 80 elements .* int32"):
+        masked_attention(q, k, v, allow, backend="triton")
+    masked_attention(q, k, v, allow, backend="torch")  # the torch backend has no such limit
 
 
 def test_torch_compile_fullgraph(rng):

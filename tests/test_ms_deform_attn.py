@@ -369,10 +369,13 @@ def test_shape_tensors_are_read_once_and_rechecked_when_changed(rng, backend, mo
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gradcheck_float64(rng, backend):
     shapes = [(3, 2), (1, 3)]  # odd sizes, a one-row level
-    value, _, attn = make_inputs(rng, shapes, n=1, q=2, m=2, d=2, p=2, dtype=torch.float64)
+    value, _, attn = make_inputs(rng, shapes, n=1, q=3, m=2, d=3, p=2, dtype=torch.float64)
     # Away from the kinks (pixel centres, borders), where the bilinear weights are not differentiable.
-    loc = off_kink_locations(shapes, (1, 2, 2, 2), rng).to(DEVICE)
+    loc = off_kink_locations(shapes, (1, 3, 2, 2), rng).to(DEVICE)
     inputs = tuple(t.detach().clone().requires_grad_() for t in (value, loc, attn))
     fn = lambda v, l, a: ms_deform_attn(v, shapes, None, l, a, backend=backend)  # noqa: E731
     assert fn(*inputs).dtype == torch.float64
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6), f"seed {rng.seed_value}"
+    # Triton: fast mode (a random projection of the Jacobian, a few launches) as each interpreted launch costs ~0.2 s
+    # and the full Jacobian needs two per input element.
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=backend == "triton"), \
+        f"seed {rng.seed_value}"
