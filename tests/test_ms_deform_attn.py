@@ -14,7 +14,7 @@ import torch
 from m2f.errors import BackendUnavailableError, InputError
 from m2f.kernels import ms_deform_attn
 from m2f.kernels.ms_deform_attn import ms_deform_attn_torch, triton_kernels
-from tests.utils import off_kink_locations, poisoned_like, rel_err
+from tests.utils import mismatch, off_kink_locations, poisoned_like, rel_err
 
 
 
@@ -379,3 +379,68 @@ def test_gradcheck_float64(rng, backend):
     # and the full Jacobian needs two per input element.
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=backend == "triton"), \
         f"seed {rng.seed_value}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Non-finite inputs: every backend follows the float64 reference (naive.py's semantics)
+# ------------------------------------------------------------------------------------------------------------
+NON_FINITE_SHAPES = [(4, 5), (3, 2)]
+SKIPPED_LOCATIONS = [float("nan"), float("inf"), -float("inf"), 1e30, -1e4, 3.0]  # never inside any map
+
+
+def _skip_points(loc, attn, rng, fraction=0.3):
+    """Move a fraction of the points (both coordinates or one) out of their maps and give many of them an inf or NaN
+    weight; returns the bool mask (N, Q, M, L, P) of the skipped points."""
+    skipped = torch.rand(attn.shape, generator=rng) < fraction
+    which = torch.randint(len(SKIPPED_LOCATIONS), loc.shape, generator=rng)
+    far = torch.tensor(SKIPPED_LOCATIONS, dtype=loc.dtype)[which]
+    axis = torch.randint(3, attn.shape, generator=rng)  # 0: x, 1: y, 2: both
+    move = skipped[..., None] & torch.stack((axis != 1, axis != 0), dim=-1)
+    loc[move.to(loc.device)] = far[move].to(loc.device)
+    bad_weight = skipped & (torch.rand(attn.shape, generator=rng) < 0.6)
+    attn[bad_weight.to(attn.device)] = torch.tensor([float("inf"), float("nan")], dtype=attn.dtype)[
+        torch.randint(2, (int(bad_weight.sum()),), generator=rng)].to(attn.device)
+    return skipped
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_skipped_points_contribute_nothing_and_get_zero_gradients(rng, backend):
+    """NaN / inf / far-out locations, with inf / NaN weights: no effect on the output or on any gradient."""
+    shapes = NON_FINITE_SHAPES
+    value, _, attn = make_inputs(rng, shapes, n=2, q=9, m=2, d=5, p=3)
+    loc = off_kink_locations(shapes, (2, 9, 2, 3), rng, dtype=torch.float32).to(DEVICE)
+    bad_loc, bad_attn = loc.clone(), attn.clone()
+    skipped = _skip_points(bad_loc, bad_attn, rng).to(DEVICE)
+    grad_out = torch.randn(2, 9, 10, generator=rng).to(DEVICE)
+    # The same inputs with the skipped points' weights zeroed and locations moved far out, all finite.
+    clean_attn = attn.masked_fill(skipped, 0.0)
+    clean_loc = loc.masked_fill(skipped[..., None], -5.0)
+    want_out, want_value, _, want_attn = reference64(value, shapes, clean_loc, clean_attn, grad_out)
+
+    leaves = [t.clone().requires_grad_() for t in (value, bad_loc, bad_attn)]
+    out = ms_deform_attn(leaves[0], shapes, None, leaves[1], leaves[2], backend=backend)
+    out.backward(grad_out)
+    assert torch.isfinite(out).all(), f"seed {rng.seed_value}: a skipped point leaked into the output"
+    assert rel_err(out, want_out) <= F32_TOL, f"seed {rng.seed_value}"
+    assert rel_err(leaves[0].grad, want_value) <= GRAD_F32_TOL, f"seed {rng.seed_value}: grad value"
+    assert (leaves[1].grad[skipped] == 0).all() and (leaves[2].grad[skipped] == 0).all(), f"seed {rng.seed_value}"
+    err = rel_err(leaves[2].grad[~skipped], want_attn[~skipped])
+    assert err <= GRAD_F32_TOL, f"seed {rng.seed_value}: grad attention_weights rel_err {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_finite_values_and_weights_propagate_as_the_reference(rng, backend):
+    shapes = NON_FINITE_SHAPES
+    value, _, attn = make_inputs(rng, shapes, n=1, q=12, m=2, d=6, p=2)
+    loc = off_kink_locations(shapes, (1, 12, 2, 2), rng, dtype=torch.float32).to(DEVICE)
+    _skip_points(loc, attn, rng)
+    specials = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    hit = torch.rand(value.shape, generator=rng) < 0.04
+    value[hit.to(DEVICE)] = specials[torch.randint(3, (int(hit.sum()),), generator=rng)].to(DEVICE)
+    weird = torch.rand(attn.shape, generator=rng) < 0.05  # inf / NaN weights of points that are not skipped
+    attn[weird.to(DEVICE)] = specials[torch.randint(3, (int(weird.sum()),), generator=rng)].to(DEVICE)
+    out = ms_deform_attn(value, shapes, None, loc, attn, backend=backend)
+    want = reference64(value, shapes, loc, attn)
+    assert not torch.isfinite(want).all(), f"seed {rng.seed_value}: the case should reach non-finite outputs"
+    problem = mismatch(out, want, F32_TOL)
+    assert not problem, f"seed {rng.seed_value}: {backend}: {problem}"
