@@ -262,7 +262,10 @@ def _fwd_kernel(
             acc = acc * alpha[:, None] + b_pv
             m_i = m_new
 
-    has_keys = l_i > 0  # False only for a row with no allowed key in this split (never with one split)
+    # l = 0: a split in which the row has no allowed key (weight 0 in the merge), or, with one split, a row whose
+    # allowed scores are all -inf: every row has an allowed key, so that is IEEE's softmax 0 / 0 = NaN (so is the
+    # merge's when no split contributed).
+    has_keys = (l_i > 0) | (keys_per_split >= n_k)
     l_safe = tl.where(has_keys, l_i, 1.0)
     b_o = acc / l_safe[:, None]
     b_lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("-inf"))
@@ -308,10 +311,10 @@ def _merge_kernel(
         acc = acc * alpha[:, None] + w[:, None] * b_o
         l_i = l_i * alpha + w
         m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    # l = 0 only when no split had a finite score (every row has an allowed key): 0 / 0 = NaN, as the softmax
     p_out = OUT + b * stride_ob + h * stride_oh + offs_q[:, None] * stride_oq + offs_d[None, :] * stride_od
-    tl.store(p_out, (acc / l_safe[:, None]).to(OUT.dtype.element_ty), mask=io_mask)
-    tl.store(LSE + bh * n_q + offs_q, m_i + tl.math.log2(l_safe), mask=q_in)
+    tl.store(p_out, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=io_mask)
+    tl.store(LSE + bh * n_q + offs_q, (m_i + tl.math.log2(l_i)).to(LSE.dtype.element_ty), mask=q_in)
 
 
 @triton.jit
