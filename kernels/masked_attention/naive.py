@@ -6,7 +6,8 @@ when it is (B, Nq, Nk). Pure tensor ops (no data-dependent indexing), so it trac
 
 Non-finite inputs (these semantics define every backend): a forbidden key contributes nothing, even when its K or V
 is inf / NaN; everything else follows IEEE arithmetic (an allowed inf / NaN value reaches its rows' outputs, an
-allowed inf score makes its row NaN). Gradients are meaningful for finite allowed inputs; non-finite values of
+allowed inf score makes its row NaN, as does a row whose allowed scores are all -inf; an allowed inf value
+counts even where its probability underflows to 0). Gradients are meaningful for finite allowed inputs; non-finite values of
 forbidden keys leave them unchanged (a non-finite K of a forbidden key still makes dQ NaN: q kᵀ's backward multiplies
 it by a zero).
 """

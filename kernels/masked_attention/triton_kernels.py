@@ -259,7 +259,8 @@ def _fwd_kernel(
                 b_dn = tl.dot(b_allow_f, (~b_v_ok & (b_v != float("inf"))).to(DOT_DTYPE), input_precision=DOT_PRECISION)
                 b_pv += tl.where(b_up > 0, tl.where(b_dn > 0, float("nan"), float("inf")),
                                  tl.where(b_dn > 0, float("-inf"), 0.0))
-            acc = acc * alpha[:, None] + b_pv
+            # an inf / NaN already summed stays as it is (alpha may be 0: inf * 0 would be NaN)
+            acc = tl.where((acc == acc) & (tl.abs(acc) != float("inf")), acc * alpha[:, None], acc) + b_pv
             m_i = m_new
 
     # l = 0: a split in which the row has no allowed key (weight 0 in the merge), or, with one split, a row whose
@@ -267,7 +268,7 @@ def _fwd_kernel(
     # merge's when no split contributed).
     has_keys = (l_i > 0) | (keys_per_split >= n_k)
     l_safe = tl.where(has_keys, l_i, 1.0)
-    b_o = acc / l_safe[:, None]
+    b_o = tl.where((l_i == 0)[:, None] & has_keys[:, None], float("nan"), acc / l_safe[:, None])
     b_lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("-inf"))
     p_o = OUT + b * stride_ob + h * stride_oh + split * stride_os
     p_o = p_o + offs_q[:, None] * stride_oq + offs_d[None, :] * stride_od
@@ -308,12 +309,16 @@ def _merge_kernel(
         m_new = tl.maximum(m_i, b_lse)
         alpha = tl.math.exp2(m_i - m_new)
         w = tl.math.exp2(b_lse - m_new)
-        acc = acc * alpha[:, None] + w[:, None] * b_o
+        # inf / NaN partials pass whatever their weight (an allowed inf value counts even where p underflows)
+        b_fin = (b_o == b_o) & (tl.abs(b_o) != float("inf"))
+        acc_fin = (acc == acc) & (tl.abs(acc) != float("inf"))
+        acc = tl.where(acc_fin, acc * alpha[:, None], acc) + tl.where(b_fin, w[:, None] * b_o, b_o)
         l_i = l_i * alpha + w
         m_i = m_new
     # l = 0 only when no split had a finite score (every row has an allowed key): 0 / 0 = NaN, as the softmax
     p_out = OUT + b * stride_ob + h * stride_oh + offs_q[:, None] * stride_oq + offs_d[None, :] * stride_od
-    tl.store(p_out, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=io_mask)
+    tl.store(p_out, tl.where((l_i == 0)[:, None], float("nan"), acc / l_i[:, None]).to(OUT.dtype.element_ty),
+             mask=io_mask)
     tl.store(LSE + bh * n_q + offs_q, (m_i + tl.math.log2(l_i)).to(LSE.dtype.element_ty), mask=q_in)
 
 
