@@ -39,15 +39,14 @@ def masked_attention_torch(
     # softmax in float32 for half inputs, in the input precision otherwise (float64 references stay float64)
     probs = torch.softmax(scores.float() if scores.element_size() < 4 else scores, dim=-1)
     # A forbidden key's probability is 0, and 0 times an inf / NaN value would be NaN: values enter the product
-    # finite, and the non-finite ones of allowed keys are added back per (row, channel), from two counts, of NaN or
-    # +inf and of NaN or -inf values: both nonzero gives NaN, one gives its inf, as IEEE sums give.
+    # finite, and the non-finite ones of allowed keys are added back per (row, channel): +inf where an allowed key
+    # holds NaN or +inf, -inf where one holds NaN or -inf; the IEEE sum makes NaN of both.
     finite = torch.isfinite(v)
     out = torch.matmul(probs.to(v.dtype), torch.where(finite, v, 0))
     counts = torch.matmul(allow.to(v.dtype), torch.cat(((~finite & (v != -torch.inf)).to(v.dtype),
                                                          (~finite & (v != torch.inf)).to(v.dtype)), dim=-1))
     up, down = (counts > 0).chunk(2, dim=-1)  # (B, H, Nq, D) each
-    inf = torch.tensor(torch.inf, dtype=out.dtype, device=out.device)
-    return out + torch.where(up & down, torch.nan, torch.where(up, inf, torch.where(down, -inf, 0.0)))  # NaN stays
+    return out + torch.where(up, torch.inf, 0.0) + torch.where(down, -torch.inf, 0.0)  # inf + -inf = NaN
 
 
 def masked_attention_from_logits_torch(

@@ -221,6 +221,7 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_Q], -1.0e30, dtype=ACC)  # finite: exp2(m_old - m_new) never sees inf - inf
     l_i = tl.zeros([BLOCK_Q], dtype=ACC)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
+    any_bad = 0  # a non-finite value seen in this split
     for start in range(k_start, k_end, BLOCK_K):  # start is a multiple of 32: whole words
         key = start + offs_k
         k_in = key < k_end
@@ -246,22 +247,32 @@ def _fwd_kernel(
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.reduce(b_p, 1, _SUM)
             # (BQ, BK) x (BK, BD) -> (BQ, BD); p rounded to the input dtype as in FlashAttention. Non-finite
-            # values enter the dot as 0 (a forbidden key's p = 0 times inf would be NaN) and are added back below
-            # for the rows that may attend to them.
+            # values enter the dot as 0 (a forbidden key's p = 0 times inf would be NaN); the allowed ones are
+            # added after the loop.
             b_v_ok = (b_v == b_v) & (tl.abs(b_v) != float("inf"))  # isfinite
-            b_v_fin = tl.where(b_v_ok, b_v, 0.0)
-            b_pv = tl.dot(b_p.to(b_v.dtype).to(DOT_DTYPE), b_v_fin.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-            if tl.reduce((~b_v_ok & kv_mask).to(tl.int32), None, _MAX) > 0:  # rare: inf / NaN among the values
-                # Per (row, channel), counts over allowed keys of NaN-or-+inf and of NaN-or--inf values: both
-                # nonzero is NaN (a NaN, or +inf meeting -inf), one nonzero is that inf, as the IEEE sum gives.
-                b_allow_f = b_allow.to(DOT_DTYPE)
-                b_up = tl.dot(b_allow_f, (~b_v_ok & (b_v != float("-inf"))).to(DOT_DTYPE), input_precision=DOT_PRECISION)
-                b_dn = tl.dot(b_allow_f, (~b_v_ok & (b_v != float("inf"))).to(DOT_DTYPE), input_precision=DOT_PRECISION)
-                b_pv += tl.where(b_up > 0, tl.where(b_dn > 0, float("nan"), float("inf")),
-                                 tl.where(b_dn > 0, float("-inf"), 0.0))
-            # an inf / NaN already summed stays as it is (alpha may be 0: inf * 0 would be NaN)
-            acc = tl.where((acc == acc) & (tl.abs(acc) != float("inf")), acc * alpha[:, None], acc) + b_pv
+            any_bad = any_bad | tl.reduce((~b_v_ok & kv_mask).to(tl.int32), None, _MAX)
+            b_v = tl.where(b_v_ok, b_v, 0.0)
+            b_pv = tl.dot(b_p.to(b_v.dtype).to(DOT_DTYPE), b_v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + b_pv
             m_i = m_new
+    if any_bad > 0:  # rare: inf / NaN among this split's values; a second pass keeps them off the main loop
+        # Per (row, channel): +inf if an allowed key holds NaN or +inf, then -inf if one holds NaN or -inf; their
+        # IEEE sum is NaN for a NaN or for +inf meeting -inf (an allowed inf counts even where p underflows).
+        for start in range(k_start, k_end, BLOCK_K):
+            key = start + offs_k
+            k_in = key < k_end
+            word = start // 32 + offs_w
+            b_w = tl.load(bits_base + offs_q[:, None] * stride_bq + word[None, :],
+                          mask=q_in[:, None] & (word < n_words)[None, :], other=0)
+            b_allow = (tl.reshape((b_w[:, :, None] >> offs_j[None, None, :]) & 1, (BLOCK_Q, BLOCK_K)) != 0)
+            b_allow_f = (b_allow & q_in[:, None] & k_in[None, :]).to(DOT_DTYPE)
+            b_v = tl.load(v_base + key[:, None] * stride_vk + offs_d[None, :] * stride_vd,
+                          mask=k_in[:, None] & d_in[None, :], other=0.0)
+            b_bad = (b_v != b_v) | (tl.abs(b_v) == float("inf"))
+            b_hits = tl.dot(b_allow_f, (b_bad & (b_v != float("-inf"))).to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            acc += tl.where(b_hits > 0, float("inf"), 0.0)
+            b_hits = tl.dot(b_allow_f, (b_bad & (b_v != float("inf"))).to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            acc += tl.where(b_hits > 0, float("-inf"), 0.0)
 
     # l = 0: a split in which the row has no allowed key (weight 0 in the merge), or, with one split, a row whose
     # allowed scores are all -inf: every row has an allowed key, so that is IEEE's softmax 0 / 0 = NaN (so is the
