@@ -89,3 +89,35 @@ def full_manifest(kind: str = "onnx", batch: int = 1, height: int = 64, width: i
         **per_kind,
     }
     return new_manifest(kind, batch=batch, height=height, width=width, **{**defaults, **fields})
+
+
+def off_kink_locations(shapes, size: tuple[int, int, int, int], generator: torch.Generator, margin: float = 0.2,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:  # (N, Q, M, L, P, 2)
+    """Deformable-attention sampling locations whose pixel coordinates (x * W - 0.5) lie in [i + margin,
+    i + 1 - margin] for a random cell i in [-2, W] (per axis and level): corners partly or wholly outside the map,
+    yet never within rounding of a kink (pixel centre, border), so float32 and float64 pick the same corners and
+    finite differences stay on one side."""
+    n, q, m, p = size
+    coords = []
+    for h, w in shapes:
+        extent = torch.tensor([w, h], dtype=torch.float64)
+        cell = torch.floor(torch.rand(n, q, m, p, 2, generator=generator, dtype=torch.float64) * (extent + 3)) - 2
+        frac = margin + (1 - 2 * margin) * torch.rand(n, q, m, p, 2, generator=generator, dtype=torch.float64)
+        coords.append((cell + frac + 0.5) / extent)
+    return torch.stack(coords, dim=3).to(dtype)
+
+
+def mismatch(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str:
+    """'' when ``out`` has NaN, +inf and -inf exactly where ``ref`` has them and its finite values are within
+    ``tol`` relative error of ``ref``'s; otherwise a short description of the first difference."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if out64.shape != ref64.shape:
+        return f"shape {tuple(out64.shape)} != {tuple(ref64.shape)}"
+    for kind, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        differ = test(out64) != test(ref64)
+        if differ.any():
+            where = tuple(int(i) for i in differ.nonzero()[0])
+            return f"{int(differ.sum())} {kind} positions differ, first at {where}: {out64[where]} vs {ref64[where]}"
+    finite = torch.isfinite(ref64)
+    err = rel_err(out64[finite], ref64[finite]) if finite.any() else 0.0
+    return f"finite values rel_err {err:.3g} > {tol}" if err > tol else ""
