@@ -29,7 +29,9 @@ SUBCOMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from m2f.cli.options import ArgumentParser
+
+    parser = ArgumentParser(
         prog="m2f", description="Mask2Former, fast: predict, convert, export, benchmark, train, evaluate."
     )
     parser.add_argument("--version", action="version", version=f"m2f {_version()}")

@@ -40,13 +40,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return plain(super()._expand_help(action))
 
 
-def apply_help_format(parser: argparse.ArgumentParser) -> None:
-    """Give ``parser`` and all its subcommands' parsers :class:`HelpFormatter`."""
-    parser.formatter_class = HelpFormatter
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                apply_help_format(child)
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of ``m2f`` and (argparse passes its class on) of every subcommand: :class:`HelpFormatter`, and
+    a bad command line reported like every other user error, one ``m2f: error: ...`` line, exit status 2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["formatter_class"] = HelpFormatter  # raw descriptions too, so a command's own layout is kept
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        # an option required with hidden aliases is a required group of one visible name: say it plainly
+        message = re.sub(r"^one of the arguments (\S+) is required$", r"the option \1 is required", message)
+        self.exit(2, f"m2f: error: {message}; see `{self.prog} --help`\n")
 
 
 def subcommand_parsers(parser: argparse.ArgumentParser, prefix: str = "m2f"):
