@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter
 
 import torch
@@ -89,3 +90,12 @@ def full_manifest(kind: str = "onnx", batch: int = 1, height: int = 64, width: i
         **per_kind,
     }
     return new_manifest(kind, batch=batch, height=height, width=width, **{**defaults, **fields})
+
+
+# what m2f.runtime prints while it works: tqdm's bar, a plain progress line, a stage's start / end line
+PROGRESS_LINE = re.compile(r"\S+: +\d+%\||m2f: .*(?: \.\.\.|: done \([\d.]+ s\)|: \d+/\d+ \S+ \([\d.]+ s\))$")
+
+
+def without_progress(stderr: str) -> list[str]:
+    """The lines of ``stderr`` other than progress and stage lines."""
+    return [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
