@@ -53,7 +53,10 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad command line (already reported in one line)
+        return exc.code if isinstance(exc.code, int) else 2
     debug = os.environ.get("M2F_DEBUG", "") not in ("", "0")
     try:
         result = args.func(args)

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     bsub = p.add_subparsers(dest="suite", metavar="SUITE")
     bsub.required = True
     k = bsub.add_parser("kernels", help="one attention op against its baselines at Mask2Former's real shapes")
-    k.add_argument("--op", choices=[*KERNEL_SUITES, "all"], default="all")
+    k.add_argument("--op", choices=[*KERNEL_SUITES, "all"], default="all", help="the attention op to benchmark")
     k.add_argument("--sizes", default=DEFAULT_SIZES, help="input image sizes HxW, comma-separated")
     k.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
     k.add_argument("--dtype", default="float32,bfloat16,float16", help="dtypes, comma-separated")
