@@ -45,6 +45,7 @@ setup(
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnxslim>=0.1.40"],
         "tensorrt": ["tensorrt>=10.7", "cuda-python>=12.6"],
         "serve": ["ray[serve]>=2.40", "python-multipart>=0.0.9"],  # multipart: starlette's form parser
+        "video": ["av>=12"],  # `m2f predict clip.mp4`
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -56,6 +57,7 @@ setup(
             "onnxslim>=0.1.40",
             "ray[serve]>=2.40",
             "python-multipart>=0.0.9",
+            "av>=12",
         ],
     },
     entry_points={"console_scripts": ["m2f=m2f.cli:main"]},

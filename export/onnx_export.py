@@ -44,6 +44,7 @@ from torch import nn
 
 from m2f.errors import BackendUnavailableError, CheckpointError, InputError
 from m2f.io import atomic_path, check_can_write
+from m2f.runtime import stage
 
 from .manifest import manifest_path, new_manifest, sha256_source, write_manifest
 from .plugins import M2F_MASKED_ATTENTION, MASKED_ATTENTION_INPUTS, TRT_MSDA
@@ -405,17 +406,20 @@ def to_onnx(
             stack.enter_context(_tracing_triton_op_on_cpu())
         raw = tmp.with_name(tmp.name + ".raw.onnx")
         try:
-            torch.onnx.export(
-                module, (example,), str(raw), dynamo=True, opset_version=opset,
-                input_names=["pixel_values"], output_names=list(module.output_names),
-                dynamic_shapes=_dynamic_shapes(batch) if dynamic else None,
-                custom_translation_table=translation or None, external_data=False, verbose=False,
-                optimize=optimize,
-            )
+            with stage(f"tracing and converting to ONNX (opset {opset}{', optimizing' if optimize else ''})"):
+                torch.onnx.export(
+                    module, (example,), str(raw), dynamo=True, opset_version=opset,
+                    input_names=["pixel_values"], output_names=list(module.output_names),
+                    dynamic_shapes=_dynamic_shapes(batch) if dynamic else None,
+                    custom_translation_table=translation or None, external_data=False, verbose=False,
+                    optimize=optimize,
+                )
             simplified = False
             if simplify:
                 slim = tmp.with_name(tmp.name + ".slim.onnx")
-                if _slim(raw, slim):
+                with stage("simplifying the graph (onnxslim)"):
+                    slimmed = _slim(raw, slim)
+                if slimmed:
                     if plugins_in_graph:
                         ok = _plugin_counts(slim) == (expected_plugin_nodes or 0, expected_masked_nodes or 0)
                     else:

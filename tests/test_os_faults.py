@@ -14,7 +14,6 @@ import errno
 import json
 import os
 import pathlib
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +25,7 @@ from m2f.assets import default_checkpoint_path
 from m2f.cli import main
 from m2f.errors import InputError, OutputError
 from m2f.io import atomic_dir, atomic_path, write_bytes_atomic, write_json_atomic
+from tests.utils import without_progress
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -41,7 +41,7 @@ def _cli(capsys, argv: list[str]) -> tuple[int, str]:
 
 def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if not re.match(r"\S+: +\d+%\|", line)]  # tqdm's bar
+    lines = without_progress(err)
     assert len(lines) == 1 and lines[0].startswith("m2f: error: ") and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], lines[0]

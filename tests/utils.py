@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter
 
 import torch
@@ -121,3 +122,12 @@ def mismatch(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str:
     finite = torch.isfinite(ref64)
     err = rel_err(out64[finite], ref64[finite]) if finite.any() else 0.0
     return f"finite values rel_err {err:.3g} > {tol}" if err > tol else ""
+
+
+# what m2f.runtime prints while it works: tqdm's bar, a plain progress line, a stage's start / end line
+PROGRESS_LINE = re.compile(r"\S+: +\d+%\||m2f: .*(?: \.\.\.|: done \([\d.]+ s\)|: \d+/\d+ \S+ \([\d.]+ s\))$")
+
+
+def without_progress(stderr: str) -> list[str]:
+    """The lines of ``stderr`` other than progress and stage lines."""
+    return [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]

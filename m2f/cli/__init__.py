@@ -30,7 +30,9 @@ SUBCOMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from m2f.cli.options import ArgumentParser
+
+    parser = ArgumentParser(
         prog="m2f", description="Mask2Former, fast: predict, convert, export, benchmark, train, evaluate."
     )
     parser.add_argument("--version", action="version", version=f"m2f {_version()}")
@@ -52,7 +54,10 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad command line (already reported in one line)
+        return exc.code if isinstance(exc.code, int) else 2
     debug = os.environ.get("M2F_DEBUG", "") not in ("", "0")
     try:
         result = args.func(args)

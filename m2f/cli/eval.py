@@ -11,6 +11,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from m2f.cli.options import add_device_option, add_quiet_option, add_threads_option
+
     p = sub.add_parser("eval", help="score a model on a dataset: PQ (panoptic), mIoU (semantic), mask AP (instance)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder (see `m2f data --help` for the layouts)")
@@ -26,14 +28,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "MODEL.onnx.json, else m2f_config.json beside it)")
     p.add_argument("--preset", help="architecture preset for checkpoints that carry no config")
     p.add_argument("--task", choices=("panoptic", "semantic", "instance"), help="default: the model's own task")
-    p.add_argument("--json", help="write the metrics to this JSON file")
-    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--json", metavar="FILE", help="write the metrics to this JSON file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N images")
     p.add_argument("--resize-shortest", type=int, help="test-time resize of the short edge (default: none)")
     p.add_argument("--max-size", type=int, help="with --resize-shortest: cap of the long edge")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda, for PyTorch models")
-    p.add_argument("--backend", default="torch", choices=("torch", "triton", "auto"), help="attention ops (torch)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_option(p, " (PyTorch models)")
+    p.add_argument("--backend", default="torch", choices=("torch", "triton", "auto"), help="attention ops")
+    add_threads_option(p)
+    add_quiet_option(p, "progress bar")
     p.set_defaults(func=run)
 
 
@@ -71,7 +74,9 @@ def _predictor(checkpoint: str | None, onnx_path: str | None, args, *, default: 
 
     if onnx_path:
         path = Path(onnx_path)
-        return OnnxPredictor(path, _onnx_config(path, args.config), threads=args.threads)
+        from m2f.runtime import threads
+
+        return OnnxPredictor(path, _onnx_config(path, args.config), threads=threads())
     if checkpoint is None and default:
         from m2f.assets import default_checkpoint_path
 
@@ -90,23 +95,21 @@ def _predictor(checkpoint: str | None, onnx_path: str | None, args, *, default: 
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from m2f import runtime
     from m2f.data.datasets import open_dataset
     from m2f.errors import InputError
     from m2f.evaluation.evaluate import evaluate, format_table
-    from m2f.io import write_json_atomic
+    from m2f.io import check_can_write, write_json_atomic
 
     if args.limit is not None and args.limit < 1:
         raise InputError("--limit must be >= 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InputError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    runtime.use_threads(args.threads)
+    args.device = runtime.resolve_device(args.device)
     if args.json:
         json_path = Path(args.json)
         if json_path.is_dir():
             raise InputError(f"--json {json_path} is a folder; pass a file name")
+        check_can_write(json_path, force=args.force)  # before the work: an earlier run's metrics are not lost
     dataset = open_dataset(args.data, format=args.format)
     predictor = _predictor(args.checkpoint, args.onnx, args, default=True)
     reference = None

@@ -27,35 +27,39 @@ def _int(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from m2f.cli.options import add_out_option, add_quiet_option, add_threads_option
+
     p = sub.add_parser("export", help="export to ONNX / TensorRT / Triton Inference Server, with verification")
     esub = p.add_subparsers(dest="export_command", metavar="STAGE")
     esub.required = True
 
     o = esub.add_parser("onnx", help="export a checkpoint to ONNX (+ manifest)")
     o.add_argument("--checkpoint", required=True, help="m2f / HF / official checkpoint (file or directory)")
-    o.add_argument("--output", required=True, help="ONNX file to write")
+    add_out_option(o, "ONNX file to write", required=True, dest="output", old=("--output",))
     o.add_argument("--preset", default=None, help="architecture preset when the checkpoint has no config")
-    o.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32 (512)")
-    o.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32 (512)")
-    o.add_argument("--batch", type=_int, default=1, help="batch size of the export (1)")
+    o.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32")
+    o.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32")
+    o.add_argument("--batch", type=_int, default=1, help="batch size of the export")
     o.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
     o.add_argument("--half", action="store_true", help="float16 weights and input")
-    o.add_argument("--target", default="onnxruntime",
-                   help="onnxruntime (default) or tensorrt: sets the --msda and --masked-attn defaults")
-    o.add_argument("--msda", default=None,
+    o.add_argument("--target", default="onnxruntime", choices=tuple(MSDA_DEFAULT_FOR_TARGET),
+                   help="the runtime the graph is for: sets the --msda and --masked-attn defaults")
+    o.add_argument("--msda", default=None, choices=("decomposed", "plugin"),
                    help="deformable attention as 'decomposed' GridSample ops (default for onnxruntime) or one TensorRT "
                         "'plugin' node per call (default for tensorrt)")
-    o.add_argument("--masked-attn", default=None,
+    o.add_argument("--masked-attn", default=None, choices=("standard", "plugin"),
                    help="masked attention as 'standard' ops (default for onnxruntime) or one m2f::masked_attention "
                         "TensorRT 'plugin' node per decoder layer (default for tensorrt)")
-    o.add_argument("--postprocess", default="none", help="none (default), semantic or instance outputs in the graph")
-    o.add_argument("--opset", type=_int, default=18,
-                   help="ONNX opset, 18..24 (18)")
+    o.add_argument("--postprocess", default="none", choices=("none", "semantic", "instance"),
+                   help="post-processed outputs in the graph")
+    o.add_argument("--opset", type=_int, default=18, help="ONNX opset, 18..24")
     o.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     o.add_argument("--no-optimize", action="store_true",
                    help="skip the exporter's graph optimizer (faster export, larger graph)")
     o.add_argument("--check", action="store_true", help="run `m2f export check` on the result")
     o.add_argument("--force", action="store_true", help="overwrite an existing output")
+    add_threads_option(o)
+    add_quiet_option(o)
     o.set_defaults(func=run_onnx)
 
     c = esub.add_parser("check", help="checker + op census + TensorRT op support + ONNX Runtime vs PyTorch parity")
@@ -63,11 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--checkpoint", default=None, help="checkpoint to compare against (default: the manifest's)")
     c.add_argument("--report", default=None, help="write the JSON report here")
     c.add_argument("--force", action="store_true", help="overwrite an existing report")
+    add_threads_option(c)
+    add_quiet_option(c)
     c.set_defaults(func=run_check)
 
     t = esub.add_parser("tensorrt", help="build a TensorRT engine (TensorRT >= 10.7, a CUDA GPU)")
     t.add_argument("--onnx", required=True, help="ONNX file written by `m2f export onnx`")
-    t.add_argument("--output", required=True, help="engine file to write")
+    add_out_option(t, "engine file to write", required=True, dest="output", old=("--output",))
     prec = t.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="allow float16 kernels")
     prec.add_argument("--bf16", action="store_true", help="allow bfloat16 kernels")
@@ -77,8 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--opt-shape", default=None, help="optimisation profile optimum, BxCxHxW")
     t.add_argument("--max-shape", default=None, help="optimisation profile maximum, BxCxHxW")
     t.add_argument("--timing-cache", default=None, help="timing cache file (read if present, then updated)")
-    t.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB (4)")
-    t.add_argument("--plugins", default="m2f",
+    t.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB")
+    t.add_argument("--plugins", default="m2f", choices=("m2f", "tensorrt"),
                    help="deformable-attention plugin nodes run 'm2f' (our Triton kernel, AOT) or 'tensorrt' (its own); "
                         "masked-attention plugin nodes always run m2f's")
     t.add_argument("--force", action="store_true", help="overwrite an existing engine")
@@ -86,11 +92,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     w = esub.add_parser("pipeline", help="export -> check [-> TensorRT build -> run -> compare] in one work dir")
     w.add_argument("--checkpoint", required=True, help="checkpoint (file or directory)")
-    w.add_argument("--workdir", required=True, help="directory for every stage's artifact + pipeline.json")
+    add_out_option(w, "folder for every stage's artifact + pipeline.json", required=True, dest="workdir",
+                   old=("--workdir",))
     w.add_argument("--preset", default=None, help="architecture preset when the checkpoint has no config")
-    w.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32 (512)")
-    w.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32 (512)")
-    w.add_argument("--batch", type=_int, default=1, help="batch size of the export (1)")
+    w.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32")
+    w.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32")
+    w.add_argument("--batch", type=_int, default=1, help="batch size of the export")
     w.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
     w.add_argument("--msda", default=None, choices=("decomposed", "plugin"),
                    help="deformable attention: plugin with --tensorrt, decomposed otherwise (default)")
@@ -98,19 +105,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="masked attention: plugin with --tensorrt, standard ops otherwise (default)")
     w.add_argument("--tensorrt", action="store_true", help="also build an fp16 engine, run it and compare")
     w.add_argument("--force", action="store_true", help="replace an existing work dir")
+    add_threads_option(w)
+    add_quiet_option(w)
     w.set_defaults(func=run_pipeline_cmd)
 
     r = esub.add_parser("triton-repo", help="a Triton Inference Server model repository from an .onnx / .engine")
     r.add_argument("--model", required=True, help="exported .onnx, .engine or .plan")
-    r.add_argument("--output", required=True, help="model repository directory")
+    add_out_option(r, "model repository directory", required=True, dest="output", old=("--output",))
     r.add_argument("--name", default=None, help="model name (default: the file's stem)")
-    r.add_argument("--max-batch", type=_int, default=8, help="max_batch_size for dynamic-batch models (8)")
-    r.add_argument("--instances", type=_int, default=1, help="instance_group count (1)")
+    r.add_argument("--max-batch", type=_int, default=8, help="max_batch_size for dynamic-batch models")
+    r.add_argument("--instances", type=_int, default=1, help="instance_group count")
     r.add_argument("--force", action="store_true", help="overwrite an existing model directory")
     r.set_defaults(func=run_triton_repo)
 
 
-def _setup_logging() -> None:
+def _setup_logging(args: argparse.Namespace | None = None) -> None:
+    """Log lines as ``m2f: ...``; with ``args`` (a computing stage) also its --quiet and --threads."""
+    if args is not None:
+        from m2f import runtime
+
+        runtime.set_quiet(args.quiet)
+        runtime.use_threads(args.threads)
     root = logging.getLogger("m2f")
     if not root.handlers:
         handler = logging.StreamHandler()
@@ -120,7 +135,7 @@ def _setup_logging() -> None:
 
 
 def run_onnx(args: argparse.Namespace) -> int:
-    _setup_logging()
+    _setup_logging(args)
     if args.target not in MSDA_DEFAULT_FOR_TARGET:
         raise InputError(f"--target must be onnxruntime or tensorrt, got {args.target!r}")
     msda = args.msda or MSDA_DEFAULT_FOR_TARGET[args.target]
@@ -166,7 +181,7 @@ def _print_check(report: dict) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    _setup_logging()
+    _setup_logging(args)
     from m2f.export.check import check_onnx
 
     report = check_onnx(args.file, checkpoint=args.checkpoint, report=args.report, force=args.force)
@@ -191,7 +206,7 @@ def run_tensorrt(args: argparse.Namespace) -> int:
 
 
 def run_pipeline_cmd(args: argparse.Namespace) -> int:
-    _setup_logging()
+    _setup_logging(args)
     from m2f.export.pipeline import run_pipeline
 
     target = "tensorrt" if args.tensorrt else "onnxruntime"
