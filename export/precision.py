@@ -381,7 +381,7 @@ def calibrate(model: Any, reader: ImageFolderReader, settings: CalibrationSettin
     if settings.method == "percentile":
         extra["percentile"] = 99.999
     calibrator = quantization.create_calibrator(
-        src, op_types_to_calibrate=None, augmented_model_path=work_dir / "calib_augmented.onnx",
+        src, op_types_to_calibrate=list(QUANTIZABLE_OPS), augmented_model_path=work_dir / "calib_augmented.onnx",
         calibrate_method=methods[settings.method], extra_options=extra,
     )
     calibrator.collect_data(reader)
@@ -423,6 +423,7 @@ def to_int8(model: Any, reader: ImageFolderReader, settings: CalibrationSettings
          "DedicatedQDQPair": False},
     )
     quantizer.quantize_model()
+    quantizer.model.topological_sort()  # the quantizer appends Q/DQ nodes at the end
     quantized = quantizer.model.model
     details = {
         "tool": f"onnxruntime {_version('onnxruntime')} quantization (QDQ, symmetric int8, per-channel weights, "
