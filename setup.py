@@ -42,8 +42,9 @@ setup(
         "pycocotools>=2.0.7",
     ],
     extras_require={
-        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnxslim>=0.1.40"],
-        "tensorrt": ["tensorrt>=10.7", "cuda-python>=12.6"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnxslim>=0.1.40",
+                 "onnxconverter-common>=1.14"],
+        "tensorrt": ["tensorrt>=10.3", "cuda-python>=12.6"],
         "serve": ["ray[serve]>=2.40", "python-multipart>=0.0.9"],  # multipart: starlette's form parser
         "video": ["av>=12"],  # `m2f predict clip.mp4`
         "test": [
@@ -58,6 +59,10 @@ setup(
             "ray[serve]>=2.40",
             "python-multipart>=0.0.9",
             "av>=12",
+            "onnxconverter-common>=1.14",
+            # type-checks export/'s TensorRT modules against tensorrt-stubs; the stubs pin the tensorrt runtime
+            # itself (not installable without a GPU stack), so `make install-test` adds them with --no-deps
+            "mypy>=1.10",
         ],
     },
     entry_points={"console_scripts": ["m2f=m2f.cli:main"]},

@@ -92,7 +92,7 @@ _FIELDS: dict[str, dict[str, type]] = {
 }
 _NULLABLE: dict[str, type] = {"source": dict, "topk": int, "expected_plugin_nodes": int,
                               "expected_masked_attention_nodes": int, "config": dict, "pixel_mean": list,
-                              "pixel_std": list}
+                              "pixel_std": list, "precision_details": dict}
 _JSON_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false", list: "a list", dict: "an object"}
 
 

@@ -47,6 +47,7 @@ from m2f.io import atomic_path, check_can_write
 from m2f.runtime import stage
 
 from .manifest import manifest_path, new_manifest, sha256_source, write_manifest
+from .precision import apply_precision, validate_precision
 from .plugins import M2F_MASKED_ATTENTION, MASKED_ATTENTION_INPUTS, TRT_MSDA
 
 log = logging.getLogger("m2f.export")
@@ -348,7 +349,8 @@ def to_onnx(
     width: int = 512,
     batch: int = 1,
     dynamic: bool = False,
-    half: bool = False,
+    precision: str = "fp32",
+    calib: Any = None,  # precision.CalibrationSettings for int8
     msda: str = "decomposed",
     postprocess: str = "none",
     opset: int = 18,
@@ -365,10 +367,13 @@ def to_onnx(
     height and width symbolic (height / width multiples of 32). ``msda`` / ``masked_attn`` choose standard ops or
     one TensorRT plugin node per call for each attention op (module docstring). ``source`` ({"path", "sha256", "preset"}) is
     recorded in the manifest. ``optimize`` runs the exporter's onnxscript optimizer (constant folding, dead-code
-    removal; most of the export time of a dynamic graph); ``simplify`` runs onnxslim after it.
+    removal; most of the export time of a dynamic graph); ``simplify`` runs onnxslim after it. ``precision``
+    (fp32 / fp16 / bf16 / int8, :mod:`m2f.export.precision`) is applied to the float32 graph last; int8 calibrates
+    on ``calib`` and caches the ranges in ``PATH.calib.json``.
     """
     start = time.perf_counter()
     validate_export_args(height, width, batch, opset, msda, postprocess, masked_attn)
+    validate_precision(precision, calib.folder if calib is not None else None)
     path = Path(path)
     check_can_write(path, force=force)  # a manifest without its model is stale: the new one replaces it
     config = getattr(model, "config", None)
@@ -376,8 +381,6 @@ def to_onnx(
         topk = config.postprocess.instance_topk if config is not None else 100
 
     module = OnnxExportModule(copy.deepcopy(model), postprocess=postprocess, topk=topk).eval()
-    module = module.half() if half else module.float()
-    dtype = torch.float16 if half else torch.float32
     translation: dict[Any, Any] = {}
     expected_plugin_nodes = None
     if msda == "plugin":
@@ -398,7 +401,7 @@ def to_onnx(
         expected_masked_nodes = len(layers)
     plugins_in_graph = msda == "plugin" or masked_attn == "plugin"
     # torch.export specialises a dimension traced at size 1: trace a dynamic batch at >= 2.
-    example = torch.randn(max(batch, 2) if dynamic else batch, 3, height, width, dtype=dtype)
+    example = torch.randn(max(batch, 2) if dynamic else batch, 3, height, width)
     notes: list[str] = []
 
     with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
@@ -423,7 +426,7 @@ def to_onnx(
                     if plugins_in_graph:
                         ok = _plugin_counts(slim) == (expected_plugin_nodes or 0, expected_masked_nodes or 0)
                     else:
-                        ok = _same_outputs(raw, slim, (batch, 3, height, width), rtol=1e-3 if half else 1e-5)
+                        ok = _same_outputs(raw, slim, (batch, 3, height, width))
                     if ok:
                         os.replace(slim, raw)
                         simplified = True
@@ -434,6 +437,10 @@ def to_onnx(
                         slim.unlink()
                 else:
                     notes.append("graph not simplified (onnxslim unavailable or failed)")
+            precision_details = None
+            if precision != "fp32":  # on the float32 graph, simplified and checked: the plan sees its final nodes
+                precision_details = apply_precision(raw, raw, precision, config=config, calib=calib,
+                                                    cache_path=path.with_name(path.name + ".calib.json"))
             os.replace(raw, tmp)
         finally:
             for leftover in tmp.parent.glob(tmp.name + ".*"):
@@ -462,7 +469,9 @@ def to_onnx(
             dynamic=dynamic,
             dynamic_axes={"pixel_values": {"0": "batch", "2": "height (32 x n)", "3": "width (32 x n)"}} if dynamic else {},
             batch=batch, height=height, width=width,
-            dtype="float16" if half else "float32",
+            dtype=inputs[0]["dtype"],
+            precision=precision,
+            precision_details=precision_details,
             msda=msda,
             expected_plugin_nodes=expected_plugin_nodes,
             plugin_nodes=plugin_nodes,
@@ -522,6 +531,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, preset: str | 
     validate_export_args(kwargs.get("height", 512), kwargs.get("width", 512), kwargs.get("batch", 1),
                          kwargs.get("opset", 18), kwargs.get("msda", "decomposed"), kwargs.get("postprocess", "none"),
                          kwargs.get("masked_attn", "standard"))
+    calib = kwargs.get("calib")
+    validate_precision(kwargs.get("precision", "fp32"), calib.folder if calib is not None else None)
     check_can_write(output, force=kwargs.get("force", False))
     model = load_checkpoint_model(checkpoint, preset)
     source = {"path": str(Path(checkpoint).resolve()), "sha256": sha256_source(checkpoint), "preset": preset}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from m2f.errors import InputError
 
@@ -41,7 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32")
     o.add_argument("--batch", type=_int, default=1, help="batch size of the export")
     o.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
-    o.add_argument("--half", action="store_true", help="float16 weights and input")
+    o.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8"),
+                   help="precision in the graph: fp16 / bf16 mixed precision (statistics, sampling and thresholds "
+                        "float32); int8 explicit Q/DQ, calibrated on --calib")
+    o.add_argument("--calib", default=None, metavar="DIR",
+                   help="folder of representative images for --precision int8 (ranges cached in OUTPUT.calib.json)")
+    o.add_argument("--calib-images", type=_int, default=64, help="calibrate on at most N images")
     o.add_argument("--target", default="onnxruntime", choices=tuple(MSDA_DEFAULT_FOR_TARGET),
                    help="the runtime the graph is for: sets the --msda and --masked-attn defaults")
     o.add_argument("--msda", default=None, choices=("decomposed", "plugin"),
@@ -71,13 +77,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_option(c)
     c.set_defaults(func=run_check)
 
-    t = esub.add_parser("tensorrt", help="build a TensorRT engine (TensorRT >= 10.7, a CUDA GPU)")
+    t = esub.add_parser("tensorrt", help="build a TensorRT engine (TensorRT >= 10.3, a CUDA GPU); by default strongly "
+                                         "typed, in the precision of the ONNX graph")
     t.add_argument("--onnx", required=True, help="ONNX file written by `m2f export onnx`")
     add_out_option(t, "engine file to write", required=True, dest="output", old=("--output",))
     prec = t.add_mutually_exclusive_group()
-    prec.add_argument("--fp16", action="store_true", help="allow float16 kernels")
-    prec.add_argument("--bf16", action="store_true", help="allow bfloat16 kernels")
-    prec.add_argument("--int8", action="store_true", help="INT8 with entropy calibration (needs --calib)")
+    prec.add_argument("--fp16", action="store_true",
+                      help="TensorRT 10.x weak typing: allow float16 kernels (11.x: export with --precision fp16)")
+    prec.add_argument("--bf16", action="store_true",
+                      help="TensorRT 10.x weak typing: allow bfloat16 kernels (11.x: export with --precision bf16)")
+    prec.add_argument("--int8", action="store_true",
+                      help="TensorRT 10.x: INT8 with entropy calibration, needs --calib (11.x: --precision int8)")
     t.add_argument("--calib", default=None, help="folder of calibration images for --int8")
     t.add_argument("--min-shape", default=None, help="optimisation profile minimum, BxCxHxW")
     t.add_argument("--opt-shape", default=None, help="optimisation profile optimum, BxCxHxW")
@@ -141,17 +151,21 @@ def run_onnx(args: argparse.Namespace) -> int:
     msda = args.msda or MSDA_DEFAULT_FOR_TARGET[args.target]
     masked_attn = args.masked_attn or MASKED_ATTN_DEFAULT_FOR_TARGET[args.target]
     from m2f.export.onnx_export import export_checkpoint
+    from m2f.export.precision import CalibrationSettings
 
+    if args.calib_images < 1:
+        raise InputError(f"--calib-images must be >= 1, got {args.calib_images}")
+    calib = CalibrationSettings(Path(args.calib), limit=args.calib_images) if args.calib else None
     result = export_checkpoint(
         args.checkpoint, args.output, preset=args.preset, height=args.height, width=args.width, batch=args.batch,
-        dynamic=args.dynamic, half=args.half, msda=msda, masked_attn=masked_attn, postprocess=args.postprocess,
+        dynamic=args.dynamic, precision=args.precision, calib=calib, msda=msda, masked_attn=masked_attn, postprocess=args.postprocess,
         opset=args.opset, simplify=not args.no_simplify, optimize=not args.no_optimize, force=args.force,
     )
     m = result.manifest
     extra = f", {m['plugin_nodes']} {m['msda']} nodes" if m["msda"] == "plugin" else ""
     extra += f", masked_attn={m['masked_attn']}"
     extra += f", {m['masked_attention_nodes']} plugin nodes" if m["masked_attn"] == "plugin" else ""
-    print(f"wrote {result.path} (opset {m['opset']}, {m['dtype']}, msda={m['msda']}{extra}, "
+    print(f"wrote {result.path} (opset {m['opset']}, {m['precision']}, {m['dtype']} I/O, msda={m['msda']}{extra}, "
           f"{'dynamic' if m['dynamic'] else 'static'} {m['batch']}x3x{m['height']}x{m['width']}, "
           f"{result.seconds:.1f} s) and {result.manifest_path}")
     if args.check:
@@ -166,11 +180,16 @@ def _print_check(report: dict) -> int:
           f"checker {'ok' if report['checker']['ok'] else 'FAILED'}, TensorRT ops "
           f"{'ok' if report['tensorrt']['ok'] else 'UNSUPPORTED ' + ','.join(report['tensorrt']['unsupported_ops'])})")
     parity = report.get("parity", {})
+    if report.get("precision"):
+        print(f"  precision {report['precision']}: compared with the float32 PyTorch model"
+              + (f" ({parity['runs'][0]['runtime']})" if parity.get("runs") else ""))
     if "skipped" in parity:
         print(f"  parity: skipped - {parity['skipped']}")
     for run in parity.get("runs", []):
         errs = ", ".join(f"{k}={v['rel_err']:.2e}" if "rel_err" in v else f"{k} mismatch={v.get('mismatch', 0):.2%}"
                          for k, v in run["outputs"].items())
+        if run.get("semantic_agreement") is not None:
+            errs += f", semantic agreement {run['semantic_agreement']:.2%}"
         print(f"  {run['batch']}x3x{run['height']}x{run['width']}: {errs}")
     for key in ("plugins", "masked_attention_plugins"):
         if key in report:
@@ -201,7 +220,7 @@ def run_tensorrt(args: argparse.Namespace) -> int:
     path = build_engine(args.onnx, args.output, precision=precision, calib_dir=args.calib,
                         timing_cache=args.timing_cache, workspace_gb=args.workspace, plugins=args.plugins,
                         force=args.force, **shapes)
-    print(f"wrote {path} ({precision}) and {path}.json")
+    print(f"wrote {path} ({'weak typing, ' + precision if precision != 'fp32' else 'strongly typed'}) and {path}.json")
     return 0
 
 

@@ -67,7 +67,17 @@ class OnnxPredictor(Predictor):
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}); is it an m2f ONNX export?") from None
+            if "NOT_IMPLEMENTED" not in str(exc):
+                raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}); is it an m2f ONNX "
+                                 "export?") from None
+            # a bf16 graph: this CPU build has no bf16 kernels; run it emulated (float32 arithmetic, bf16 rounding)
+            from m2f.export.precision import emulate_on_cpu
+
+            import onnx
+
+            emulated = emulate_on_cpu(onnx.load(str(path)))
+            self.session = ort.InferenceSession(emulated.SerializeToString(), options,
+                                                providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
         if "pixel_values" not in inputs or not {"pred_logits", "pred_masks"} <= outputs:
@@ -76,11 +86,14 @@ class OnnxPredictor(Predictor):
         shape = inputs["pixel_values"].shape
         self.fixed_size = (shape[2], shape[3]) if all(isinstance(s, int) for s in shape[2:]) else None
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        # an export with --precision fp16 and low-precision I/O takes float16 pixels
+        self.input_dtype = np.float16 if inputs["pixel_values"].type == "tensor(float16)" else np.float32
         self.config, self.name = config, str(path)
 
     def __call__(self, pixel_values):
-        logits, masks = self.session.run(["pred_logits", "pred_masks"], {"pixel_values": pixel_values.numpy()})
-        return torch.from_numpy(logits).float(), torch.from_numpy(masks).float()
+        logits, masks = self.session.run(["pred_logits", "pred_masks"],
+                                         {"pixel_values": pixel_values.numpy().astype(self.input_dtype)})
+        return torch.from_numpy(logits.astype(np.float32)), torch.from_numpy(masks.astype(np.float32))
 
 
 @dataclass
