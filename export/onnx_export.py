@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m2f.errors import BackendUnavailableError, CheckpointError, InputError
+from m2f.errors import BackendUnavailableError, InputError
 from m2f.io import atomic_path, check_can_write
 
 from .manifest import manifest_path, new_manifest, sha256_source, write_manifest
@@ -240,6 +240,15 @@ def _msda_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
 
 
+def torch_backend_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose attention modules use the PyTorch reference ops, whatever backend it was built with:
+    export traces (and ``check_onnx`` compares against) the standard ONNX forms, which need no GPU or Triton."""
+    copied = copy.deepcopy(model)
+    for m in (*_msda_modules(copied), *_masked_attention_layers(copied)):
+        m.backend = "torch"
+    return copied
+
+
 @contextlib.contextmanager
 def _tracing_triton_op_on_cpu() -> Iterator[None]:
     """The "triton" backend refuses CPU tensors unless TRITON_INTERPRET=1; torch.export only traces the op's fake
@@ -375,7 +384,7 @@ def to_onnx(
     if topk is None:
         topk = config.postprocess.instance_topk if config is not None else 100
 
-    module = OnnxExportModule(copy.deepcopy(model), postprocess=postprocess, topk=topk).eval()
+    module = OnnxExportModule(torch_backend_copy(model), postprocess=postprocess, topk=topk).eval()
     module = module.half() if half else module.float()
     dtype = torch.float16 if half else torch.float32
     translation: dict[Any, Any] = {}
@@ -505,10 +514,9 @@ def _plugin_counts(path: Path) -> tuple[int, int]:
 
 def load_checkpoint_model(checkpoint: str | Path, preset: str | None = None) -> nn.Module:
     """``m2f.from_pretrained`` on the CPU with the PyTorch reference kernels, in eval mode."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist; pass a checkpoint file or directory")
-    from m2f.checkpoints import from_pretrained
+    from m2f.checkpoints import from_pretrained, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)  # a hub id: its downloaded snapshot
 
     model = from_pretrained(str(checkpoint), preset=preset, backend="torch", device="cpu")
     return model.eval()
@@ -520,6 +528,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, preset: str | 
                          kwargs.get("opset", 18), kwargs.get("msda", "decomposed"), kwargs.get("postprocess", "none"),
                          kwargs.get("masked_attn", "standard"))
     check_can_write(output, force=kwargs.get("force", False))
+    from m2f.checkpoints import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)  # the manifest records the local copy, which check_onnx reloads
     model = load_checkpoint_model(checkpoint, preset)
     source = {"path": str(Path(checkpoint).resolve()), "sha256": sha256_source(checkpoint), "preset": preset}
     return to_onnx(model, output, source=source, **kwargs)
