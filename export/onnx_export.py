@@ -249,6 +249,32 @@ def torch_backend_copy(model: nn.Module) -> nn.Module:
     return copied
 
 
+# Messages the exporter prints on every export of every m2f model, none of which is about the model: the registry
+# skipping torchvision's ops (m2f never uses torchvision), torch.export's own deprecated LeafSpec check, and the
+# optimizer declining to fold LayerNormalization (a normal op that is kept, not an error).
+_HARMLESS_EXPORT_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding")
+_HARMLESS_EXPORT_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+@contextlib.contextmanager
+def _without_known_exporter_noise() -> Iterator[None]:
+    """Silence exactly the messages above for the duration of one export; everything else still shows."""
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in _HARMLESS_EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for message in _HARMLESS_EXPORT_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
 @contextlib.contextmanager
 def _tracing_triton_op_on_cpu() -> Iterator[None]:
     """The "triton" backend refuses CPU tensors unless TRITON_INTERPRET=1; torch.export only traces the op's fake
@@ -413,6 +439,7 @@ def to_onnx(
     with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
         if plugins_in_graph:
             stack.enter_context(_tracing_triton_op_on_cpu())
+        stack.enter_context(_without_known_exporter_noise())
         raw = tmp.with_name(tmp.name + ".raw.onnx")
         try:
             torch.onnx.export(
