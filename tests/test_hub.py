@@ -54,7 +54,7 @@ def test_hub_id_through_offline_cache(spec, hf_home, tmp_path):
     assert run.returncode == 0, run.stderr
     model = m2f.from_pretrained(tmp_path / "out")
     assert model.config.class_names == tuple(f"thing{i}" for i in range(NUM_LABELS))
-    assert model.config.name == f"hf:{spec}"
+    assert model.config.name == f"hf:{spec.removeprefix('hf://')}"
 
 
 def test_local_path_wins_over_hub_id(hf_home, tmp_path):

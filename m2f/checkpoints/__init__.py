@@ -96,7 +96,7 @@ def read_checkpoint(path: str | Path, preset: str | None = None, config: Mask2Fo
         from m2f.config import preset as get_preset
 
         override = get_preset(preset)
-    spec, path = str(path), resolve_checkpoint(path)
+    spec, path = str(path).removeprefix("hf://"), resolve_checkpoint(path)
     if path.is_file() and (path.name in ("config.json", "m2f_config.json") or path.suffix == ".safetensors"):
         # a file of a checkpoint directory: read the whole directory
         if not ((path.parent / "config.json").is_file() or (path.parent / "m2f_config.json").is_file()):
