@@ -377,7 +377,21 @@ def check_onnx(
     seed: int | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Check ``onnx_path``; write the JSON report to ``report`` when given; return the report."""
+    """Check ``onnx_path``; write the JSON report to ``report`` when given; return the report.
+
+    The PyTorch side is ``model`` (also accepted as the second positional argument) or the checkpoint at
+    ``checkpoint`` (default: the one the manifest records)."""
+    import onnx
+    import torch
+
+    if isinstance(checkpoint, torch.nn.Module):  # check_onnx(path, model)
+        if model is not None:
+            raise InputError("check_onnx got two models (positionally and as model=); pass one")
+        model, checkpoint = checkpoint, None
+    elif checkpoint is not None and not isinstance(checkpoint, (str, Path)):
+        raise InputError(f"check_onnx's second argument must be a checkpoint path or an m2f model, got "
+                         f"{type(checkpoint).__name__}; call check_onnx(path, model) or check_onnx(path, checkpoint)")
+
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise InputError(f"ONNX file {onnx_path} not found; export one with `m2f export onnx`")
@@ -450,13 +464,15 @@ def check_onnx(
 
 def _parity_section(onnx_path: Path, manifest: dict[str, Any], checkpoint: Any, model: Any,
                     extra_sizes: Sequence[CheckSize], seed: int | None, reasons: list[str]) -> dict[str, Any]:
-    from .onnx_export import OnnxExportModule, load_checkpoint_model
+    from .onnx_export import OnnxExportModule, load_checkpoint_model, torch_backend_copy
 
     if model is None:
         source = checkpoint or (manifest.get("source") or {}).get("path")
         if not source:
             raise InputError(f"no checkpoint to compare {onnx_path} against: pass --checkpoint")
         model = load_checkpoint_model(source, preset=(manifest.get("source") or {}).get("preset"))
+    else:  # the ONNX graph holds the standard ops: compare with them, whatever backend the model was built with
+        model = torch_backend_copy(model)
     if not manifest:
         raise InputError(f"{onnx_path} has no manifest: the export size is unknown; re-export with `m2f export onnx`")
     precision = manifest.get("precision", "fp32")

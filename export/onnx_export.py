@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m2f.errors import BackendUnavailableError, CheckpointError, InputError
+from m2f.errors import BackendUnavailableError, InputError
 from m2f.io import atomic_path, check_can_write
 from m2f.runtime import stage
 
@@ -242,6 +242,41 @@ def _msda_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
 
 
+def torch_backend_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose attention modules use the PyTorch reference ops, whatever backend it was built with:
+    export traces (and ``check_onnx`` compares against) the standard ONNX forms, which need no GPU or Triton."""
+    copied = copy.deepcopy(model)
+    for m in (*_msda_modules(copied), *_masked_attention_layers(copied)):
+        m.backend = "torch"
+    return copied
+
+
+# Messages the exporter prints on every export of every m2f model, none of which is about the model: the registry
+# skipping torchvision's ops (m2f never uses torchvision), torch.export's own deprecated LeafSpec check, and the
+# optimizer declining to fold LayerNormalization (a normal op that is kept, not an error).
+_HARMLESS_EXPORT_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding")
+_HARMLESS_EXPORT_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+@contextlib.contextmanager
+def _without_known_exporter_noise() -> Iterator[None]:
+    """Silence exactly the messages above for the duration of one export; everything else still shows."""
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in _HARMLESS_EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for message in _HARMLESS_EXPORT_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
 @contextlib.contextmanager
 def _tracing_triton_op_on_cpu() -> Iterator[None]:
     """The "triton" backend refuses CPU tensors unless TRITON_INTERPRET=1; torch.export only traces the op's fake
@@ -380,7 +415,7 @@ def to_onnx(
     if topk is None:
         topk = config.postprocess.instance_topk if config is not None else 100
 
-    module = OnnxExportModule(copy.deepcopy(model), postprocess=postprocess, topk=topk).eval()
+    module = OnnxExportModule(torch_backend_copy(model), postprocess=postprocess, topk=topk).eval()
     translation: dict[Any, Any] = {}
     expected_plugin_nodes = None
     if msda == "plugin":
@@ -407,6 +442,7 @@ def to_onnx(
     with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
         if plugins_in_graph:
             stack.enter_context(_tracing_triton_op_on_cpu())
+        stack.enter_context(_without_known_exporter_noise())
         raw = tmp.with_name(tmp.name + ".raw.onnx")
         try:
             with stage(f"tracing and converting to ONNX (opset {opset}{', optimizing' if optimize else ''})"):
@@ -517,10 +553,9 @@ def _plugin_counts(path: Path) -> tuple[int, int]:
 
 def load_checkpoint_model(checkpoint: str | Path, preset: str | None = None) -> nn.Module:
     """``m2f.from_pretrained`` on the CPU with the PyTorch reference kernels, in eval mode."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist; pass a checkpoint file or directory")
-    from m2f.checkpoints import from_pretrained
+    from m2f.checkpoints import from_pretrained, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)  # a hub id: its downloaded snapshot
 
     model = from_pretrained(str(checkpoint), preset=preset, backend="torch", device="cpu")
     return model.eval()
@@ -534,6 +569,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, preset: str | 
     calib = kwargs.get("calib")
     validate_precision(kwargs.get("precision", "fp32"), calib.folder if calib is not None else None)
     check_can_write(output, force=kwargs.get("force", False))
+    from m2f.checkpoints import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)  # the manifest records the local copy, which check_onnx reloads
     model = load_checkpoint_model(checkpoint, preset)
     source = {"path": str(Path(checkpoint).resolve()), "sha256": sha256_source(checkpoint), "preset": preset}
     return to_onnx(model, output, source=source, **kwargs)

@@ -31,9 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import triton
-import triton.language as tl
-
 # ---------------------------------------------------------------------------------------------------
 # ONNX nodes
 # ---------------------------------------------------------------------------------------------------
@@ -171,21 +168,7 @@ def msda_launch(value: Sequence[Any], sampling_locations: Sequence[Any], cdiv: A
     return MsdaLaunch(grid=(cdiv(q, block_q), n * m, 1), block=num_warps * 32, scalars=(s, q, m))
 
 
-# m2f's MSDA kernel body (the JITFunction behind its autotuner), bound on first use: see msda_plugin_kernel().
-_msda_body: Any = None
-_msda_kernel: Any = None
-
-
-@triton.jit
-def msda_trt_plugin_kernel(
-    value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,  # inputs: (N, S, M, D), (L, 2), (L,), locations, weights
-    num_keys, num_queries, num_heads,  # int32 scalars: S, Lq, M
-    out_ptr,  # output (N, Lq, M, D)
-    NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROW_ALIGNED: tl.constexpr, BLOCK_Q: tl.constexpr,
-):
-    _msda_body(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr, num_keys, num_queries, num_heads,
-               NUM_LEVELS, NUM_POINTS, HEAD_DIM, BLOCK_D, ROW_ALIGNED, BLOCK_Q)
+_msda_kernel: Any = None  # bound on first use: see msda_plugin_kernel()
 
 
 def msda_plugin_kernel() -> Any:
@@ -193,14 +176,16 @@ def msda_plugin_kernel() -> Any:
 
     Returned as a compilable JITFunction even under TRITON_INTERPRET=1: it is only ever compiled ahead of time.
     """
-    global _msda_body, _msda_kernel
+    global _msda_kernel
     if _msda_kernel is None:
         from m2f.kernels.aot import _as_jit_function
         from m2f.kernels.ms_deform_attn.triton_kernels import ms_deform_attn_fwd_kernel
 
+        from . import _msda_plugin_jit
+
         # Bound once: Triton refuses to recompile a kernel whose globals changed since its last compilation.
-        _msda_body = _as_jit_function(ms_deform_attn_fwd_kernel)
-        _msda_kernel = _as_jit_function(msda_trt_plugin_kernel)
+        _msda_plugin_jit._msda_body = _as_jit_function(ms_deform_attn_fwd_kernel)
+        _msda_kernel = _as_jit_function(_msda_plugin_jit.msda_trt_plugin_kernel)
     return _msda_kernel
 
 

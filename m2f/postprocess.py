@@ -20,7 +20,8 @@ Differences from the official code, all deliberate:
 - Post-processing always runs in float32 (the official model runs in float32; half-precision outputs are upcast).
 - Panoptic segments also report a score (the query's, the first query's for merged stuff) and their pixel area.
 
-Results stay on the device of the inputs. Images of one batch are processed one by one on their own crop, so an
+:func:`run` takes every setting (thresholds, top-k, thing classes, the per-task rules) from a model's config; the
+task functions take them as arguments. Results stay on the device of the inputs. Images of one batch are processed one by one on their own crop, so an
 image's result does not depend on the other images of its batch (given the same network outputs).
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import PostProcessConfig
+from .config import TASKS, PostProcessConfig
 from .errors import InputError
 
 Size = tuple[int, int]
@@ -364,3 +365,29 @@ def _panoptic_one(
         if starts
     ]
     return PanopticResult(segmentation=segmentation, segments=segments)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# everything from the model's config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run(outputs, batch, config, task: str | None = None) -> list[SemanticResult] | list[InstanceResult] | list[PanopticResult]:
+    """Post-process ``outputs`` (a :class:`m2f.Mask2FormerOutput`) of ``batch`` (from :func:`m2f.preprocess.preprocess`)
+    for ``task`` (default: ``config.default_task``) with every setting taken from ``config`` (a
+    :class:`m2f.Mask2FormerConfig`, e.g. ``model.config``): its ``postprocess`` thresholds and top-k, its thing
+    classes, and the official per-task rules (semantic models infer before resizing; panoptic models keep only
+    thing classes as instances). ``model.post_process(outputs, batch)`` is the same call.
+    """
+    task = task or config.default_task
+    if task not in TASKS:
+        raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    args = (outputs.pred_logits, outputs.pred_masks, batch.image_sizes, batch.original_sizes, batch.padded_size)
+    settings = config.postprocess
+    if task == "panoptic":
+        return panoptic(*args, thing_classes=config.thing_classes, object_mask_threshold=settings.object_mask_threshold,
+                        overlap_threshold=settings.overlap_threshold)
+    if task == "semantic":
+        return semantic(*args, postprocess_before_inference=config.default_task != "semantic")
+    things = config.thing_classes if config.default_task == "panoptic" else None
+    return instance(*args, topk=settings.instance_topk, thing_classes=things)

@@ -131,3 +131,28 @@ PROGRESS_LINE = re.compile(r"\S+: +\d+%\||m2f: .*(?: \.\.\.|: done \([\d.]+ s\)|
 def without_progress(stderr: str) -> list[str]:
     """The lines of ``stderr`` other than progress and stage lines."""
     return [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
+
+
+def hub_cache_snapshot(hf_home, repo_id: str, revision: str = "main"):
+    """An empty snapshot folder of ``repo_id`` in the hub cache layout under ``hf_home`` (``$HF_HOME/hub/models--
+    OWNER--NAME/{refs/REVISION, snapshots/COMMIT}``), as huggingface_hub leaves it after a download; fill it with
+    the repository's files. The commit is derived from the id and revision (a cache needs one, any 40 hex digits)."""
+    from pathlib import Path
+
+    repo = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def offline_env(hf_home) -> dict[str, str]:
+    """The environment of a subprocess that must never reach the network: hub offline mode, the hub cache under
+    ``hf_home``, and every proxy pointed at a closed local port (anything that still tries to connect fails)."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "hf_token", "hf_hub_cache")}
+    closed = "http://127.0.0.1:9"
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HTTP_PROXY=closed, HTTPS_PROXY=closed, ALL_PROXY=closed,
+               http_proxy=closed, https_proxy=closed)
+    return env

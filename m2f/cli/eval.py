@@ -69,7 +69,6 @@ def _onnx_config(path: Path, explicit: str | None):
 
 
 def _predictor(checkpoint: str | None, onnx_path: str | None, args, *, default: bool):
-    from m2f.errors import CheckpointError
     from m2f.evaluation.evaluate import OnnxPredictor, TorchPredictor
 
     if onnx_path:
@@ -81,8 +80,9 @@ def _predictor(checkpoint: str | None, onnx_path: str | None, args, *, default: 
         from m2f.assets import default_checkpoint_path
 
         checkpoint = str(default_checkpoint_path())
-    if not Path(checkpoint).exists():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist; check the path")
+    from m2f.checkpoints import resolve_checkpoint
+
+    checkpoint = str(resolve_checkpoint(checkpoint))  # a hub id: its downloaded snapshot
     from m2f.train.loop import is_run_checkpoint, model_from_run
 
     if is_run_checkpoint(checkpoint):  # a training run in progress: RUN_DIR or one of its state files

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from m2f.config import TASKS
-from m2f.errors import BackendUnavailableError, CheckpointError, InputError, M2FError
+from m2f.errors import BackendUnavailableError, InputError, M2FError
 
 # decoded images are kept from validation to prediction up to this many bytes, then decoded again
 _IMAGE_CACHE_BYTES = 1 << 30
@@ -282,9 +282,9 @@ def _load_model(args: argparse.Namespace, device: str) -> Any:
         from m2f.assets import default_checkpoint_path
 
         args.checkpoint = str(default_checkpoint_path())
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.exists():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist; check the --checkpoint path")
+    from m2f.checkpoints import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)  # a hub id: its downloaded snapshot
     model = m2f.from_pretrained(str(checkpoint), preset=args.preset, backend=args.backend, device=device)
     return model.eval()
 
