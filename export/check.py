@@ -381,7 +381,6 @@ def check_onnx(
 
     The PyTorch side is ``model`` (also accepted as the second positional argument) or the checkpoint at
     ``checkpoint`` (default: the one the manifest records)."""
-    import onnx
     import torch
 
     if isinstance(checkpoint, torch.nn.Module):  # check_onnx(path, model)
