@@ -86,3 +86,11 @@ def test_backend_selection():
     assert resolve_backend("torch", cpu) == "torch"
     with pytest.raises(BackendUnavailableError, match="choose one of"):
         resolve_backend("cuda", cpu)
+
+
+def test_a_closed_pipe_is_not_an_error():
+    # `m2f presets | head -1`: the reader leaves early; m2f exits quietly instead of printing an internal error
+    proc = subprocess.Popen([sys.executable, "-m", "m2f", "presets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before m2f (still importing) writes a line: its writes meet a closed pipe
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and stderr == "", stderr

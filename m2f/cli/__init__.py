@@ -69,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("m2f: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `m2f presets | head`: the reader left; not an error, and nothing more can be printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # keep Python's exit flush from failing again
+        return 0
     except Exception as exc:  # a bug, not bad input: still one line, with how to get the traceback
         if debug:
             raise
