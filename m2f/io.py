@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import OutputError
+from .errors import InputError, M2FError, OutputError
 
 # errno -> (what is wrong, how to fix it); ENOTDIR / EEXIST name the file in the way instead (see _file_in_the_way)
 _OS_PROBLEMS: dict[int, tuple[str, str]] = {
@@ -174,3 +174,49 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strict JSON in: what m2f reads is refused, in one line, where Python's json would silently accept it
+# ---------------------------------------------------------------------------------------------------
+
+
+class _NotStrictJSON(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # json keeps the last of two equal keys: which one the writer meant is unknown
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _NotStrictJSON(f"key {twice!r} appears twice in one object")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotStrictJSON(f"{name} is not a JSON number")
+
+
+def parse_json(text: str, where: str, *, error: type[M2FError] = InputError, fix: str = "fix it or write it again"
+               ) -> Any:
+    """``text`` as strict JSON (duplicate keys and NaN / Infinity refused); ``error`` naming ``where`` and ``fix``."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise error(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); {fix}") from None
+    except _NotStrictJSON as exc:
+        raise error(f"{where} is not valid JSON ({exc}); {fix}") from None
+
+
+def read_json(path: str | os.PathLike, *, error: type[M2FError] = InputError,
+              fix: str = "fix it or write it again") -> Any:
+    """The strict JSON in ``path``; every problem (unreadable, not UTF-8, not JSON) is one ``error`` line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path} is not a UTF-8 JSON text file; {fix}") from None
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}; {fix}") from None
+    return parse_json(text, str(path), error=error, fix=fix)

@@ -210,12 +210,13 @@ def test_loss_falls_on_a_tiny_model(tmp_path, tiny_data):
 
     torch.set_num_threads(1)
     cfg = tiny_config(**tiny_data.label_set())
-    opts = _options(iters=30, optim=OptimConfig(lr=2e-3, backbone_multiplier=1.0), scale_range=(1.0, 1.0),
+    # 50 iterations: at 30 the fall (0.80x measured) sat on the bound, so any change of float rounding could flip it
+    opts = _options(iters=50, optim=OptimConfig(lr=2e-3, backbone_multiplier=1.0), scale_range=(1.0, 1.0),
                     hflip=False)
     out = Trainer(cfg, tiny_data, tmp_path / "run", opts, device="cpu", progress=False).train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows]
-    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert len(losses) == 50 and all(np.isfinite(losses))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.8 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
     for name in ("checkpoint.json", "log.csv", "loss.png", "train_config.json"):

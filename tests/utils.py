@@ -49,6 +49,18 @@ def fresh_seed(key: str | None = None) -> int:
     return int.from_bytes(digest[:4], "little") % 2**31
 
 
+def has_tensorrt_runtime() -> bool:
+    """Whether a TensorRT runtime imports here; tensorrt-stubs (a test extra, for mypy) alone makes an importable
+    ``tensorrt`` package with no runtime, which counts as none."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    import tensorrt
+
+    return isinstance(getattr(tensorrt, "__version__", None), str)
+
+
 class SeededGenerator(torch.Generator):
     """A torch.Generator that remembers its seed (the C type takes no new attributes; a subclass does)."""
 

@@ -127,10 +127,8 @@ def _read_directory(path: Path, override: Mask2FormerConfig | None, name: str) -
             )
         preprocessor = None
         if (path / "preprocessor_config.json").is_file():
-            try:
-                preprocessor = json.loads((path / "preprocessor_config.json").read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                preprocessor = None  # optional; the ImageNet defaults apply
+            # optional (without it the ImageNet mean / std apply), but a damaged one is not silently replaced
+            preprocessor = hf.read_json(path / "preprocessor_config.json")
         cfg = override or hf.config_from_hf(hf_config, name=f"hf:{name}", preprocessor=preprocessor)
         state = hf.convert_hf_state_dict(_read_hf_weights(path), cfg)
         return LoadedCheckpoint("hf", cfg, state)

@@ -245,10 +245,9 @@ def _hf_class_names(id2label: Any, where: str) -> tuple[str, ...]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable JSON file ({type(exc).__name__}); is the directory complete?") from None
+    from m2f.io import read_json as read_strict_json
+
+    data = read_strict_json(path, error=CheckpointError, fix="is the directory complete?")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object; is it really a model config?")
     return data

@@ -138,6 +138,7 @@ def parse_models(args: argparse.Namespace) -> list:
 
     from m2f.config import Mask2FormerConfig, preset, preset_names
     from m2f.errors import M2FError
+    from m2f.io import parse_json
 
     if args.config:
         text = args.config
@@ -147,7 +148,7 @@ def parse_models(args: argparse.Namespace) -> list:
                 raise InputError(f"--config {text}: no such file; pass a JSON config file (or inline JSON)")
             text = path.read_text(encoding="utf-8")
         try:
-            cfg = Mask2FormerConfig.from_dict(json.loads(text))
+            cfg = Mask2FormerConfig.from_dict(parse_json(text, "--config"))
         except (ValueError, M2FError) as exc:
             raise InputError(f"--config is not an m2f config: {' '.join(str(exc).split())}") from None
         return [(cfg.name or "custom", cfg)]

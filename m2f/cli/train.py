@@ -75,15 +75,13 @@ def load_config(spec: str):
     """A preset name or a JSON file of Mask2FormerConfig fields (an m2f_config.json also works)."""
     from m2f.config import Mask2FormerConfig, preset, preset_names
     from m2f.errors import InputError, M2FError
+    from m2f.io import read_json
 
     path = Path(spec)
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise InputError(f"config file {path} does not exist; pass a preset name or a JSON config file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"config file {path} is not valid JSON ({exc}); fix it or pass a preset name") from None
+        data = read_json(path, fix="fix it or pass a preset name")
         if not isinstance(data, dict):
             raise InputError(f"config file {path} must hold a JSON object of Mask2FormerConfig fields")
         data = data.get("config", data) if isinstance(data.get("config"), dict) else data
