@@ -34,7 +34,6 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
 
-
 @pytest.fixture
 def seeded() -> tuple[torch.Generator, int]:
     """(generator, seed) with a fresh seed per test."""
