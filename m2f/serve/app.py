@@ -73,22 +73,26 @@ class Segmenter:
         self.batch_sizes: Counter[int] = Counter()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def run_batch(self, images: list) -> list[list]:
-        """Images of one padded size at a time (the network takes one size per call); one result list each."""
-        from m2f.preprocess import padded_shape, preprocess
+    async def run_batch(self, images: list) -> list[tuple[Any, int]]:
+        """Images of one padded size at a time (the network takes one size per call), resized to the model's
+        test size as `m2f predict` does; (result, size of the batch it came in) each."""
+        from m2f.preprocess import padded_shape, preprocess, resized_shape
 
         from .encode import postprocess_batch
 
         self.batch_sizes[len(images)] += 1
+        shortest, max_size = self.config.test_size
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
-            groups.setdefault(padded_shape([image.shape[:2]], self.config.size_divisibility), []).append(i)
+            size = resized_shape(image.shape[0], image.shape[1], shortest, max_size)
+            groups.setdefault(padded_shape([size], self.config.size_divisibility), []).append(i)
         results: list[Any] = [None] * len(images)
         for indices in groups.values():
-            batch = preprocess([images[i] for i in indices], self.config)
+            batch = preprocess([images[i] for i in indices], self.config, resize_shortest=shortest,
+                               max_size=max_size)
             logits, masks = self.predictor(batch.pixel_values)
             for i, result in zip(indices, postprocess_batch(self.task, self.config, logits, masks, batch)):
-                results[i] = result
+                results[i] = (result, len(images))
         return results
 
     def metadata(self) -> dict:
@@ -115,12 +119,12 @@ class Segmenter:
             return _error(exc.status, str(exc))
         from .encode import overlay_png, segments_json
 
-        result = await self.run_batch(image)
+        result, batch_size = await self.run_batch(image)
         body = {"task": self.task, "height": int(image.shape[0]), "width": int(image.shape[1]),
                 "segments": segments_json(self.task, result, self.labels)}
         if request.query_params.get("overlay", "0").lower() in ("1", "true", "yes"):
             body["overlay_png"] = overlay_png(self.task, image, result, self.labels)
-        return JSONResponse(body)
+        return JSONResponse(body, headers={"X-Batch-Size": str(batch_size)})
 
     @staticmethod
     async def _upload(request) -> bytes:
