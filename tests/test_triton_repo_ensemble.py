@@ -94,6 +94,31 @@ def _segments_close(got: list[dict], ref: list[dict], seed: int) -> None:
         assert abs(g["score"] - r["score"]) <= 1e-4 * r["score"], (g["score"], r["score"], seed)
 
 
+def _decode(segment: dict) -> np.ndarray:
+    from pycocotools import mask as mask_util
+
+    return mask_util.decode({"size": segment["mask"]["size"], "counts": segment["mask"]["counts"].encode()}) > 0
+
+
+def _same_task_segments(task: str, got: list[dict], ref: list[dict], size: tuple[int, int], seed: int) -> None:
+    """Semantic: the label maps agree on >= 99.9% of pixels. Instance: each of the 10 best reference instances has
+    a twin (label, mask IoU >= 0.99, score within 1e-4); float noise may reorder near-equal scores."""
+    if task == "semantic":
+        maps = []
+        for segments in (got, ref):
+            labels = np.full(size, -1)
+            for s in segments:
+                labels[_decode(s)] = s["label"]
+            maps.append(labels)
+        assert (maps[0] == maps[1]).mean() >= 0.999 and (maps[0] >= 0).all(), f"seed {seed}"
+        return
+    assert len(got) == len(ref), f"seed {seed}"
+    for r in sorted(ref, key=lambda s: -s["score"])[:10]:
+        mask = _decode(r)
+        assert any(g["label"] == r["label"] and abs(g["score"] - r["score"]) <= 1e-4
+                   and (mask & _decode(g)).sum() >= 0.99 * (mask | _decode(g)).sum() for g in got), (r["label"], seed)
+
+
 def test_chained_functions_give_the_pytorch_pipeline_segments(exported, rng, tmp_path):
     import onnxruntime as ort
 
@@ -127,6 +152,35 @@ def test_chained_functions_give_the_pytorch_pipeline_segments(exported, rng, tmp
         if index < len(bodies) - 1:  # the random image may have none
             assert ref, "the default model finds segments in its sample images"
         _segments_close(got["segments"], ref, rng.seed_value)
+        for task in ("semantic", "instance"):  # the other tasks of the same network outputs
+            answer = triton_backend.postprocess(logits[0], masks[0], pre["image_info"][0], {**settings, "task": task})
+            other = segments_json(task, postprocess_batch(task, config, ref_logits, ref_masks, batch)[0], labels)
+            _same_task_segments(task, json.loads(answer)["segments"], other, image.shape[:2], rng.seed_value)
+
+
+def test_preprocess_is_m2f_predicts_for_any_size_and_batch(rng):
+    """Non-square, upscaled and downscaled images, alone and as one batch padded to its largest (dynamic graph)."""
+    from m2f.assets import default_checkpoint_path
+    from m2f.cli.train import load_config
+    from m2f.preprocess import preprocess, resized_shape
+
+    config = load_config(str(default_checkpoint_path() / "m2f_config.json"))
+    settings = triton_backend.settings_from_config(config)
+    sizes = [(61, 97), (300, 131), (40, 900)]
+    images = [torch.randint(0, 256, (*size, 3), generator=rng, dtype=torch.uint8).numpy() for size in sizes]
+    for group in ([images[0]], [images[1]], images):
+        pixels, info = triton_backend.preprocess(group, settings)
+        ref = preprocess(group, config, resize_shortest=config.test_size[0], max_size=config.test_size[1])
+        assert pixels.shape == tuple(ref.pixel_values.shape), f"seed {rng.seed_value}"
+        assert rel_err(torch.from_numpy(pixels), ref.pixel_values) <= 1e-7, f"seed {rng.seed_value}"
+        assert [tuple(row[:2]) for row in info] == ref.image_sizes
+        assert [tuple(row[2:4]) for row in info] == ref.original_sizes
+        assert all(tuple(row[4:]) == pixels.shape[-2:] for row in info)
+    for height, width in [(1, 1), (7, 3000), (128, 129), (511, 127), *(tuple(torch.randint(1, 2000, (2,),
+                                                                              generator=rng).tolist())
+                                                                        for _ in range(20))]:
+        assert triton_backend.resized_shape(height, width, 128, 512) == resized_shape(height, width, 128, 512), \
+            (height, width, f"seed {rng.seed_value}")
 
 
 def test_rle_is_cocos(rng):
