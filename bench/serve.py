@@ -74,8 +74,8 @@ def _batches(sizes_seen: Sequence[int]) -> Counter[int]:
     return Counter({size: count // size for size, count in per_size.items()})
 
 
-def measure(url: str, bodies: Sequence[bytes], clients: int, requests: int) -> tuple[list[bool], list[float],
-                                                                                       list[int], float]:
+def measure(url: str, bodies: Sequence[bytes], clients: int, requests: int) -> tuple[list, list, list, float]:
+    """(succeeded, latency in s, batch size) per request, and the wall time of the whole burst."""
     with ThreadPoolExecutor(clients) as pool:
         start = time.perf_counter()
         answers = list(pool.map(lambda i: _post(url, bodies[i % len(bodies)]), range(requests)))
