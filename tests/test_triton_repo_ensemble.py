@@ -241,6 +241,32 @@ def test_dynamic_batch_repository_batches_every_model_alike(tmp_path, capsys):
     assert re.search(r'name: "IMAGE"\s+data_type: TYPE_STRING\s+dims: \[ 1 \]', texts["seg_ensemble"])
     settings = json.loads((tmp_path / "repo" / "seg_post" / "1" / "m2f_settings.json").read_text())
     assert settings["task"] == "semantic" and "input_size" not in settings
+    assert main(["export", "triton-repo", "--model", str(model), "--output", str(tmp_path / "repo"), "--ensemble",
+                 "--config", config]) == 2
+    assert "--force" in capsys.readouterr().err  # an existing repository is kept, whole
+    assert (tmp_path / "repo" / "seg_ensemble" / "config.pbtxt").read_text() == texts["seg_ensemble"]
+
+
+def test_tensorrt_plan_repository_takes_the_engines_config_and_profile(tmp_path):
+    from m2f.assets import default_checkpoint_path
+    from m2f.cli.train import load_config
+
+    config = load_config(str(default_checkpoint_path() / "m2f_config.json"))
+    engine = tmp_path / "seg.engine"
+    engine.write_bytes(b"\0engine")
+    write_manifest(engine, full_manifest(
+        "tensorrt", dynamic=True, max_batch=2, config=config.to_dict(),
+        inputs=[{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, "h", "w"]}],
+        outputs=[{"name": "pred_logits", "dtype": "float32", "shape": ["batch", 20, 7]},
+                 {"name": "pred_masks", "dtype": "float16", "shape": ["batch", 20, "h4", "w4"]}]))
+    repo = write_triton_ensemble(engine, tmp_path / "repo", max_batch=8)
+    model = (repo / "seg" / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in model and "kind: KIND_GPU" in model and (repo / "seg/1/model.plan").exists()
+    post = (repo / "seg_post" / "config.pbtxt").read_text()
+    assert "max_batch_size: 2" in post and "max_batch_size: 2" in (repo / "seg_ensemble/config.pbtxt").read_text()
+    assert re.search(r'name: "pred_masks"\s+data_type: TYPE_FP16\s+dims: \[ 20, -1, -1 \]', post)  # as the plan gives
+    settings = json.loads((repo / "seg_pre" / "1" / "m2f_settings.json").read_text())
+    assert settings["model"] == config.name and settings["test_size"] == list(config.test_size)
 
 
 def test_refusals_are_one_line_and_leave_nothing(tmp_path, capsys):
