@@ -4,7 +4,7 @@
     result = to_onnx(model, "m2f.onnx", height=512, width=512, dynamic=True)   # + m2f.onnx.json manifest
     report = check_onnx("m2f.onnx", model=model)                              # report["verdict"] == "pass"
 
-TensorRT (>= 10.7, a CUDA GPU; imported lazily, BackendUnavailableError where absent): ``build_engine``,
+TensorRT (>= 10.3, a CUDA GPU; imported lazily, BackendUnavailableError where absent): ``build_engine``,
 ``TensorRTRunner`` (NumPy in / out, no PyTorch), ``register_tensorrt_plugins``. Triton Inference Server:
 ``write_triton_repo``. The whole chain in one work directory: ``run_pipeline``. See export/README.md for what was verified where.
 """

@@ -107,8 +107,10 @@ def write_triton_repo(
     max_batch: int = 8,
     instance_count: int = 1,
     force: bool = False,
+    instance_kind: str = "gpu",
 ) -> Path:
-    """Write ``output/name/{config.pbtxt, 1/model.*}``; returns the model's directory."""
+    """Write ``output/name/{config.pbtxt, 1/model.*}``; returns the model's directory. ``instance_kind``: where
+    Triton runs the model's instances, ``gpu`` or ``cpu`` (ONNX Runtime only; a TensorRT plan needs a GPU)."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise InputError(f"model file {model_path} not found; pass an exported .onnx, .engine or .plan file")
@@ -121,21 +123,11 @@ def write_triton_repo(
     if not name.replace("_", "").replace("-", "").isalnum():
         raise InputError(f"model name {name!r} must be letters, digits, '-' or '_'")
     platform, filename = PLATFORMS[suffix]
+    check_instance_kind(instance_kind, platform)
 
-    manifest = read_manifest(model_path, required=suffix != ".onnx", kind="onnx" if suffix == ".onnx" else "tensorrt")
-    if manifest is not None:
-        inputs = [_spec(d) for d in manifest["inputs"]]
-        outputs = [_spec(d) for d in manifest["outputs"]]
-        batch_limit = manifest.get("max_batch")  # engines: the optimisation profile's max batch
-    else:
-        inputs, outputs = _onnx_io(model_path)
-        batch_limit = None
-    batch_dynamic = all(s.shape and _is_dynamic(s.shape[0]) for s in (*inputs, *outputs))
-    if batch_dynamic:
-        max_batch_size = min(max_batch, int(batch_limit)) if batch_limit else max_batch
-    else:
-        max_batch_size = 0  # the file has a fixed batch: Triton must not batch requests
-    config = render_config(name, platform, inputs, outputs, max_batch_size, instance_count, model_filename=filename)
+    inputs, outputs, max_batch_size = model_io(model_path, max_batch)
+    config = render_config(name, platform, inputs, outputs, max_batch_size, instance_count,
+                           kind=f"KIND_{instance_kind.upper()}", model_filename=filename)
 
     target = check_can_write(Path(output) / name, force=force, directory=True)
     with atomic_dir(target) as tmp:
@@ -143,3 +135,31 @@ def write_triton_repo(
         shutil.copyfile(model_path, tmp / "1" / filename)
         (tmp / "config.pbtxt").write_text(config, encoding="utf-8")
     return target
+
+
+INSTANCE_KINDS = ("cpu", "gpu")
+
+
+def check_instance_kind(instance_kind: str, platform: str) -> None:
+    if instance_kind not in INSTANCE_KINDS:
+        raise InputError(f"--instance-kind {instance_kind!r} is not cpu or gpu; pass one of them")
+    if instance_kind == "cpu" and platform == "tensorrt_plan":
+        raise InputError("--instance-kind cpu cannot run a TensorRT plan (GPU only); pass --instance-kind gpu, "
+                         "or an .onnx model for ONNX Runtime on the CPU")
+
+
+def model_io(model_path: Path, max_batch: int) -> tuple[list[TensorSpec], list[TensorSpec], int]:
+    """(inputs, outputs, max_batch_size) of an exported model: from its manifest (for an ONNX file without one,
+    from the graph); max_batch_size is 0 for a fixed batch (Triton must not batch requests), else ``max_batch``
+    capped at an engine's optimisation profile."""
+    suffix = model_path.suffix.lower()
+    manifest = read_manifest(model_path, required=suffix != ".onnx", kind="onnx" if suffix == ".onnx" else "tensorrt")
+    if manifest is not None:
+        inputs, outputs = [_spec(d) for d in manifest["inputs"]], [_spec(d) for d in manifest["outputs"]]
+        batch_limit = manifest.get("max_batch")  # engines: the optimisation profile's max batch
+    else:
+        inputs, outputs = _onnx_io(model_path)
+        batch_limit = None
+    if not all(s.shape and _is_dynamic(s.shape[0]) for s in (*inputs, *outputs)):
+        return inputs, outputs, 0
+    return inputs, outputs, min(max_batch, int(batch_limit)) if batch_limit else max_batch

@@ -17,7 +17,6 @@ Every tensor of the checkpoint must be used and every parameter of the model fil
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -7,7 +7,6 @@ masked cross-attention (an ``nn.MultiheadAttention``, same layout as ours), and 
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any

@@ -52,6 +52,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_option(m, "progress bar", old=("--no-progress",))
     m.set_defaults(func=run_model)
 
+    s = bsub.add_parser("serve", help="`m2f serve` under load on loopback: throughput, p50 / p99 latency, batch "
+                        "sizes, with and without batching, on one and two replicas")
+    s.add_argument("--checkpoint", help="m2f / HF checkpoint folder (default: the shipped default model)")
+    s.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
+    s.add_argument("--requests", type=int, default=96, help="requests per setting (96)")
+    s.add_argument("--replicas", default="1,2", help="replica counts, comma-separated (1,2)")
+    s.add_argument("--max-batch", type=int, default=8, help="largest batch of the batching settings (8)")
+    s.add_argument("--batch-wait-ms", type=float, default=20.0, help="longest wait to fill a batch (20)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads per replica (1)")
+    s.add_argument("--out", default="bench/results", help="results directory (bench/results)")
+    s.set_defaults(func=run_serve)
+
     r = bsub.add_parser("report", help="regenerate README.md's performance table from bench/results/*.json")
     r.add_argument("--results", default="bench/results", help="directory of result JSON files")
     r.add_argument("--readme", default="README.md", help="file with the perf-table markers")
@@ -133,7 +145,6 @@ def parse_backends(text: str) -> list[str]:
 
 def parse_models(args: argparse.Namespace) -> list:
     """[(case name, Mask2FormerConfig)] from --config (a JSON file or inline JSON) or --models (preset names)."""
-    import json
     from pathlib import Path
 
     from m2f.config import Mask2FormerConfig, preset, preset_names
@@ -203,6 +214,53 @@ def run_model(args: argparse.Namespace) -> int:
                              budget_s=args.budget_s, progress=not args.quiet, on_update=partial)
     paths = bench_model.write(result, out, env=env, settings=settings)
     print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import math
+    from pathlib import Path
+
+    from m2f.errors import BackendUnavailableError
+
+    replicas = parse_ints(args.replicas, "--replicas")
+    for name in ("clients", "requests", "threads"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_batch < 2:
+        raise InputError("--max-batch must be >= 2: the batching settings are compared with max batch 1")
+    if not math.isfinite(args.batch_wait_ms) or args.batch_wait_ms < 0:
+        raise InputError(f"--batch-wait-ms {args.batch_wait_ms} must be a finite number >= 0")
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise BackendUnavailableError("m2f bench serve needs Ray Serve; pip install 'm2f[serve]'") from None
+    from rich.console import Console
+
+    from m2f.assets import default_checkpoint_path, sample_images
+    from m2f.bench import serve as bench_serve
+    from m2f.bench.common import environment
+    from m2f.serve.app import ModelSpec, load_predictor
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the results directory {out} ({exc.strerror}); pass a writable --out") from None
+    spec = ModelSpec(checkpoint=args.checkpoint or str(default_checkpoint_path()), threads=args.threads)
+    model = load_predictor(spec).config.name  # a bad checkpoint is one line here, before Ray starts
+    bodies = [path.read_bytes() for path in sample_images()]
+    settings = [bench_serve.Setting(n, b) for n in replicas for b in (1, args.max_batch)]
+    rows = bench_serve.run(spec, settings, args.clients, args.requests, args.batch_wait_ms, bodies)
+    env = environment()
+    title = (f"m2f serve, {model} on {env['device']}: {args.clients} clients, {args.requests} requests, "
+             f"{args.threads} thread(s) per replica")
+    paths = bench_serve.write(rows, out, env, title=title, settings={
+        "model": model, "checkpoint": spec.checkpoint, "clients": args.clients, "requests": args.requests,
+        "replicas": replicas, "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
+        "threads": args.threads, "images": [p.name for p in sample_images()]})
+    Console(width=120).print(bench_serve.table(rows, title))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -3,7 +3,7 @@
     m2f export onnx --checkpoint CKPT --output m2f.onnx [--height 512 --width 512] [--dynamic] [--target tensorrt]
     m2f export check m2f.onnx [--report report.json]
     m2f export tensorrt --onnx m2f.onnx --output m2f.engine [--fp16] [--min-shape 1x3x512x512 ...]
-    m2f export triton-repo --model m2f.onnx --output model_repository [--max-batch 8]
+    m2f export triton-repo --model m2f.onnx --output model_repository [--max-batch 8] [--ensemble]
 
 Each stage writes its file atomically with a manifest beside it (``FILE.json``); nothing is overwritten without
 ``--force`` and a failed stage leaves no file behind.
@@ -125,6 +125,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--name", default=None, help="model name (default: the file's stem)")
     r.add_argument("--max-batch", type=_int, default=8, help="max_batch_size for dynamic-batch models")
     r.add_argument("--instances", type=_int, default=1, help="instance_group count")
+    r.add_argument("--instance-kind", choices=("cpu", "gpu"), default="gpu",
+                   help="where the model's instances run (cpu: ONNX Runtime on the CPU, not for a plan)")
+    r.add_argument("--ensemble", action="store_true",
+                   help="the whole repository: Python pre-processing (image bytes in), the model, Python "
+                        "post-processing (JSON segments out) and their ensemble NAME_ensemble")
+    r.add_argument("--task", choices=("panoptic", "instance", "semantic"), default=None,
+                   help="--ensemble: the segments' task (default: the model's)")
+    r.add_argument("--config", default=None, help="--ensemble: config JSON of a model without one in its manifest")
     r.add_argument("--force", action="store_true", help="overwrite an existing model directory")
     r.set_defaults(func=run_triton_repo)
 
@@ -240,10 +248,21 @@ def run_pipeline_cmd(args: argparse.Namespace) -> int:
 
 
 def run_triton_repo(args: argparse.Namespace) -> int:
+    from m2f.errors import InputError
     from m2f.export.triton_repo import write_triton_repo
 
+    if args.ensemble:
+        from m2f.export.triton_ensemble import write_triton_ensemble
+
+        target = write_triton_ensemble(args.model, args.output, name=args.name, max_batch=args.max_batch,
+                                       instance_count=args.instances, instance_kind=args.instance_kind,
+                                       task=args.task, config=args.config, force=args.force)
+        print(f"wrote the Triton repository {target}: {', '.join(sorted(p.name for p in target.iterdir()))}")
+        return 0
+    if args.task is not None or args.config is not None:
+        raise InputError("--task and --config describe the ensemble's post-processing; add --ensemble")
     target = write_triton_repo(args.model, args.output, name=args.name, max_batch=args.max_batch,
-                               instance_count=args.instances, force=args.force)
+                               instance_count=args.instances, force=args.force, instance_kind=args.instance_kind)
     print(f"wrote {target}/config.pbtxt and {target}/1/")
     return 0
 

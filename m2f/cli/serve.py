@@ -17,11 +17,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--checkpoint", help="m2f / HF checkpoint folder (default: the shipped default model)")
     source.add_argument("--onnx", help="an `m2f export` ONNX graph (run by onnxruntime)")
     source.add_argument("--engine", help="a TensorRT engine (needs tensorrt and a CUDA GPU)")
-    p.add_argument("--config", help="config JSON for an --onnx graph without its export manifest")
+    p.add_argument("--config", help="config JSON for an --onnx graph or --engine without its export manifest")
     p.add_argument("--task", choices=("panoptic", "instance", "semantic"), help="default: the model's")
     p.add_argument("--replicas", type=int, default=1, help="model replicas, one model each (1)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch of concurrent requests (8)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="longest wait to fill a batch (10)")
+    p.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPUs each replica reserves in Ray (default: 1 for --engine, else 0; 0.5 puts two on one)")
     p.add_argument("--threads", type=int, help="CPU threads per replica (default: the runtime's choice)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
@@ -43,6 +45,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--port {args.port} is not a TCP port (1..65535)")
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads must be >= 1")
+    if args.gpus_per_replica is not None and not (math.isfinite(args.gpus_per_replica) and args.gpus_per_replica >= 0):
+        raise InputError(f"--gpus-per-replica {args.gpus_per_replica} must be a finite number >= 0")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(spec, args.replicas, args.max_batch, args.batch_wait_ms, args.task), route_prefix="/")
+        serve.run(build_app(spec, args.replicas, args.max_batch, args.batch_wait_ms, args.task,
+                            args.gpus_per_replica), route_prefix="/")
         print(f"serving on http://{args.host}:{args.port} (POST /predict, GET /health, GET /metadata); "
               "Ctrl-C stops", flush=True)
         stop.wait()

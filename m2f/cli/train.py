@@ -5,7 +5,6 @@ Several GPUs: ``torchrun --nproc_per_node G -m m2f train ...`` (one process per 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 

@@ -17,7 +17,6 @@ Contiguous class ids follow the dataset's category ids in ascending order (as de
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence

@@ -17,24 +17,24 @@ from .request import BadRequest, check_declared_length, check_raw_type, decode_i
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a replica loads: exactly one of checkpoint / onnx (engines: see load_predictor)."""
+    """What a replica loads: exactly one of checkpoint / onnx / engine (a TensorRT engine)."""
 
     checkpoint: str | None = None
     onnx: str | None = None
     engine: str | None = None
-    config: str | None = None  # config JSON for an ONNX graph without a manifest
+    config: str | None = None  # config JSON for an ONNX graph / engine without a manifest
     device: str = "cpu"
     threads: int | None = None
 
 
 def load_predictor(spec: ModelSpec):
     """An m2f.evaluation Predictor for ``spec`` (the same network call `m2f eval` makes)."""
-    from m2f.errors import BackendUnavailableError
     from m2f.evaluation.evaluate import OnnxPredictor, TorchPredictor
 
     if spec.engine is not None:
-        raise BackendUnavailableError(f"--engine {spec.engine}: serving TensorRT engines needs the tensorrt "
-                                      "runner on a CUDA GPU, not available here; serve --onnx or --checkpoint")
+        from .engine import EnginePredictor
+
+        return EnginePredictor(spec.engine, spec.config)
     if spec.onnx is not None:
         from pathlib import Path
 
@@ -49,6 +49,30 @@ def load_predictor(spec: ModelSpec):
         torch.set_num_threads(spec.threads)
     model = m2f.from_pretrained(spec.checkpoint, device=spec.device)
     return TorchPredictor(model, model.config, name=spec.checkpoint, device=spec.device)
+
+
+def run_network(predictor, pixel_values):
+    """(the network's input, pred_logits, pred_masks) for a batch of any size, on a predictor that may take one
+    input size only (padded up to it) and one batch size (ONNX ``fixed_batch``: chunks padded with zero images) or
+    at most ``max_batch`` images (an engine's optimisation profile: chunks)."""
+    import torch
+
+    from m2f.evaluation.evaluate import _pad_to
+
+    if predictor.fixed_size is not None:
+        pixel_values = _pad_to(pixel_values, predictor.fixed_size)
+    fixed = getattr(predictor, "fixed_batch", None)
+    step = fixed or getattr(predictor, "max_batch", None) or len(pixel_values)
+    logits, masks = [], []
+    for start in range(0, len(pixel_values), step):
+        chunk = pixel_values[start:start + step]
+        count = len(chunk)
+        if fixed and count < fixed:
+            chunk = torch.cat([chunk, chunk.new_zeros((fixed - count, *chunk.shape[1:]))])
+        chunk_logits, chunk_masks = predictor(chunk)
+        logits.append(chunk_logits[:count])
+        masks.append(chunk_masks[:count])
+    return pixel_values, torch.cat(logits), torch.cat(masks)
 
 
 def _error(status: int, message: str):
@@ -73,22 +97,28 @@ class Segmenter:
         self.batch_sizes: Counter[int] = Counter()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def run_batch(self, images: list) -> list[list]:
-        """Images of one padded size at a time (the network takes one size per call); one result list each."""
-        from m2f.preprocess import padded_shape, preprocess
+    async def run_batch(self, images: list) -> list[tuple[Any, int]]:
+        """Images of one padded size at a time (the network takes one size per call), resized to the model's
+        test size as `m2f predict` does; (result, size of the batch it came in) each."""
+        from m2f.preprocess import padded_shape, preprocess, resized_shape
 
         from .encode import postprocess_batch
 
         self.batch_sizes[len(images)] += 1
+        shortest, max_size = self.config.test_size
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
-            groups.setdefault(padded_shape([image.shape[:2]], self.config.size_divisibility), []).append(i)
+            size = resized_shape(image.shape[0], image.shape[1], shortest, max_size)
+            groups.setdefault(padded_shape([size], self.config.size_divisibility), []).append(i)
         results: list[Any] = [None] * len(images)
         for indices in groups.values():
-            batch = preprocess([images[i] for i in indices], self.config)
-            logits, masks = self.predictor(batch.pixel_values)
-            for i, result in zip(indices, postprocess_batch(self.task, self.config, logits, masks, batch)):
-                results[i] = result
+            batch = preprocess([images[i] for i in indices], self.config, resize_shortest=shortest,
+                               max_size=max_size)
+            pixel_values, logits, masks = run_network(self.predictor, batch.pixel_values)
+            results_of_group = postprocess_batch(self.task, self.config, logits, masks, batch,
+                                                 tuple(pixel_values.shape[-2:]))
+            for i, result in zip(indices, results_of_group):
+                results[i] = (result, len(images))
         return results
 
     def metadata(self) -> dict:
@@ -115,12 +145,12 @@ class Segmenter:
             return _error(exc.status, str(exc))
         from .encode import overlay_png, segments_json
 
-        result = await self.run_batch(image)
+        result, batch_size = await self.run_batch(image)
         body = {"task": self.task, "height": int(image.shape[0]), "width": int(image.shape[1]),
                 "segments": segments_json(self.task, result, self.labels)}
         if request.query_params.get("overlay", "0").lower() in ("1", "true", "yes"):
             body["overlay_png"] = overlay_png(self.task, image, result, self.labels)
-        return JSONResponse(body)
+        return JSONResponse(body, headers={"X-Batch-Size": str(batch_size)})
 
     @staticmethod
     async def _upload(request) -> bytes:
@@ -147,7 +177,11 @@ class Segmenter:
 
 
 def build_app(spec: ModelSpec, replicas: int = 1, max_batch: int = 8, batch_wait_ms: float = 10.0,
-              task: str | None = None):
-    """The bound application ``serve.run`` starts (one model per replica, one CPU each)."""
-    return Segmenter.options(num_replicas=replicas, ray_actor_options={"num_cpus": 1}).bind(
+              task: str | None = None, gpus_per_replica: float | None = None):
+    """The bound application ``serve.run`` starts (one model per replica, one CPU each). An engine's replicas
+    ask for a GPU each by default: Ray hides every GPU from an actor that asks for none."""
+    if gpus_per_replica is None:
+        gpus_per_replica = 1.0 if spec.engine is not None else 0.0
+    options = {"num_cpus": 1, "num_gpus": gpus_per_replica}
+    return Segmenter.options(num_replicas=replicas, ray_actor_options=options).bind(
         asdict(spec), max_batch, batch_wait_ms, task)

@@ -49,9 +49,12 @@ def overlay_png(task: str, image: np.ndarray, result: Any, labels: DatasetLabels
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def postprocess_batch(task: str, config, logits, masks, batch) -> list[Any]:
-    """The official post-processing of a batch (the rules of `m2f predict`)."""
-    args = (logits, masks, batch.image_sizes, batch.original_sizes, tuple(batch.pixel_values.shape[-2:]))
+def postprocess_batch(task: str, config, logits, masks, batch, padded_size: tuple[int, int] | None = None
+                      ) -> list[Any]:
+    """The official post-processing of a batch (the rules of `m2f predict`); ``padded_size``: the network's
+    input size where it was padded beyond the batch's (a fixed-size graph)."""
+    args = (logits, masks, batch.image_sizes, batch.original_sizes,
+            padded_size or tuple(batch.pixel_values.shape[-2:]))
     thresholds = config.postprocess
     if task == "panoptic":
         return post.panoptic(*args, thing_classes=config.thing_classes,
