@@ -71,6 +71,7 @@ setup(
             # type-checks export/'s TensorRT modules against tensorrt-stubs; the stubs pin the tensorrt runtime
             # itself (not installable without a GPU stack), so `make install-test` adds them with --no-deps
             "mypy>=1.10",
+            "ruff>=0.5",  # tests/test_lint.py: pyflakes' rules over the tree
         ],
     },
     entry_points={"console_scripts": ["m2f=m2f.cli:main"]},
