@@ -58,6 +58,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_trt)
 
 
+@pytest.fixture(autouse=True)
+def _isolated_global_state(request: pytest.FixtureRequest):
+    """Each test starts from global RNGs seeded from the session seed (code that draws from torch's, NumPy's or
+    Python's global generator replays too) and leaves torch's thread count as it found it (commands run in-process
+    set it)."""
+    import random
+
+    import numpy as np
+
+    seed = utils.fresh_seed(request.node.nodeid + ":global")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> torch.Generator:
     """A generator seeded for this test from the session seed; put ``rng.seed_value`` in assertion messages."""

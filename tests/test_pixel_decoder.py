@@ -19,8 +19,6 @@ STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 SIZES = {"res2": (25, 37), "res3": (13, 19), "res4": (7, 10), "res5": (4, 5)}
 
 
-
-
 def perturb_(module: torch.nn.Module, gen: torch.Generator, scale: float = 0.1) -> None:
     """Add noise to every floating parameter and buffer so that no tensor stays at its init value
     (zero biases, unit norms, zero-initialised attention weights, BN statistics...)."""
@@ -79,8 +77,11 @@ def test_pixel_decoder_matches_transformers(rng):
     for mine, r32, r64 in pairs:
         assert torch.isfinite(mine).all()
         e32, e64 = rel_err(mine, r32), rel_err(mine, r64)
-        assert e32 <= 1e-5, f"vs HF float32: rel_err {e32:.3g} (seed {rng.seed_value})"
         assert e64 <= 1e-5, f"vs HF float64: rel_err {e64:.3g} (seed {rng.seed_value})"
+        # HF's own float32 forward once gave NaN on a fresh clone's full run (not reproduced with the same seed
+        # alone; ours was finite and matched float64): the float64 reference above is the check that decides
+        if torch.isfinite(r32).all():
+            assert e32 <= 1e-5, f"vs HF float32: rel_err {e32:.3g} (seed {rng.seed_value})"
 
 
 def test_pixel_decoder_parameter_names_are_official():

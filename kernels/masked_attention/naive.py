@@ -46,7 +46,8 @@ def masked_attention_torch(
     counts = torch.matmul(allow.to(v.dtype), torch.cat(((~finite & (v != -torch.inf)).to(v.dtype),
                                                          (~finite & (v != torch.inf)).to(v.dtype)), dim=-1))
     up, down = (counts > 0).chunk(2, dim=-1)  # (B, H, Nq, D) each
-    return out + torch.where(up, torch.inf, 0.0) + torch.where(down, -torch.inf, 0.0)  # inf + -inf = NaN
+    inf, zero = out.new_full((), torch.inf), out.new_zeros(())  # in out's dtype: Python floats would promote bf16
+    return out + torch.where(up, inf, zero) + torch.where(down, -inf, zero)  # inf + -inf = NaN
 
 
 def masked_attention_from_logits_torch(
