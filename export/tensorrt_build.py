@@ -198,7 +198,7 @@ def build_engine(
     retargeted = retarget_msda_nodes(model) if plugins == "m2f" else 0
     m2f_nodes = sum(1 for n in model.graph.node if n.domain == "m2f")
     if m2f_nodes:  # retargeted MSDA nodes and / or masked-attention plugin nodes
-        from .plugins import register_tensorrt_plugins
+        from .plugin_kernels import register_tensorrt_plugins
 
         register_tensorrt_plugins()
 
@@ -248,8 +248,8 @@ def build_engine(
         source=manifest.get("source"),
         precision=precision,
         plugins=plugins if retargeted else "none",
-        msda=manifest.get("msda"),
-        masked_attn=manifest.get("masked_attn", "standard"),
+        ops=manifest.ops,
+        target="tensorrt",
         m2f_plugin_nodes=m2f_nodes,
         profile={"min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)},
         max_batch=profile.max[0],

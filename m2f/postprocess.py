@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import PostProcessConfig
+from .config import Mask2FormerConfig, PostProcessConfig
 from .errors import InputError
 
 Size = tuple[int, int]
@@ -364,3 +364,31 @@ def _panoptic_one(
         if starts
     ]
     return PanopticResult(segmentation=segmentation, segments=segments)
+
+
+def postprocess_task(
+    task: str,
+    pred_logits: torch.Tensor,
+    pred_masks: torch.Tensor,
+    image_sizes: Sequence[Size],
+    original_sizes: Sequence[Size],
+    padded_size: Size,
+    config: Mask2FormerConfig,
+) -> list[SemanticResult] | list[InstanceResult] | list[PanopticResult]:
+    """``task``'s results for a batch, with the model's rules and thresholds from ``config``: the one dispatcher
+    of ``m2f predict``, ``m2f eval``, ``m2f bench model`` and the exported-model runners, whatever ran the network.
+
+    Official rules: semantic-only models infer before resizing to the original size; models trained for panoptic
+    report only thing classes as instances."""
+    args = (pred_logits, pred_masks, image_sizes, original_sizes, padded_size)
+    thresholds = config.postprocess
+    if task == "panoptic":
+        return panoptic(*args, thing_classes=config.thing_classes,
+                        object_mask_threshold=thresholds.object_mask_threshold,
+                        overlap_threshold=thresholds.overlap_threshold)
+    if task == "instance":
+        things = config.thing_classes if config.default_task == "panoptic" else None
+        return instance(*args, topk=thresholds.instance_topk, thing_classes=things)
+    if task == "semantic":
+        return semantic(*args, postprocess_before_inference=config.default_task != "semantic")
+    raise InputError(f"task must be semantic, instance or panoptic, got {task!r}")

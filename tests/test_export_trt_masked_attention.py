@@ -16,9 +16,9 @@ import torch
 
 from m2f.errors import InputError
 from m2f.export.plugins import (
+    MASKED_ATTN,
     M2F_MASKED_ATTENTION,
     MASKED_ATTENTION_INPUTS,
-    masked_attention_launch,
     masked_attention_output_shape,
 )
 from m2f.kernels.masked_attention.naive import masked_attention_from_logits_torch
@@ -110,10 +110,10 @@ def test_plugin_launcher_rejects_wrong_layout():
 
 @pytest.mark.parametrize("target", ["sm_90", "sm_87"])
 def test_plugin_kernel_compiles_to_ptx_without_spills(target):
-    from m2f.export.plugins import compile_masked_attention_plugin_kernel
+    from m2f.export.plugin_kernels import compile_plugin_kernel
 
     for dtype in ("float32", "float16", "bfloat16"):
-        kernel = compile_masked_attention_plugin_kernel(target, dtype, head_dim=32)
+        kernel = compile_plugin_kernel(MASKED_ATTN, target, dtype, head_dim=32)
         print(f"{dtype:8s} {kernel.summary()}")
         entry = re.search(r"\.entry\s+(\w+)\((.*?)\)", kernel.ptx, re.S)
         assert entry is not None and entry.group(1) == kernel.name == "masked_attention_plugin_kernel"
@@ -136,10 +136,16 @@ def test_masked_attention_shape_rules_and_launch():
                        ((kv, kv, mask[:2]), "ranks")]:
         with pytest.raises(ValueError, match=match):
             masked_attention_output_shape(q, *bad)
-    launch = masked_attention_launch(q, kv, block_q=32, num_warps=4)
-    assert launch.grid == (16, 4, 1) and launch.block == 128 and launch.scalars == (100, 1024, 8)
+    from m2f.export.plugin_kernels import aot_launch
+    from m2f.kernels.masked_attention.plugin_kernel import plugin_tile
+
+    launch = aot_launch(MASKED_ATTN, [q, kv, kv, mask], ["float32"] * 4)
+    tile = plugin_tile("float32")
+    assert launch.grid == (16, -(-100 // tile.block_q), 1) and launch.block == 32 * tile.num_warps
+    assert launch.scalars == (100, 1024, 8) and launch.kernel.num_stages == tile.num_stages
     assert M2F_MASKED_ATTENTION.attributes == {"plugin_namespace": "m2f", "aot": 1}
-    assert (M2F_MASKED_ATTENTION.op_type, M2F_MASKED_ATTENTION.domain) == ("masked_attention", "m2f")
+    # not "masked_attention": that is the torch op of a bool mask in (B, H, N, D)
+    assert (M2F_MASKED_ATTENTION.op_type, M2F_MASKED_ATTENTION.domain) == ("masked_attention_logits", "m2f")
     assert MASKED_ATTENTION_INPUTS == ("q", "k", "v", "mask_logits")
 
 
@@ -150,7 +156,7 @@ def _masked_graph(attributes: dict | None = None, mask_dtype=TensorProto.FLOAT, 
               helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 24, 4, 8]),
               helper.make_tensor_value_info("mask_logits", mask_dtype, [1, 6, 24])]
     attrs = M2F_MASKED_ATTENTION.attributes if attributes is None else attributes
-    node = helper.make_node("masked_attention", ["q", "k", "v", "mask_logits"], ["out"], name="ma", domain="m2f",
+    node = helper.make_node(M2F_MASKED_ATTENTION.op_type, ["q", "k", "v", "mask_logits"], ["out"], name="ma", domain="m2f",
                             **attrs)
     graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("m2f", 1)])
@@ -224,9 +230,9 @@ def test_tensorrt_target_graph_has_one_plugin_node_per_attention_call(tensorrt_t
 
     path, seed = tensorrt_target_export
     manifest = json.loads(path.with_name(path.name + ".json").read_text())
-    assert (manifest["msda"], manifest["masked_attn"]) == ("plugin", "plugin")
-    assert manifest["masked_attention_nodes"] == manifest["expected_masked_attention_nodes"] == 4
-    assert manifest["plugin_nodes"] == manifest["expected_plugin_nodes"] == 2
+    assert manifest["target"] == "tensorrt"
+    assert manifest["ops"] == {"msda": {"mode": "plugin", "nodes": 2, "expected_nodes": 2},  # one per encoder layer
+                               "masked_attn": {"mode": "plugin", "nodes": 4, "expected_nodes": 4}}  # decoder layer
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     msda = [n for n in proto.graph.node if n.op_type == TRT_MSDA.op_type]
@@ -268,12 +274,13 @@ def test_check_report_lists_both_plugin_kinds(tensorrt_target_export, tmp_path):
 
     path, _ = tensorrt_target_export
     report = check_onnx(path, report=tmp_path / "report.json")
-    assert report["verdict"] == "pass", report["reasons"]
-    assert report["masked_attention_plugins"]["count"] == 4 and report["masked_attention_plugins"]["problems"] == []
-    assert report["plugins"]["count"] == 2 and report["plugins"]["problems"] == []
-    assert report["tensorrt"]["plugin_ops"] == {"m2f::masked_attention": 4,
-                                                "trt.plugins::MultiscaleDeformableAttnPlugin_TRT": 2}
-    assert "m2f::masked_attention" in report["parity"]["skipped"] and report["manifest"]["masked_attn"] == "plugin"
+    assert report.verdict == "pass", report.reasons
+    assert report.plugins["masked_attn"]["count"] == 4 and report.plugins["masked_attn"]["problems"] == []
+    assert report.plugins["msda"]["count"] == 2 and report.plugins["msda"]["problems"] == []
+    assert report.targets["tensorrt"]["plugin_ops"] == {"m2f::masked_attention_logits": 4,
+                                                       "trt.plugins::MultiscaleDeformableAttnPlugin_TRT": 2}
+    assert "m2f::masked_attention_logits" in report.parity["skipped"]
+    assert report.manifest["ops"]["masked_attn"]["mode"] == "plugin" and report.target == "tensorrt"
     assert json.loads((tmp_path / "report.json").read_text())["verdict"] == "pass"
 
 
@@ -304,7 +311,7 @@ def _reference_function() -> onnx.FunctionProto:
         helper.make_node("MatMul", ["p", "vt"], ["o"]),  # (B, H, Nq, D)
         helper.make_node("Transpose", ["o"], ["output"], perm=[0, 2, 1, 3]),  # (B, Nq, H, D)
     ]
-    return helper.make_function("m2f", "masked_attention", list(MASKED_ATTENTION_INPUTS), ["output"], nodes,
+    return helper.make_function("m2f", M2F_MASKED_ATTENTION.op_type, list(MASKED_ATTENTION_INPUTS), ["output"], nodes,
                                 [helper.make_opsetid("", 18)], attributes=["plugin_namespace", "aot"])
 
 
@@ -322,9 +329,9 @@ def test_plugin_graph_computes_the_model_in_onnxruntime(tiny_checkpoint, tmp_pat
     model = m2f.from_pretrained(str(ckpt), backend="torch", device="cpu").eval()
     path = tmp_path / "masked_plugin.onnx"
     result = to_onnx(model, path, height=HEIGHT, width=WIDTH, msda="decomposed", masked_attn="plugin")
-    assert result.manifest["masked_attention_nodes"] == 4 and result.manifest["msda"] == "decomposed"
+    assert result.manifest.ops["masked_attn"].nodes == 4 and result.manifest.op_mode("msda") == "decomposed"
     proto = onnx.load(str(path))
-    assert sum(n.op_type == "masked_attention" for n in proto.graph.node) == 4
+    assert sum(n.op_type == M2F_MASKED_ATTENTION.op_type for n in proto.graph.node) == 4
     proto.functions.append(_reference_function())
     with_reference = tmp_path / "with_reference.onnx"
     onnx.save(proto, with_reference)
@@ -378,7 +385,7 @@ def test_tensorrt_engine_with_masked_attention_plugin(tiny_checkpoint, precision
     engine = build_engine(plugin, tmp_path / "p.engine", precision=precision, min_shape=(1, 3, 64, 64),
                           opt_shape=(1, 3, HEIGHT, WIDTH), max_shape=(2, 3, 128, 128))
     manifest = json.loads(Path(str(engine) + ".json").read_text())
-    assert manifest["masked_attn"] == "plugin" and manifest["m2f_plugin_nodes"] == 6
+    assert manifest["ops"]["masked_attn"]["mode"] == "plugin" and manifest["m2f_plugin_nodes"] == 6
     session = ort.InferenceSession(str(standard), providers=["CPUExecutionProvider"])
     with TensorRTRunner(engine) as runner:
         for shape in ((1, 3, HEIGHT, WIDTH), (2, 3, 128, 96)):

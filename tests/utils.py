@@ -73,13 +73,14 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 
 
-def full_manifest(kind: str = "onnx", batch: int = 1, height: int = 64, width: int = 64, **fields) -> dict:
+def full_manifest(kind: str = "onnx", batch: int = 1, height: int = 64, width: int = 64, **fields):
     """An export manifest with every field its readers check (as `m2f export` writes it), ``fields`` overriding;
     ``write_manifest`` adds the model's checksum."""
     from m2f.export.manifest import new_manifest
 
     per_kind = {
-        "onnx": {"opset": 18, "dtype": "float32", "msda": "decomposed", "masked_attn": "standard", "postprocess": "none"},
+        "onnx": {"opset": 18, "ops": {"msda": {"mode": "decomposed", "nodes": 0, "expected_nodes": None},
+                                      "masked_attn": {"mode": "standard", "nodes": 0, "expected_nodes": None}}},
         "tensorrt": {"max_batch": batch, "precision": "fp16", "plugins": "none"},
     }[kind]
     defaults = {

@@ -307,19 +307,8 @@ def predict_entries(
                                names=[f"image {e.path}" for e in batch_entries])
             with torch.inference_mode():
                 outputs = model(batch.pixel_values)
-                args = (outputs.pred_logits, outputs.pred_masks, batch.image_sizes, batch.original_sizes,
-                        batch.padded_size)
-                if task == "panoptic":
-                    results = post.panoptic(*args, thing_classes=config.thing_classes,
-                                            object_mask_threshold=thresholds.object_mask_threshold,
-                                            overlap_threshold=thresholds.overlap_threshold)
-                elif task == "instance":
-                    # official rule: models trained for panoptic report only thing classes as instances
-                    things = config.thing_classes if config.default_task == "panoptic" else None
-                    results = post.instance(*args, topk=thresholds.instance_topk, thing_classes=things)
-                else:
-                    # official rule: semantic-only models infer before resizing to the original size
-                    results = post.semantic(*args, postprocess_before_inference=config.default_task != "semantic")
+                results = post.postprocess_task(task, outputs.pred_logits, outputs.pred_masks, batch.image_sizes,
+                                                batch.original_sizes, batch.padded_size, config)
 
             for entry, image, result in zip(batch_entries, images, results):
                 names = entry.outputs or output_names(entry.stem, task)
