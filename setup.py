@@ -44,6 +44,7 @@ setup(
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnxslim>=0.1.40"],
         "tensorrt": ["tensorrt>=10.7", "cuda-python>=12.6"],
+        "openvino": ["openvino>=2024.4"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -53,6 +54,7 @@ setup(
             "onnxruntime>=1.18",
             "onnxscript>=0.2",
             "onnxslim>=0.1.40",
+            "openvino>=2024.4",
         ],
     },
     entry_points={"console_scripts": ["m2f=m2f.cli:main"]},

@@ -538,6 +538,52 @@ def _measure(row: BenchRow, runner: Runner, x_cpu: torch.Tensor, ref, device, cf
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Exported models (``--onnx`` / ``--openvino`` / ``--engine``) against the PyTorch model they were exported from
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_exported(
+    model: torch.nn.Module,
+    runners: Sequence[Any],  # m2f.export.runner.Runner, each with raw outputs at one shared input size
+    case: str,
+    batch: int,
+    height: int,
+    width: int,
+    warmup_ms: float = 50.0,
+    rep_ms: float = 200.0,
+    seed: int | None = None,
+) -> ModelBenchResult:
+    """One run, one fresh input: PyTorch (``m2f-torch``, float32, CPU) and every runner, timed on the same input,
+    each with its rel_err and post-processing agreement against PyTorch."""
+    from m2f.export.runner import TorchRunner
+
+    seed = int.from_bytes(os.urandom(4), "little") % 2**31 if seed is None else seed
+    x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)).numpy()
+    result = ModelBenchResult(rows=[])
+    reference = None
+    for runner in (TorchRunner(model, name="m2f-torch"), *runners):
+        row = BenchRow(suite="model", case=case, backend=runner.name, dtype="float32", batch=batch, height=height,
+                       width=width, median_ms=None, p90_ms=None,  # type: ignore[arg-type]
+                       extra={"reference": "m2f-torch float32, same input", "seed": seed})
+        try:
+            out = runner.run(x)
+            logits, masks = torch.from_numpy(out["pred_logits"]).float(), torch.from_numpy(out["pred_masks"]).float()
+            if reference is None:
+                reference = (logits, masks)
+            row.rel_err = _finite(rel_err(logits, reference[0]))
+            row.extra["rel_err_masks"] = _finite(rel_err(masks, reference[1]))
+            row.extra.update(agreement(logits[0], masks[0], reference[0][0], reference[1][0],
+                                       model.config.thing_classes))
+            timing = time_fn(lambda: runner.run(x), warmup_ms=warmup_ms, rep_ms=rep_ms)
+            row.median_ms, row.p90_ms = timing.median_ms, timing.p90_ms
+            row.extra["images_per_s"] = batch / (timing.median_ms / 1e3)
+        except Exception as exc:  # noqa: BLE001 - recorded, the other runners still run
+            row.extra["error"] = f"{type(exc).__name__}: {_one_line(exc)}"
+        result.rows.append(row)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -293,9 +293,9 @@ def _check_artifact(path: Path, artifact: dict[str, Any], model_path: Path) -> N
         raise InputError(f"{path}: field 'artifact' must hold the model's size and sha256; re-export the model")
     if not model_path.exists():
         raise InputError(f"{model_path} not found beside its manifest {path}; re-export the model")
-    actual = artifact_stamp(model_path) if model_path.is_dir() else {"size": model_path.stat().st_size}
-    mismatch = f"{actual['size']} bytes, the manifest says {size}" if actual["size"] != size else None
-    if mismatch is None and actual.get("sha256", sha256_file(model_path)) != sha256:
+    actual = model_path.stat().st_size if model_path.is_file() else artifact_stamp(model_path)["size"]
+    mismatch = f"{actual} bytes, the manifest says {size}" if actual != size else None
+    if mismatch is None and artifact_stamp(model_path)["sha256"] != sha256:
         mismatch = "its sha256 differs from the manifest's"
     if mismatch is not None:
         raise InputError(f"{model_path} does not match its manifest {path} ({mismatch}): the model was replaced or "

@@ -73,6 +73,36 @@ class TorchRunner:
         self.close()
 
 
+class RunnerModel:
+    """A runner in the shape of an m2f model for ``m2f predict``: ``model(pixel_values)`` (a torch tensor) ->
+    outputs with ``pred_logits`` / ``pred_masks`` tensors, ``config`` the model config it was exported from."""
+
+    def __init__(self, runner: Runner, config: Any) -> None:
+        missing = sorted(set(RAW_OUTPUTS) - set(runner.output_names))
+        if missing:
+            raise InputError(f"{runner.name} has no {', '.join(missing)} output(s); export it with --postprocess none")
+        self.runner, self.config, self.fixed_size = runner, config, runner.fixed_size
+
+    def __call__(self, pixel_values: Any) -> Any:
+        from types import SimpleNamespace
+
+        import torch
+
+        out = self.runner.run(pixel_values.cpu().numpy())
+        return SimpleNamespace(**{name: torch.from_numpy(np.asarray(out[name])).float() for name in RAW_OUTPUTS})
+
+
+def pad_to(pixel_values: Any, size: tuple[int, int]) -> Any:
+    """Zero-pad a (B, 3, h, w) torch batch to a static model's (H, W) (bottom / right, as the batch padding)."""
+    import torch.nn.functional as F
+
+    h, w = pixel_values.shape[-2:]
+    if h > size[0] or w > size[1]:
+        raise InputError(f"an image padded to {h}x{w} does not fit the exported model's fixed input "
+                         f"{size[0]}x{size[1]}; export with --dynamic or a larger size")
+    return F.pad(pixel_values, (0, size[1] - w, 0, size[0] - h))
+
+
 def open_runner(path: str | Path, **options: Any) -> Runner:
     """The runner of an exported artifact (.onnx file, OpenVINO directory, TensorRT engine), by its target."""
     from .targets import for_artifact

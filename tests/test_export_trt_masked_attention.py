@@ -23,7 +23,7 @@ from m2f.export.plugins import (
 )
 from m2f.kernels.masked_attention.naive import masked_attention_from_logits_torch
 from m2f.kernels.masked_attention.plugin_kernel import masked_attention_plugin
-from tests.utils import fresh_seed, poisoned_like, rel_err
+from tests.utils import fresh_seed, poisoned_like, rel_err, tiny_model
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -163,14 +163,14 @@ def _masked_graph(attributes: dict | None = None, mask_dtype=TensorProto.FLOAT, 
 
 
 def test_masked_attention_node_checks():
-    from m2f.export.check import masked_attention_plugin_nodes
+    from m2f.export.check import plugin_nodes
 
-    info = masked_attention_plugin_nodes(_masked_graph())
+    info = plugin_nodes(MASKED_ATTN, _masked_graph())
     assert info["count"] == 1 and info["problems"] == [] and info["nodes"][0]["dtype"] == "FLOAT"
-    assert any("attributes" in p for p in masked_attention_plugin_nodes(_masked_graph({"aot": 1}))["problems"])
+    assert any("attributes" in p for p in plugin_nodes(MASKED_ATTN, _masked_graph({"aot": 1}))["problems"])
     assert any("one dtype" in p for p in
-               masked_attention_plugin_nodes(_masked_graph(mask_dtype=TensorProto.FLOAT16))["problems"])
-    assert any("rank 3, expected 4" in p for p in masked_attention_plugin_nodes(_masked_graph(q_rank=3))["problems"])
+               plugin_nodes(MASKED_ATTN, _masked_graph(mask_dtype=TensorProto.FLOAT16))["problems"])
+    assert any("rank 3, expected 4" in p for p in plugin_nodes(MASKED_ATTN, _masked_graph(q_rank=3))["problems"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,33 +181,13 @@ HEIGHT, WIDTH = 64, 96  # levels 1/32, 1/16, 1/8: 2x3, 4x6, 8x12 keys
 LEVEL_KEYS = (6, 24, 96)
 
 
-def _tiny_model(seed: int) -> torch.nn.Module:
-    import m2f
-    from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
-
-    torch.manual_seed(seed)
-    config = Mask2FormerConfig(
-        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=(16, 32, 32, 64)),
-        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=2, num_heads=4, ffn_dim=64),
-        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=7, num_heads=4, ffn_dim=64,
-                                                     num_layers=4),
-        num_classes=3,
-    )
-    model = m2f.build_model(config, backend="torch").eval()
-    with torch.no_grad():  # off the init values (zero biases would hide layout mistakes); some empty masks
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        model.transformer_decoder.mask_embed.layers[-1].bias[0] -= 2.0
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     import m2f
 
     seed = fresh_seed("tiny_checkpoint")
     path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    m2f.save_pretrained(_tiny_model(seed), path)
+    m2f.save_pretrained(tiny_model(seed), path)
     return path, seed
 
 
@@ -349,10 +329,11 @@ def test_plugin_graph_computes_the_model_in_onnxruntime(tiny_checkpoint, tmp_pat
 
 def test_cli_masked_attn_flag(tmp_path, capsys):
     from m2f.cli import main
-    from m2f.cli.export import MASKED_ATTN_DEFAULT_FOR_TARGET
+    from m2f.export import targets
     from m2f.export.onnx_export import validate_export_args
 
-    assert MASKED_ATTN_DEFAULT_FOR_TARGET == {"onnxruntime": "standard", "tensorrt": "plugin"}
+    assert {t.name: t.op_modes["masked_attn"] for t in targets.all_targets()} == {
+        "onnxruntime": "standard", "tensorrt": "plugin", "openvino": "standard"}
     code = main(["export", "onnx", "--checkpoint", str(tmp_path / "c"), "--output", str(tmp_path / "m.onnx"),
                  "--masked-attn", "fused"])
     err = capsys.readouterr().err
@@ -360,8 +341,10 @@ def test_cli_masked_attn_flag(tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("m2f: error: ") and "--masked-attn" in lines[0], err
     assert "standard, plugin" in lines[0] and list(tmp_path.iterdir()) == []
     with pytest.raises(InputError, match="--masked-attn"):
-        validate_export_args(64, 64, 1, 18, "decomposed", "none", masked_attn="Plugin")
-    validate_export_args(64, 64, 1, 18, "decomposed", "none", masked_attn="plugin")
+        validate_export_args(64, 64, 1, 18, "none", masked_attn="Plugin")
+    assert validate_export_args(64, 64, 1, 18, "none", masked_attn="plugin") == {"msda": "decomposed",
+                                                                                 "masked_attn": "plugin"}
+    assert validate_export_args(64, 64, 1, 18, "none", "tensorrt") == {"msda": "plugin", "masked_attn": "plugin"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,7 +382,7 @@ def test_tensorrt_engine_with_masked_attention_plugin(tiny_checkpoint, precision
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_registration_without_tensorrt_is_a_clear_error():
     from m2f.errors import BackendUnavailableError
-    from m2f.export.plugins import register_tensorrt_plugins
+    from m2f.export.plugin_kernels import register_tensorrt_plugins
 
     with pytest.raises(BackendUnavailableError, match="TensorRT"):
         register_tensorrt_plugins()

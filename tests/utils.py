@@ -90,3 +90,24 @@ def full_manifest(kind: str = "onnx", batch: int = 1, height: int = 64, width: i
         **per_kind,
     }
     return new_manifest(kind, batch=batch, height=height, width=width, **{**defaults, **fields})
+
+def tiny_model(seed: int) -> torch.nn.Module:
+    """A small ResNet Mask2Former (2 encoder layers, 4 decoder layers, 7 queries, 3 classes) with weights moved
+    off their init values (zero biases would hide layout mistakes) and some empty masks."""
+    import m2f
+    from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
+
+    torch.manual_seed(seed)
+    config = Mask2FormerConfig(
+        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=(16, 32, 32, 64)),
+        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=2, num_heads=4, ffn_dim=64),
+        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=7, num_heads=4, ffn_dim=64,
+                                                     num_layers=4),
+        num_classes=3,
+    )
+    model = m2f.build_model(config, backend="torch").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.transformer_decoder.mask_embed.layers[-1].bias[0] -= 2.0
+    return model

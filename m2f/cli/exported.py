@@ -9,21 +9,22 @@ from pathlib import Path
 from typing import Any
 
 
-def _targets() -> Any:
+def exported_targets() -> Any:
+    """The export targets (each gives one option)."""
     from m2f.export.targets import all_targets
 
     return all_targets()
 
 
 def add_exported_model_options(group: Any, prefix: str = "", what: str = "run it instead of a checkpoint") -> None:
-    for target in _targets():
+    for target in exported_targets():
         group.add_argument(f"--{prefix}{target.flag}", metavar=target.flag_metavar, default=None,
                            help=f"a model exported for {target.name} (`m2f export`): {what}")
 
 
 def exported_model(args: argparse.Namespace, prefix: str = "") -> str | None:
     """The exported model the arguments name (the flags are mutually exclusive), or None."""
-    for target in _targets():
+    for target in exported_targets():
         value = getattr(args, f"{prefix}{target.flag}".replace("-", "_"), None)
         if value:
             return value

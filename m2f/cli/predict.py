@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from m2f.cli.exported import add_exported_model_options, exported_model
 from m2f.config import TASKS
 from m2f.errors import BackendUnavailableError, CheckpointError, InputError, M2FError
 
@@ -40,8 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Segment images with a checkpoint; write overlays and COCO-format predictions.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="m2f / Hugging Face directory or an official checkpoint file (default: the shipped model)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="m2f / Hugging Face directory or an official checkpoint file (default: the shipped model)")
+    add_exported_model_options(source)
     p.add_argument("--preset", metavar="NAME", default=None,
                    help="architecture preset for checkpoints without a config (see `m2f presets`)")
     p.add_argument("--task", choices=TASKS, default=None, help="default: the model's own task")
@@ -217,8 +220,16 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     _validate_arguments(args)
     entries = _load_entries(args.images)
-    device = _resolve_device(args.device)
-    model = _load_model(args, device)
+    exported = exported_model(args)
+    if exported:  # an exported model runs in its own runtime, fed from the host
+        from m2f.cli.exported import exported_config
+        from m2f.export.runner import RunnerModel, open_runner
+
+        device = "cpu"
+        model = RunnerModel(open_runner(exported), exported_config(exported))
+    else:
+        device = _resolve_device(args.device)
+        model = _load_model(args, device)
     config = model.config
     task = args.task or config.default_task
     resize_shortest, max_size = effective_resize(config.test_size, args.resize_shortest, args.max_size, args.no_resize)
@@ -238,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
                     resize_shortest=resize_shortest, max_size=max_size, min_score=args.min_score,
                     progress=not args.quiet)
     index = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(exported or args.checkpoint),
         "model": config.name,
         "task": task,
         "device": device,
@@ -305,10 +316,15 @@ def predict_entries(
                 images = [e.cached if e.cached is not None else load_image(e.path) for e in batch_entries]
             batch = preprocess(images, config, resize_shortest=resize_shortest, max_size=max_size, device=device,
                                names=[f"image {e.path}" for e in batch_entries])
+            pixel_values = batch.pixel_values
+            if getattr(model, "fixed_size", None) is not None:  # an exported model of one input size
+                from m2f.export.runner import pad_to
+
+                pixel_values = pad_to(pixel_values, model.fixed_size)
             with torch.inference_mode():
-                outputs = model(batch.pixel_values)
+                outputs = model(pixel_values)
                 results = post.postprocess_task(task, outputs.pred_logits, outputs.pred_masks, batch.image_sizes,
-                                                batch.original_sizes, batch.padded_size, config)
+                                                batch.original_sizes, tuple(pixel_values.shape[-2:]), config)
 
             for entry, image, result in zip(batch_entries, images, results):
                 names = entry.outputs or output_names(entry.stem, task)

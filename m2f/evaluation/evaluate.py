@@ -76,14 +76,6 @@ class Prediction:
     instances: list[tuple[np.ndarray, int, float]] | None = None  # (mask, dataset category id, score)
 
 
-def _pad_to(pixel_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    h, w = pixel_values.shape[-2:]
-    if h > size[0] or w > size[1]:
-        raise InputError(f"an image padded to {h}x{w} does not fit the exported model's fixed input "
-                         f"{size[0]}x{size[1]}; export with --dynamic or a larger size")
-    return torch.nn.functional.pad(pixel_values, (0, size[1] - w, 0, size[0] - h))
-
-
 def predict(predictor: Predictor, image: np.ndarray, task: str, resize_shortest: int | None = None,
             max_size: int | None = None) -> Prediction:
     from m2f import postprocess as post
@@ -93,7 +85,9 @@ def predict(predictor: Predictor, image: np.ndarray, task: str, resize_shortest:
     batch = preprocess([image], cfg, resize_shortest=resize_shortest, max_size=max_size)
     pixel_values = batch.pixel_values
     if predictor.fixed_size is not None:
-        pixel_values = _pad_to(pixel_values, predictor.fixed_size)
+        from m2f.export.runner import pad_to
+
+        pixel_values = pad_to(pixel_values, predictor.fixed_size)
     logits, masks = predictor(pixel_values)
     result = post.postprocess_task(task, logits, masks, batch.image_sizes, batch.original_sizes,
                                    tuple(pixel_values.shape[-2:]), cfg)[0]
