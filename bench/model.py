@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from m2f.bench.common import BenchRow, bar_plot, environment, markdown_table, peak_memory_mb, time_fn, write_results
-from m2f.config import Mask2FormerConfig, ResNetConfig
+from m2f.backbones import backbone_spec
+from m2f.config import Mask2FormerConfig
 from m2f.errors import InputError
 from m2f.io import write_text_atomic
 
@@ -68,18 +69,7 @@ def hf_config_for(cfg: Mask2FormerConfig):
     from m2f.checkpoints.hf import config_from_hf
 
     bb, pd, td = cfg.backbone, cfg.pixel_decoder, cfg.transformer_decoder
-    if isinstance(bb, ResNetConfig):
-        backbone = transformers.ResNetConfig(
-            embedding_size=bb.stem_channels, hidden_sizes=list(bb.hidden_sizes), depths=list(bb.depths),
-            layer_type=bb.block, hidden_act="relu", downsample_in_first_stage=False,
-            downsample_in_bottleneck=bb.stride_in_1x1, out_features=HF_STAGES,
-        )
-    else:
-        backbone = transformers.SwinConfig(
-            image_size=bb.pretrain_img_size, patch_size=bb.patch_size, embed_dim=bb.embed_dim, depths=list(bb.depths),
-            num_heads=list(bb.num_heads), window_size=bb.window_size, mlp_ratio=bb.mlp_ratio, qkv_bias=bb.qkv_bias,
-            drop_path_rate=0.0, use_absolute_embeddings=bb.ape, out_features=HF_STAGES,
-        )
+    backbone = backbone_spec(bb).config_to_hf(bb, HF_STAGES)
     hf = transformers.Mask2FormerConfig(
         backbone_config=backbone, feature_size=pd.conv_dim, mask_feature_size=pd.mask_dim, hidden_dim=td.hidden_dim,
         encoder_layers=pd.num_encoder_layers, encoder_feedforward_dim=pd.ffn_dim, num_attention_heads=td.num_heads,
@@ -544,7 +534,7 @@ def _measure(row: BenchRow, runner: Runner, x_cpu: torch.Tensor, ref, device, cf
 
 def run_exported(
     model: torch.nn.Module,
-    runners: Sequence[Any],  # m2f.export.runner.Runner, each with raw outputs at one shared input size
+    runners: Sequence[tuple[str, Any]],  # (label, m2f.export.runner.Runner), raw outputs at one shared input size
     case: str,
     batch: int,
     height: int,
@@ -561,10 +551,10 @@ def run_exported(
     x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)).numpy()
     result = ModelBenchResult(rows=[])
     reference = None
-    for runner in (TorchRunner(model, name="m2f-torch"), *runners):
-        row = BenchRow(suite="model", case=case, backend=runner.name, dtype="float32", batch=batch, height=height,
+    for label, runner in (("m2f-torch", TorchRunner(model)), *runners):
+        row = BenchRow(suite="model", case=case, backend=label, dtype="float32", batch=batch, height=height,
                        width=width, median_ms=None, p90_ms=None,  # type: ignore[arg-type]
-                       extra={"reference": "m2f-torch float32, same input", "seed": seed})
+                       extra={"reference": "m2f-torch float32, same input", "seed": seed, "model": runner.name})
         try:
             out = runner.run(x)
             logits, masks = torch.from_numpy(out["pred_logits"]).float(), torch.from_numpy(out["pred_masks"]).float()

@@ -182,14 +182,15 @@ def _tracing_triton_op_on_cpu() -> Iterator[None]:
 
 
 def validate_export_args(height: int, width: int, batch: int, opset: int, postprocess: str = "none",
-                         target: str = "onnxruntime", **modes: str | None) -> dict[str, str]:
+                         target: str = "onnxruntime", divisibility: int = 32, **modes: str | None) -> dict[str, str]:
     """Check the export options; returns every op's mode (those given in ``modes`` by op name, the target's
-    defaults for the rest)."""
+    defaults for the rest). ``divisibility``: the coarsest backbone stride (:func:`input_divisibility`)."""
     from . import targets
 
-    if height < 32 or width < 32 or height % 32 or width % 32:
-        raise InputError(f"height and width must be positive multiples of 32, got {height}x{width}; "
-                         f"e.g. {max(32, -(-height // 32) * 32)}x{max(32, -(-width // 32) * 32)}")
+    d = divisibility
+    if height < d or width < d or height % d or width % d:
+        raise InputError(f"height and width must be positive multiples of {d}, got {height}x{width}; "
+                         f"e.g. {max(d, -(-height // d) * d)}x{max(d, -(-width // d) * d)}")
     if batch < 1:
         raise InputError(f"--batch must be >= 1, got {batch}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -207,13 +208,21 @@ def validate_export_args(height: int, width: int, batch: int, opset: int, postpr
     return chosen
 
 
-def _dynamic_shapes(batch: int) -> dict[str, Any]:
+def input_divisibility(model: nn.Module) -> int:
+    """What input sides must be a multiple of: the coarsest stride of the model's backbone (32 for ResNet /
+    Swin), and at least the config's ``size_divisibility``."""
+    strides = getattr(getattr(model, "backbone", None), "out_strides", None) or {"res5": 32}
+    config = getattr(model, "config", None)
+    return max(max(strides.values()), getattr(config, "size_divisibility", 0) or 1)
+
+
+def _dynamic_shapes(divisibility: int) -> dict[str, Any]:
     from torch.export import Dim
 
     b = Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
-    h = Dim("height_32", min=2, max=MAX_DYNAMIC_SIDE // 32)
-    w = Dim("width_32", min=2, max=MAX_DYNAMIC_SIDE // 32)
-    return {"pixel_values": {0: b, 2: 32 * h, 3: 32 * w}}
+    h = Dim(f"height_{divisibility}", min=2, max=MAX_DYNAMIC_SIDE // divisibility)
+    w = Dim(f"width_{divisibility}", min=2, max=MAX_DYNAMIC_SIDE // divisibility)
+    return {"pixel_values": {0: b, 2: divisibility * h, 3: divisibility * w}}
 
 
 def _io_specs(path: Path) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
@@ -297,7 +306,9 @@ def to_onnx(
     folding, dead-code removal; most of the export time of a dynamic graph); ``simplify`` runs onnxslim after it.
     """
     start = time.perf_counter()
-    modes = validate_export_args(height, width, batch, opset, postprocess, target, msda=msda, masked_attn=masked_attn)
+    divisibility = input_divisibility(model)
+    modes = validate_export_args(height, width, batch, opset, postprocess, target, divisibility, msda=msda,
+                                 masked_attn=masked_attn)
     path = Path(path)
     check_can_write(path, force=force)  # a manifest without its model is stale: the new one replaces it
     config = getattr(model, "config", None)
@@ -325,7 +336,7 @@ def to_onnx(
             torch.onnx.export(
                 module, (example,), str(raw), dynamo=True, opset_version=opset,
                 input_names=["pixel_values"], output_names=list(module.output_names),
-                dynamic_shapes=_dynamic_shapes(batch) if dynamic else None,
+                dynamic_shapes=_dynamic_shapes(divisibility) if dynamic else None,
                 custom_translation_table=translation or None, external_data=False, verbose=False,
                 optimize=optimize,
             )
@@ -382,8 +393,8 @@ def to_onnx(
             source=source,
             notes=tuple(notes),
             details={"exporter": "torch.onnx.export(dynamo=True)", "optimized": optimize, "simplified": simplified,
-                     "dynamic_axes": {"pixel_values": {"0": "batch", "2": "height (32 x n)", "3": "width (32 x n)"}}
-                     if dynamic else {}},
+                     "dynamic_axes": {"pixel_values": {"0": "batch", "2": f"height ({divisibility} x n)",
+                                                       "3": f"width ({divisibility} x n)"}} if dynamic else {}},
         )
     manifest = write_manifest(path, manifest)  # after the model is committed: it records the model's sha256
     return ExportResult(path, manifest_path(path), manifest, time.perf_counter() - start, simplified, notes)

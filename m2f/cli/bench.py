@@ -160,6 +160,7 @@ def run_exported(args: argparse.Namespace, paths: list[str]) -> int:
     from m2f.export.manifest import read_manifest
     from m2f.export.onnx_export import load_checkpoint_model
     from m2f.export.runner import open_runner
+    from m2f.export.targets import for_artifact
 
     manifests = [read_manifest(p) for p in paths]
     shapes = {(m.batch, m.height, m.width) for m in manifests}
@@ -171,7 +172,7 @@ def run_exported(args: argparse.Namespace, paths: list[str]) -> int:
     if not source:
         raise InputError(f"{paths[0]} names no source checkpoint; pass --checkpoint")
     model = load_checkpoint_model(source, preset=(manifests[0].source or {}).get("preset"))
-    runners = [open_runner(p) for p in paths]
+    runners = [(for_artifact(p).name, open_runner(p)) for p in paths]
     result = bench_model.run_exported(model, runners, model.config.name or Path(source).name, batch, height, width,
                                       warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, seed=args.seed)
     out = Path(args.out)
