@@ -12,7 +12,7 @@ from PIL import Image
 from m2f.cli import main
 from m2f.errors import InputError
 from m2f.export.manifest import manifest_path, read_manifest
-from tests.utils import fresh_seed, tiny_model
+from tests.utils import save_tiny_checkpoint
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
@@ -35,22 +35,17 @@ def _one_line_error(code: int, err: str, *needles: str) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    import m2f
-
-    seed = fresh_seed("openvino_tiny_checkpoint")
-    path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    m2f.save_pretrained(tiny_model(seed), path)
-    return path, seed
+    return save_tiny_checkpoint(tmp_path_factory, "openvino_tiny_checkpoint")
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_checkpoint, tmp_path_factory):
-    """The tiny model as a static ONNX file and, converted from it, fp32 and fp16 OpenVINO directories."""
+    """The tiny model as a static ONNX file, and fp32 and fp16 OpenVINO directories converted from it."""
     from m2f.export.onnx_export import export_checkpoint
     from m2f.export.targets.openvino import build_openvino
 
-    ckpt, seed = tiny_checkpoint
     work = tmp_path_factory.mktemp("ov")
+    ckpt, seed = tiny_checkpoint
     onnx_path = export_checkpoint(ckpt, work / "tiny.onnx", height=HEIGHT, width=WIDTH, target="openvino").path
     fp32 = build_openvino(onnx_path, work / "tiny_ov")
     fp16 = build_openvino(onnx_path, work / "tiny_ov_fp16", precision="fp16")

@@ -23,7 +23,7 @@ from m2f.export.plugins import (
 )
 from m2f.kernels.masked_attention.naive import masked_attention_from_logits_torch
 from m2f.kernels.masked_attention.plugin_kernel import masked_attention_plugin
-from tests.utils import fresh_seed, poisoned_like, rel_err, tiny_model
+from tests.utils import poisoned_like, rel_err, save_tiny_checkpoint
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -183,12 +183,7 @@ LEVEL_KEYS = (6, 24, 96)
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    import m2f
-
-    seed = fresh_seed("tiny_checkpoint")
-    path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    m2f.save_pretrained(tiny_model(seed), path)
-    return path, seed
+    return save_tiny_checkpoint(tmp_path_factory, "tiny_checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +230,7 @@ def test_tensorrt_target_graph_has_one_plugin_node_per_attention_call(tensorrt_t
     code = main(["export", "check", str(path)])
     printed = capsys.readouterr().out
     assert code == 0 and "2 MultiscaleDeformableAttnPlugin_TRT nodes" in printed and \
-        "4 masked_attention nodes" in printed, printed
+        "4 masked_attention_logits nodes" in printed, printed
 
 
 def _static_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, list[int]]]:
@@ -304,6 +299,7 @@ def test_plugin_graph_computes_the_model_in_onnxruntime(tiny_checkpoint, tmp_pat
     from m2f.export import to_onnx
     from m2f.export.check import CheckSize, run_parity
     from m2f.export.onnx_export import OnnxExportModule
+    from m2f.export.targets.onnxruntime import OnnxRuntimeRunner
 
     ckpt, seed = tiny_checkpoint
     model = m2f.from_pretrained(str(ckpt), backend="torch", device="cpu").eval()
@@ -316,7 +312,8 @@ def test_plugin_graph_computes_the_model_in_onnxruntime(tiny_checkpoint, tmp_pat
     with_reference = tmp_path / "with_reference.onnx"
     onnx.save(proto, with_reference)
     module = OnnxExportModule(model).eval()
-    runs = run_parity(with_reference, module, [CheckSize(1, HEIGHT, WIDTH)], ["pred_logits", "pred_masks"])
+    runs = run_parity(OnnxRuntimeRunner(with_reference), module, [CheckSize(1, HEIGHT, WIDTH)],
+                      ["pred_logits", "pred_masks"])
     for name, entry in runs[0]["outputs"].items():
         print(f"{name}: rel_err {entry['rel_err']:.2e} (unstable draws skipped: {runs[0]['unstable_draws_skipped']})")
         assert entry["finite"] and entry["rel_err"] <= 1e-4, (name, entry, f"model seed {seed}", runs[0]["seed"])

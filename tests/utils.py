@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -111,3 +112,13 @@ def tiny_model(seed: int) -> torch.nn.Module:
             p.add_(torch.randn_like(p) * 0.05)
         model.transformer_decoder.mask_embed.layers[-1].bias[0] -= 2.0
     return model
+
+
+def save_tiny_checkpoint(tmp_path_factory, key: str) -> tuple[Path, int]:
+    """:func:`tiny_model` saved as an m2f checkpoint directory; (its path, the seed), the seed drawn for ``key``."""
+    import m2f
+
+    seed = fresh_seed(key)
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    m2f.save_pretrained(tiny_model(seed), path)
+    return path, seed

@@ -77,6 +77,16 @@ class Target:
         }
 
 
+def check_precision(precision: str, choices: tuple[str, ...], calib_dir: Any, calibrator: str) -> None:
+    """One line for a precision a target does not build, int8 without calibration images, a bad --calib."""
+    if precision not in choices:
+        raise InputError(f"--precision must be one of {', '.join(choices)}, got {precision!r}")
+    if precision == "int8" and calib_dir is None:
+        raise InputError(f"--precision int8 needs --calib DIR: a folder of representative images for {calibrator}")
+    if calib_dir is not None and not Path(calib_dir).is_dir():
+        raise InputError(f"--calib {calib_dir} is not a directory of images")
+
+
 _REGISTRY: dict[str, Target] = {}
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from m2f.errors import BackendUnavailableError, InputError
 
-from . import Target, register
+from . import Target, check_precision, register
 
 PRECISIONS = ("fp32", "fp16", "int8")
 XML, BIN = "model.xml", "model.bin"
@@ -50,12 +50,7 @@ def build_openvino(onnx_path: str | Path, output: str | Path, precision: str = "
     from ..plugins import PLUGINS
 
     onnx_path, output = Path(onnx_path), Path(output)
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "int8" and calib_dir is None:
-        raise InputError("--precision int8 needs --calib DIR: a folder of representative images for NNCF's calibration")
-    if calib_dir is not None and not Path(calib_dir).is_dir():
-        raise InputError(f"--calib {calib_dir} is not a directory of images")
+    check_precision(precision, PRECISIONS, calib_dir, "NNCF's calibration")
     if not onnx_path.is_file():
         raise InputError(f"ONNX file {onnx_path} not found; export one with `m2f export onnx`")
     check_can_write(output, force=force, directory=True)
@@ -133,15 +128,13 @@ class OpenVINORunner:
 
 
 def _add_cli(p: argparse.ArgumentParser) -> None:
+    from m2f.cli.export import add_export_size_options
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint to export (through a decomposed ONNX graph)")
     src.add_argument("--onnx", help="ONNX file written by `m2f export onnx` (standard ops)")
     p.add_argument("--output", required=True, help="OpenVINO model directory to write")
-    p.add_argument("--preset", default=None, help="architecture preset when the checkpoint has no config")
-    p.add_argument("--height", type=int, default=512, help="input height, a multiple of 32 (512)")
-    p.add_argument("--width", type=int, default=512, help="input width, a multiple of 32 (512)")
-    p.add_argument("--batch", type=int, default=1, help="batch size of the export (1)")
-    p.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
+    add_export_size_options(p)
     p.add_argument("--precision", default="fp32", help="fp32 (default), fp16 (float16 weights) or int8 (NNCF)")
     p.add_argument("--calib", default=None, help="folder of calibration images for --precision int8")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
@@ -152,8 +145,7 @@ def _run_cli(args: argparse.Namespace) -> Path:
 
     from m2f.io import check_can_write
 
-    if args.precision not in PRECISIONS:
-        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
+    check_precision(args.precision, PRECISIONS, args.calib, "NNCF's calibration")
     check_can_write(args.output, force=args.force, directory=True)
     import_openvino()  # fail before a long export
     if args.onnx:

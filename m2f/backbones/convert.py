@@ -124,14 +124,19 @@ _HF_SWIN_NAMES = {
 }
 
 
+def _check_stages_channels_activation(bc: dict, defaults: dict, model_type: str, activation: str, origin: str) -> None:
+    """What every HF backbone must have for m2f: the four stages out, RGB input, the one activation we build."""
+    _check_out_features(bc, model_type)
+    if _option(bc, defaults, "num_channels") != 3:
+        raise _reject(model_type, "num_channels", bc["num_channels"], "m2f takes RGB images (3 channels)")
+    act = _option(bc, defaults, "hidden_act")
+    if act != activation:
+        raise _reject(model_type, "hidden_act", act, f"only {activation!r} is implemented ({origin})")
+
+
 def resnet_config_from_hf(bc: dict) -> ResNetConfig:
     d = _HF_RESNET_DEFAULTS
-    _check_out_features(bc, "resnet")
-    if _option(bc, d, "num_channels") != 3:
-        raise _reject("resnet", "num_channels", bc["num_channels"], "m2f takes RGB images (3 channels)")
-    act = _option(bc, d, "hidden_act")
-    if act != "relu":
-        raise _reject("resnet", "hidden_act", act, "only 'relu' is implemented (as in detectron2's ResNet)")
+    _check_stages_channels_activation(bc, d, "resnet", "relu", "as in detectron2's ResNet")
     if _option(bc, d, "downsample_in_first_stage"):
         raise _reject(
             "resnet", "downsample_in_first_stage", True,
@@ -188,12 +193,7 @@ def _square(value: Any, name: str) -> Any:
 
 def swin_config_from_hf(bc: dict) -> SwinConfig:
     d = _HF_SWIN_DEFAULTS
-    _check_out_features(bc, "swin")
-    if _option(bc, d, "num_channels") != 3:
-        raise _reject("swin", "num_channels", bc["num_channels"], "m2f takes RGB images (3 channels)")
-    act = _option(bc, d, "hidden_act")
-    if act != "gelu":
-        raise _reject("swin", "hidden_act", act, "only 'gelu' is implemented (as the official Swin)")
+    _check_stages_channels_activation(bc, d, "swin", "gelu", "as the official Swin")
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         if _option(bc, d, name) != 0:
             raise _reject("swin", name, bc[name], "dropout is not implemented (0 in every official config)")

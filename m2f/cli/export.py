@@ -35,11 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o = esub.add_parser("onnx", help="export a checkpoint to ONNX (+ manifest)")
     o.add_argument("--checkpoint", required=True, help="m2f / HF / official checkpoint (file or directory)")
     o.add_argument("--output", required=True, help="ONNX file to write")
-    o.add_argument("--preset", default=None, help="architecture preset when the checkpoint has no config")
-    o.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32 (512)")
-    o.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32 (512)")
-    o.add_argument("--batch", type=_int, default=1, help="batch size of the export (1)")
-    o.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
+    add_export_size_options(o)
     o.add_argument("--half", action="store_true", help="float16 weights and input")
     _add_target_and_op_options(o)
     o.add_argument("--postprocess", default="none", help="none (default), semantic or instance outputs in the graph")
@@ -68,11 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     w = esub.add_parser("pipeline", help="export -> check [-> build -> run -> compare] in one work dir")
     w.add_argument("--checkpoint", required=True, help="checkpoint (file or directory)")
     w.add_argument("--workdir", required=True, help="directory for every stage's artifact + pipeline.json")
-    w.add_argument("--preset", default=None, help="architecture preset when the checkpoint has no config")
-    w.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32 (512)")
-    w.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32 (512)")
-    w.add_argument("--batch", type=_int, default=1, help="batch size of the export (1)")
-    w.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
+    add_export_size_options(w)
     _add_target_and_op_options(w)
     w.add_argument("--tensorrt", dest="target", action="store_const", const="tensorrt",
                    help="same as --target tensorrt: also build an fp16 engine, run it and compare")
@@ -96,6 +88,15 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("m2f: %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
+
+
+def add_export_size_options(p: argparse.ArgumentParser) -> None:
+    """What every export from a checkpoint takes: its preset, the input size and batch, dynamic axes."""
+    p.add_argument("--preset", default=None, help="architecture preset when the checkpoint has no config")
+    p.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32 (512)")
+    p.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32 (512)")
+    p.add_argument("--batch", type=_int, default=1, help="batch size of the export (1)")
+    p.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
 
 
 def _add_target_and_op_options(p: argparse.ArgumentParser) -> None:
