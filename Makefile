@@ -21,6 +21,7 @@ install: $(BIN)/python
 install-test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[onnx,test]"
+	$(BIN)/python -m pip install --quiet --no-deps tensorrt-stubs==10.13.0.35.1
 
 demo: install
 	$(BIN)/m2f demo --out demo_out

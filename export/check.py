@@ -39,7 +39,10 @@ from .plugins import PLUGINS, PluginSpec, plugin_spec
 
 log = logging.getLogger("m2f.export")
 
-FLOAT_RTOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2, "int8": 1e-1}  # acceptance bounds on rel_err per precision
+# The acceptance bounds on rel_err against the float32 PyTorch model, per graph precision (export/README.md has the
+# measured values: these leave ~5-10x headroom over them).
+FLOAT_RTOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2, "int8": 0.25}
+MIN_SEMANTIC_AGREEMENT = {"fp32": 0.999, "fp16": 0.99, "bf16": 0.97, "int8": 0.9}
 REPORT_FORMAT = "m2f-check-report/1"
 MAX_MISMATCH = 2e-3  # integer / bool outputs: fraction of elements allowed to differ (near-ties of argmax / > 0)
 DATA_DEPENDENT_OPS = {"NonZero", "Compress", "Unique", "SequenceConstruct", "SplitToSequence"}
@@ -202,31 +205,45 @@ def parity_ok(outputs: dict[str, Any], rtol: float) -> list[str]:
     return reasons
 
 
+def semantic_agreement(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float | None:
+    """Fraction of pixels (at mask resolution) whose semantic class (argmax of softmax(logits) . sigmoid(masks))
+    agrees between the two sets of outputs; None without pred_logits / pred_masks."""
+    if not {"pred_logits", "pred_masks"} <= set(got) & set(ref):
+        return None
+
+    def classes(out: dict[str, np.ndarray]) -> np.ndarray:
+        logits, masks = out["pred_logits"].astype(np.float64), out["pred_masks"].astype(np.float64)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs = (probs / probs.sum(-1, keepdims=True))[..., :-1]  # (B, Q, K)
+        return np.einsum("bqk,bqhw->bkhw", probs, 1 / (1 + np.exp(-masks))).argmax(1)
+
+    return float(np.mean(classes(got) == classes(ref)))
+
+
 def run_parity(
     runner: Any,  # an m2f.export.runner.Runner
     module: Any,  # the torch export module (OnnxExportModule) in eval mode
     sizes: Sequence[CheckSize],
     output_names: Sequence[str],
-    dtype: str = "float32",
     seed: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``runner`` and PyTorch on the same fresh random inputs at each size."""
+    """Run ``runner`` and the float32 PyTorch module on the same fresh random inputs at each size."""
     import torch
 
     generator = torch.Generator()
     seed = int(seed if seed is not None else torch.seed() % (2**31))
     generator.manual_seed(seed)
-    torch_dtype = torch.float16 if dtype == "float16" else torch.float32
     results = []
     for size in sizes:
-        x, ref, skipped = _stable_input(module, size, generator, torch_dtype)
+        x, ref, skipped = _stable_input(module, size, generator, torch.float32)
         ref_np = {n: t.detach().float().numpy() if t.is_floating_point() else t.numpy() for n, t in zip(output_names, ref)}
         start = time.perf_counter()
-        got = runner.run(x.float().numpy())
+        got = runner.run(x.numpy())
         run_s = time.perf_counter() - start
         got_np = {n: (g.astype(np.float32) if np.issubdtype(g.dtype, np.floating) else g) for n, g in got.items()}
-        results.append({**size.as_dict(), "seed": seed, "run_seconds": round(run_s, 3),
-                        "unstable_draws_skipped": skipped, "outputs": compare_outputs(got_np, ref_np)})
+        results.append({**size.as_dict(), "seed": seed, "runtime": getattr(runner, "runtime", runner.name), "run_seconds": round(run_s, 3),
+                        "unstable_draws_skipped": skipped, "outputs": compare_outputs(got_np, ref_np),
+                        "semantic_agreement": semantic_agreement(got_np, ref_np)})
     return results
 
 
@@ -355,7 +372,20 @@ def check_onnx(
     seed: int | None = None,
     force: bool = False,
 ) -> CheckReport:
-    """Check ``onnx_path``; write the JSON report to ``report`` when given; return the report."""
+    """Check ``onnx_path``; write the JSON report to ``report`` when given; return the report.
+
+    The PyTorch side is ``model`` (also accepted as the second positional argument) or the checkpoint at
+    ``checkpoint`` (default: the one the manifest records)."""
+    import torch
+
+    if isinstance(checkpoint, torch.nn.Module):  # check_onnx(path, model)
+        if model is not None:
+            raise InputError("check_onnx got two models (positionally and as model=); pass one")
+        model, checkpoint = checkpoint, None
+    elif checkpoint is not None and not isinstance(checkpoint, (str, Path)):
+        raise InputError(f"check_onnx's second argument must be a checkpoint path or an m2f model, got "
+                         f"{type(checkpoint).__name__}; call check_onnx(path, model) or check_onnx(path, checkpoint)")
+
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise InputError(f"ONNX file {onnx_path} not found; export one with `m2f export onnx`")
@@ -423,29 +453,33 @@ def check_onnx(
 
 def _parity_section(path: Path, manifest: Manifest, checkpoint: Any, model: Any, extra_sizes: Sequence[CheckSize],
                     seed: int | None, reasons: list[str], runner: Any) -> dict[str, Any]:
-    from .onnx_export import OnnxExportModule, load_checkpoint_model
+    from .onnx_export import OnnxExportModule, load_checkpoint_model, torch_backend_copy
 
     if model is None:
         source = checkpoint or (manifest.source or {}).get("path")
         if not source:
             raise InputError(f"no checkpoint to compare {path} against: pass --checkpoint")
         model = load_checkpoint_model(source, preset=(manifest.source or {}).get("preset"))
-    module = OnnxExportModule(model, postprocess=manifest.postprocess, topk=manifest.topk or 100).eval()
-    if manifest.dtype == "float16":
-        module = module.half()
+    else:  # the graph holds the standard ops: compare with them, whatever backend the model was built with
+        model = torch_backend_copy(model)
+    precision = manifest.precision
+    if precision not in FLOAT_RTOL:
+        raise InputError(f"{path}'s manifest names precision {precision!r}, not one of {', '.join(FLOAT_RTOL)}; "
+                         "re-export with `m2f export onnx --precision ...`")
+    module = OnnxExportModule(model, postprocess=manifest.postprocess,
+                              topk=manifest.topk or 100).eval().float()  # the reference is always float32
     sizes = [CheckSize(manifest.batch, manifest.height, manifest.width)]
     if manifest.dynamic:
         sizes.append(other_size(manifest.batch, manifest.height, manifest.width))
     sizes.extend(extra_sizes)
     names = [o.name for o in manifest.outputs]
-    try:
-        runs = run_parity(runner, module, sizes, names, dtype=manifest.dtype, seed=seed)
-    except Exception as exc:  # onnxruntime lacks CPU kernels for some float16 ops
-        if manifest.dtype != "float16":
-            raise
-        return {"skipped": f"{runner.name} cannot run this float16 model here: {' '.join(str(exc).split())[:300]}"}
-    rtol = FLOAT_RTOL.get(manifest.precision, 1e-4)
+    runs = run_parity(runner, module, sizes, names, seed=seed)
+    rtol, min_agreement = FLOAT_RTOL[precision], MIN_SEMANTIC_AGREEMENT[precision]
     for run in runs:
-        for r in parity_ok(run["outputs"], rtol):
-            reasons.append(f"at {run['batch']}x3x{run['height']}x{run['width']}: {r}")
-    return {"rtol": rtol, "runs": runs}
+        where = f"at {run['batch']}x3x{run['height']}x{run['width']}"
+        reasons.extend(f"{where}: {r}" for r in parity_ok(run["outputs"], rtol))
+        agreement = run["semantic_agreement"]
+        if agreement is not None and agreement < min_agreement:
+            reasons.append(f"{where}: semantic classes agree on {agreement:.2%} of pixels < {min_agreement:.0%}")
+    return {"precision": precision, "reference": "float32 PyTorch model", "rtol": rtol,
+            "min_semantic_agreement": min_agreement, "runs": runs}

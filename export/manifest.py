@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import platform
 from pathlib import Path
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from m2f.errors import InputError
-from m2f.io import write_json_atomic
+from m2f.io import read_json, write_json_atomic
 
 MANIFEST_FORMAT = "m2f-export-manifest/3"  # 2: records its model's size and sha256; 3: typed, per-op modes, target
 
@@ -237,10 +236,7 @@ def read_manifest(model_path: str | Path, required: bool = True, kind: str | Non
                 "pass the source with --checkpoint, or re-export"
             )
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}); re-export the model") from None
+    data = read_json(path, fix="re-export the model")
     fmt = data.get("format") if isinstance(data, dict) else None
     if not isinstance(fmt, str) or not fmt.startswith(MANIFEST_FORMAT.split("/")[0] + "/"):
         raise InputError(f"{path} is not an m2f export manifest (format {MANIFEST_FORMAT!r}); re-export the model")

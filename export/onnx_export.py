@@ -42,11 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m2f.errors import BackendUnavailableError, CheckpointError, InputError
+from m2f.errors import BackendUnavailableError, InputError
 from m2f.io import atomic_path, check_can_write
+from m2f.runtime import stage
 
 from .manifest import Manifest, OpRecord, TensorInfo, manifest_path, sha256_source, write_manifest
 from .plugins import PLUGINS, PluginSpec, op_modes
+from .precision import apply_precision, validate_precision
 
 log = logging.getLogger("m2f.export")
 
@@ -159,6 +161,42 @@ def _switch_to_plugin(spec: PluginSpec, module: nn.Module) -> tuple[dict[Any, An
         m.backend = "triton"  # the model-level switch: the custom op appears in the trace
     _register_schema(spec)
     return {getattr(torch.ops.m2f, spec.torch_op).default: spec.translation()}, len(modules)
+
+
+def torch_backend_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose attention modules use the PyTorch reference ops, whatever backend it was built with:
+    export traces (and ``check_onnx`` compares against) the standard ONNX forms, which need no GPU or Triton."""
+    copied = copy.deepcopy(model)
+    for spec in PLUGINS:
+        for m in spec.modules(copied):
+            m.backend = "torch"
+    return copied
+
+
+# Messages the exporter prints on every export of every m2f model, none of which is about the model: the registry
+# skipping torchvision's ops (m2f never uses torchvision), torch.export's own deprecated LeafSpec check, and the
+# optimizer declining to fold LayerNormalization (a normal op that is kept, not an error).
+_HARMLESS_EXPORT_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding")
+_HARMLESS_EXPORT_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+@contextlib.contextmanager
+def _without_known_exporter_noise() -> Iterator[None]:
+    """Silence exactly the messages above for the duration of one export; everything else still shows."""
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in _HARMLESS_EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for message in _HARMLESS_EXPORT_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -284,7 +322,8 @@ def to_onnx(
     width: int = 512,
     batch: int = 1,
     dynamic: bool = False,
-    half: bool = False,
+    precision: str = "fp32",
+    calib: Any = None,  # precision.CalibrationSettings for int8
     msda: str | None = None,
     postprocess: str = "none",
     opset: int = 18,
@@ -304,20 +343,21 @@ def to_onnx(
     the runtime the graph is exported for, see :mod:`m2f.export.targets`). ``source`` ({"path", "sha256",
     "preset"}) is recorded in the manifest. ``optimize`` runs the exporter's onnxscript optimizer (constant
     folding, dead-code removal; most of the export time of a dynamic graph); ``simplify`` runs onnxslim after it.
+    ``precision`` (fp32 / fp16 / bf16 / int8, :mod:`m2f.export.precision`) is applied to the float32 graph last;
+    int8 calibrates on ``calib`` and caches the ranges in ``PATH.calib.json``.
     """
     start = time.perf_counter()
     divisibility = input_divisibility(model)
     modes = validate_export_args(height, width, batch, opset, postprocess, target, divisibility, msda=msda,
                                  masked_attn=masked_attn)
+    validate_precision(precision, calib.folder if calib is not None else None)
     path = Path(path)
     check_can_write(path, force=force)  # a manifest without its model is stale: the new one replaces it
     config = getattr(model, "config", None)
     if topk is None:
         topk = config.postprocess.instance_topk if config is not None else 100
 
-    module = OnnxExportModule(copy.deepcopy(model), postprocess=postprocess, topk=topk).eval()
-    module = module.half() if half else module.float()
-    dtype = torch.float16 if half else torch.float32
+    module = OnnxExportModule(torch_backend_copy(model), postprocess=postprocess, topk=topk).eval()
     translation: dict[Any, Any] = {}
     expected: dict[str, int] = {}  # plugin nodes each plugin-mode op must leave in the graph
     for spec in PLUGINS:
@@ -325,29 +365,33 @@ def to_onnx(
             entry, expected[spec.name] = _switch_to_plugin(spec, module)
             translation.update(entry)
     # torch.export specialises a dimension traced at size 1: trace a dynamic batch at >= 2.
-    example = torch.randn(max(batch, 2) if dynamic else batch, 3, height, width, dtype=dtype)
+    example = torch.randn(max(batch, 2) if dynamic else batch, 3, height, width)
     notes: list[str] = []
 
     with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
         if expected:
             stack.enter_context(_tracing_triton_op_on_cpu())
+        stack.enter_context(_without_known_exporter_noise())
         raw = tmp.with_name(tmp.name + ".raw.onnx")
         try:
-            torch.onnx.export(
-                module, (example,), str(raw), dynamo=True, opset_version=opset,
-                input_names=["pixel_values"], output_names=list(module.output_names),
-                dynamic_shapes=_dynamic_shapes(divisibility) if dynamic else None,
-                custom_translation_table=translation or None, external_data=False, verbose=False,
-                optimize=optimize,
-            )
+            with stage(f"tracing and converting to ONNX (opset {opset}{', optimizing' if optimize else ''})"):
+                torch.onnx.export(
+                    module, (example,), str(raw), dynamo=True, opset_version=opset,
+                    input_names=["pixel_values"], output_names=list(module.output_names),
+                    dynamic_shapes=_dynamic_shapes(divisibility) if dynamic else None,
+                    custom_translation_table=translation or None, external_data=False, verbose=False,
+                    optimize=optimize,
+                )
             simplified = False
             if simplify:
                 slim = tmp.with_name(tmp.name + ".slim.onnx")
-                if _slim(raw, slim):
+                with stage("simplifying the graph (onnxslim)"):
+                    slimmed = _slim(raw, slim)
+                if slimmed:
                     if expected:
                         ok = _plugin_counts(slim) == {name: expected.get(name, 0) for name in modes}
                     else:
-                        ok = _same_outputs(raw, slim, (batch, 3, height, width), rtol=1e-3 if half else 1e-5)
+                        ok = _same_outputs(raw, slim, (batch, 3, height, width))
                     if ok:
                         os.replace(slim, raw)
                         simplified = True
@@ -358,6 +402,10 @@ def to_onnx(
                         slim.unlink()
                 else:
                     notes.append("graph not simplified (onnxslim unavailable or failed)")
+            precision_details = None
+            if precision != "fp32":  # on the float32 graph, simplified and checked: the plan sees its final nodes
+                precision_details = apply_precision(raw, raw, precision, config=config, calib=calib,
+                                                    cache_path=path.with_name(path.name + ".calib.json"))
             os.replace(raw, tmp)
         finally:
             for leftover in tmp.parent.glob(tmp.name + ".*"):
@@ -382,8 +430,9 @@ def to_onnx(
             outputs=outputs,
             dynamic=dynamic,
             batch=batch, height=height, width=width,
-            dtype="float16" if half else "float32",
-            precision="fp16" if half else "fp32",
+            dtype=inputs[0].dtype,
+            precision=precision,
+            precision_details=precision_details,
             ops={name: OpRecord(mode, counts[name], expected.get(name)) for name, mode in modes.items()},
             postprocess=postprocess,
             topk=topk if postprocess == "instance" else None,
@@ -422,10 +471,9 @@ def _plugin_counts(path: Path) -> dict[str, int]:
 
 def load_checkpoint_model(checkpoint: str | Path, preset: str | None = None) -> nn.Module:
     """``m2f.from_pretrained`` on the CPU with the PyTorch reference kernels, in eval mode."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist; pass a checkpoint file or directory")
-    from m2f.checkpoints import from_pretrained
+    from m2f.checkpoints import from_pretrained, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)  # a hub id: its downloaded snapshot
 
     model = from_pretrained(str(checkpoint), preset=preset, backend="torch", device="cpu")
     return model.eval()
@@ -437,7 +485,12 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, preset: str | 
                          kwargs.get("opset", 18), kwargs.get("postprocess", "none"),
                          kwargs.get("target", "onnxruntime"),
                          **{spec.name: kwargs.get(spec.name) for spec in PLUGINS})
+    calib = kwargs.get("calib")
+    validate_precision(kwargs.get("precision", "fp32"), calib.folder if calib is not None else None)
     check_can_write(output, force=kwargs.get("force", False))
+    from m2f.checkpoints import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)  # the manifest records the local copy, which check_onnx reloads
     model = load_checkpoint_model(checkpoint, preset)
     source = {"path": str(Path(checkpoint).resolve()), "sha256": sha256_source(checkpoint), "preset": preset}
     return to_onnx(model, output, source=source, **kwargs)

@@ -49,6 +49,9 @@ def run_pipeline(
         why = chosen.available()
         if why is not None:  # fail before a long export when the later stages cannot run
             raise BackendUnavailableError(why)
+    from m2f.checkpoints import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)  # a hub id: its downloaded snapshot, which every stage then reads
     partial = workdir.with_name(workdir.name + ".partial")
     failed = workdir.with_name(workdir.name + ".failed")
     for stale in (partial, failed):

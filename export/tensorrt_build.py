@@ -1,8 +1,12 @@
-"""ONNX -> serialized TensorRT engine with the TensorRT Python API (>= 10.7).
+"""ONNX -> serialized TensorRT engine with the TensorRT Python API (>= 10.3), version aware.
 
-Parse, one optimisation profile (min / opt / max shape of ``pixel_values``), precision flags (fp16 / bf16 /
-int8 with an entropy calibrator over a folder of images), a timing cache that persists across builds, and the
-engine written atomically with a manifest beside it.
+Parse, one optimisation profile (min / opt / max shape of ``pixel_values``), a timing cache that persists across
+builds, and the engine written atomically with a manifest beside it. Precision (export/README.md's support table):
+
+* TensorRT >= 11: a strongly typed network, from the graph's own types (``m2f export onnx --precision``); INT8
+  only from Q/DQ nodes. The removed weak-typing APIs are only ever touched by the ``_trt10_*`` functions.
+* TensorRT 10.x: the same strongly typed route by default, or weak typing (``--fp16 / --bf16 / --int8``, int8
+  with an entropy calibrator over a folder of images) on a float32 graph.
 
 Deformable-attention plugin nodes (``MultiscaleDeformableAttnPlugin_TRT``, from ``m2f export onnx --msda plugin``)
 run either TensorRT's own open-source plugin (``plugins="tensorrt"``, from libnvinfer_plugin) or m2f's Triton
@@ -20,13 +24,16 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from m2f.errors import InputError
 from m2f.io import atomic_path, check_can_write, write_bytes_atomic
 
-from ._trt import import_tensorrt
+from ._trt import import_tensorrt, msda_plugin_version, weak_typing_available
 from .manifest import load_onnx, new_manifest, read_manifest, sha256_file, write_manifest
+
+if TYPE_CHECKING:  # the calls on TensorRT's objects are type-checked against tensorrt-stubs (pyproject's mypy)
+    import tensorrt
 
 log = logging.getLogger("m2f.export")
 
@@ -115,12 +122,45 @@ def _image_batches(folder: Path, shape: Shape, mean: Sequence[float], std: Seque
         images = []
         for f in files[start : start + batch]:
             with Image.open(f) as img:
-                rgb = img.convert("RGB").resize((width, height), Image.BILINEAR)
+                rgb = img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
             images.append((np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) - m) / s)
         yield np.ascontiguousarray(np.stack(images))
 
 
-def _make_calibrator(trt: Any, batches: Any, batch_size: int, cache_path: Path | None) -> Any:
+def set_msda_plugin_version(model: Any, version: str) -> str | None:
+    """Ask TensorRT's parser for ``version`` of its MSDA plugin on every MultiscaleDeformableAttnPlugin_TRT node (in
+    place; the parser reads the ``plugin_version`` attribute, "1" when absent). None when the graph has none."""
+    from onnx import helper
+
+    from .plugins import TRT_MSDA
+
+    nodes = [n for n in model.graph.node if n.op_type == TRT_MSDA.op_type]
+    for node in nodes:
+        kept = [a for a in node.attribute if a.name != "plugin_version"]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("plugin_version", version)])
+    return version if nodes else None
+
+
+def _trt10_weak_typing(trt: Any, config: tensorrt.IBuilderConfig, precision: str,
+                       trt_profile: tensorrt.IOptimizationProfile, calib_dir: Any, calib_images: int,
+                       profile: Profile, manifest: dict[str, Any], output: Path) -> None:
+    """TensorRT 10.x's weak typing: a precision flag (and for int8 an entropy calibrator). Removed in 11.x."""
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    elif precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot take fall back to fp16, not fp32
+        batches = _image_batches(Path(calib_dir), profile.opt, manifest["pixel_mean"], manifest["pixel_std"],
+                                 calib_images)
+        config.int8_calibrator = _trt10_make_calibrator(trt, batches, profile.opt[0],
+                                                        output.with_name(output.name + ".calib"))
+        config.set_calibration_profile(trt_profile)
+
+
+def _trt10_make_calibrator(trt: Any, batches: Any, batch_size: int, cache_path: Path | None) -> Any:
     from ._trt import check_cuda, import_cudart
 
     cudart = import_cudart()
@@ -129,7 +169,7 @@ def _make_calibrator(trt: Any, batches: Any, batch_size: int, cache_path: Path |
         def __init__(self) -> None:
             super().__init__()
             self._batches = iter(batches)
-            self._device = None
+            self._device: Any = None
             self._nbytes = 0
             self._batch_size = batch_size
 
@@ -162,7 +202,7 @@ def _make_calibrator(trt: Any, batches: Any, batch_size: int, cache_path: Path |
 def build_engine(
     onnx_path: str | Path,
     output: str | Path,
-    precision: str = "fp16",
+    precision: str = "fp32",
     min_shape: Shape | None = None,
     opt_shape: Shape | None = None,
     max_shape: Shape | None = None,
@@ -173,7 +213,13 @@ def build_engine(
     plugins: str = "m2f",
     force: bool = False,
 ) -> Path:
-    """Build and write a serialized engine (+ manifest); returns the engine path."""
+    """Build and write a serialized engine (+ manifest); returns the engine path.
+
+    ``precision`` "fp32" (the default) builds a strongly typed network: every layer runs in the type the graph gives
+    it (``m2f export onnx --precision fp16 | bf16 | int8``). "fp16" / "bf16" / "int8" are TensorRT 10.x's weak-typing
+    flags on a float32 graph (int8 with an entropy calibrator over ``calib_dir``); TensorRT >= 11 removed them and
+    refuses them here in one line naming the export that replaces them.
+    """
     onnx_path, output = Path(onnx_path), Path(output)
     if not onnx_path.is_file():
         raise InputError(f"ONNX file {onnx_path} not found; export one with `m2f export onnx`")
@@ -188,46 +234,55 @@ def build_engine(
     if workspace_gb <= 0:
         raise InputError(f"--workspace must be > 0 GB, got {workspace_gb}")
     check_can_write(output, force=force)
-    manifest = read_manifest(onnx_path, kind="onnx")
+    manifest: dict[str, Any] = read_manifest(onnx_path, kind="onnx") or {}  # required: never None here
     profile = default_profile(manifest, min_shape, opt_shape, max_shape)
+    graph_precision = manifest.get("precision", "fp32")
 
     trt = import_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    trt.init_libnvinfer_plugins(logger, "")  # TensorRT's own plugins, MultiscaleDeformableAttnPlugin_TRT among them
+    weak_flag = precision != "fp32"
+    if weak_flag and not weak_typing_available(trt):
+        raise InputError(
+            f"TensorRT {trt.__version__} builds strongly typed networks only (--{precision} was removed in 11.x): "
+            f"export the graph in that precision with `m2f export onnx --precision {precision}"
+            f"{' --calib DIR' if precision == 'int8' else ''}` and build it without --{precision}"
+        )
+    if weak_flag and graph_precision != "fp32":
+        raise InputError(f"{onnx_path} is already a {graph_precision} graph (strongly typed): build it without "
+                         f"--{precision}, or pass a float32 export")
     model = load_onnx(onnx_path)
     retargeted = retarget_msda_nodes(model) if plugins == "m2f" else 0
+    msda_version = set_msda_plugin_version(model, msda_plugin_version(trt)) if plugins == "tensorrt" else None
     m2f_nodes = sum(1 for n in model.graph.node if n.domain == "m2f")
     if m2f_nodes:  # retargeted MSDA nodes and / or masked-attention plugin nodes
+        from ._trt import import_tensorrt_plugin
         from .plugin_kernels import register_tensorrt_plugins
 
+        import_tensorrt_plugin()  # one line naming the way out on TensorRT < 10.9, before any work
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")  # TensorRT's own plugins, MultiscaleDeformableAttnPlugin_TRT among them
+    if m2f_nodes:
         register_tensorrt_plugins()
 
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
+    builder: tensorrt.Builder = trt.Builder(logger)
+    # Strongly typed: TensorRT 11 always (the only mode, no flag); 10.x unless a weak-typing flag was asked for.
+    if weak_typing_available(trt) and not weak_flag:
+        network: tensorrt.INetworkDefinition = builder.create_network(
+            1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    else:
+        network = builder.create_network(0)  # explicit batch is the only mode since TensorRT 10
+    parser: tensorrt.OnnxParser = trt.OnnxParser(network, logger)
     if not parser.parse(model.SerializeToString(), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise InputError(f"TensorRT could not parse {onnx_path}: {errors}")
 
-    config = builder.create_builder_config()
+    config: tensorrt.IBuilderConfig = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    elif precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot take fall back to fp16, not fp32
-        batches = _image_batches(Path(calib_dir), profile.opt, manifest["pixel_mean"], manifest["pixel_std"],
-                                 calib_images)
-        config.int8_calibrator = _make_calibrator(trt, batches, profile.opt[0], output.with_name(output.name + ".calib"))
-
     input_name = manifest["inputs"][0]["name"]
-    trt_profile = builder.create_optimization_profile()
+    trt_profile: tensorrt.IOptimizationProfile = builder.create_optimization_profile()
     trt_profile.set_shape(input_name, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(trt_profile)
-    if precision == "int8":
-        config.set_calibration_profile(trt_profile)
+    if weak_typing_available(trt) and weak_flag:  # TensorRT 10.x only: these APIs are gone in 11.x
+        _trt10_weak_typing(trt, config, precision, trt_profile, calib_dir, calib_images, profile, manifest, output)
 
     cache_path = Path(timing_cache) if timing_cache else None
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.exists() else b"")
@@ -246,8 +301,11 @@ def build_engine(
         source_onnx=str(onnx_path.resolve()),
         source_onnx_sha256=sha256_file(onnx_path),
         source=manifest.get("source"),
-        precision=precision,
-        plugins=plugins if retargeted else "none",
+        precision=graph_precision if not weak_flag else precision,
+        typing="weak" if weak_flag else "strong",
+        tensorrt_version=trt.__version__,
+        msda_plugin_version=msda_version,
+        plugins=plugins if retargeted or msda_version else "none",
         ops=manifest.ops,
         target="tensorrt",
         m2f_plugin_nodes=m2f_nodes,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 
@@ -22,6 +23,14 @@ def triton_importable() -> bool:
     return True
 
 
+def triton_missing_message() -> str:
+    """What to do when the Triton kernels are asked for and triton does not import (it ships for Linux only)."""
+    if platform.system() == "Linux":
+        return "backend='triton' needs the triton package: pip install 'triton>=3.6' (or use backend='torch')"
+    return (f"backend='triton' needs the triton package, which is built for Linux only (this is {platform.system()}); "
+            "use backend='torch' (or 'auto'), which runs and exports everywhere")
+
+
 def check_backend_name(backend: str) -> str:
     """``backend`` if it names a backend; a one-line error listing the valid names otherwise."""
     if backend not in BACKENDS:
@@ -40,7 +49,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_importable() else "torch"
     if backend == "triton":
         if not triton_importable():
-            raise BackendUnavailableError("backend='triton' needs the triton package; pip install triton")
+            raise BackendUnavailableError(triton_missing_message())
         if device.type != "cuda" and not triton_interpreter_enabled():
             raise BackendUnavailableError(
                 f"backend='triton' needs CUDA tensors (got {device.type}); use backend='torch' on the CPU, "

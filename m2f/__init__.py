@@ -3,7 +3,7 @@
 Main entry points::
 
     import m2f
-    model = m2f.from_pretrained("path/to/hf_dir_or_checkpoint")   # eval mode
+    model = m2f.from_pretrained("path/to/hf_dir_or_checkpoint")   # eval mode; or a hub id "OWNER/NAME"
     cfg = m2f.preset("swin-t-coco-panoptic")
     model = m2f.build_model(cfg, backend="torch")                    # random weights
 
@@ -44,6 +44,11 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'm2f' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazy names too, so that completion and dir(m2f) show them before their first use
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

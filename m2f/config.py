@@ -468,6 +468,8 @@ _TEST_SIZES: dict[str, tuple[int, int]] = {
 
 # Swin-L on COCO uses 200 queries in the official configs; every other preset uses 100.
 _QUERIES_OVERRIDE = {("swin-l", "coco-panoptic"): 200, ("swin-l", "coco-instance"): 200}
+# The ADE20K Swin-B / Swin-L configs are the `_res640` ones: MIN_SIZE_TEST 640, MAX_SIZE_TEST 2560.
+_TEST_SIZE_OVERRIDE = {("swin-b", "ade20k-semantic"): (640, 2560), ("swin-l", "ade20k-semantic"): (640, 2560)}
 
 
 def preset_names() -> list[str]:
@@ -491,7 +493,7 @@ def preset(name: str) -> Mask2FormerConfig:
                     thing_classes=labels.thing_classes,
                     dataset_ids=labels.dataset_ids,
                     default_task=task,
-                    test_size=_TEST_SIZES[dataset_name],
+                    test_size=_TEST_SIZE_OVERRIDE.get((backbone_name, dataset_name), _TEST_SIZES[dataset_name]),
                     name=name,
                 )
     raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")

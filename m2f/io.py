@@ -8,12 +8,13 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import OutputError
+from .errors import InputError, M2FError, OutputError
 
 # errno -> (what is wrong, how to fix it); ENOTDIR / EEXIST name the file in the way instead (see _file_in_the_way)
 _OS_PROBLEMS: dict[int, tuple[str, str]] = {
@@ -29,31 +30,38 @@ _OS_PROBLEMS: dict[int, tuple[str, str]] = {
     errno.ELOOP: ("too many levels of symbolic links", "fix the link loop"),
 }
 _TEMP_SUFFIX = ".partial"
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{16}" + re.escape(_TEMP_SUFFIX))  # what _temp_beside makes
 
 
 def describe_os_error(exc: OSError, target: str | os.PathLike | None = None) -> str | None:
     """One line for ``exc``: the path, what is wrong and the fix; None when it names no path and is no disk-full.
 
-    ``target`` is the output being written: it is named instead of our temporary files (or of no file at all).
+    ``target`` is the output being written, named when the error names no file. Our temporary names are shown
+    as the names they were to become (``.out.<hex>.partial/a.png`` as ``out/a.png``).
     """
-    name = exc.filename
-    if name is None or Path(os.fsdecode(name)).name.endswith(_TEMP_SUFFIX):
-        name = target
+    name = exc.filename if exc.filename is not None else target
     if name is None:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             return None  # no path, not the disk: possibly a bug, not the user's set-up
         problem, fix = _OS_PROBLEMS[exc.errno]
         return f"{problem}; {fix}"
-    path = Path(os.fsdecode(name))
-    where = f"cannot write {path}" if target is not None and path == Path(target) else str(path)
+    raw = Path(os.fsdecode(name))
+    path = _final_name(raw)
+    writes_target = target is not None and path.is_relative_to(_final_name(Path(target)))
+    where = f"cannot write {path}" if writes_target else str(path)
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
-        in_the_way = _file_in_the_way(path)
+        in_the_way = _file_in_the_way(raw)
         if in_the_way is not None:
-            return _through_a_file(where, in_the_way)
+            return _through_a_file(where, _final_name(in_the_way))
         if exc.errno == errno.EEXIST:
             return f"{where}: it already exists; remove it or choose another path"
     problem, fix = _OS_PROBLEMS.get(exc.errno, ((exc.strerror or str(exc)).lower(), "check the path and the device"))
     return f"{where}: {problem}; {fix}"
+
+
+def _final_name(path: Path) -> Path:
+    """``path`` with each temporary name of ours replaced by the name it is renamed to on success."""
+    return Path(*(m.group(1) if (m := _TEMP_NAME.fullmatch(part)) else part for part in path.parts))
 
 
 def _through_a_file(where: str, in_the_way: Path) -> str:
@@ -166,3 +174,49 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strict JSON in: what m2f reads is refused, in one line, where Python's json would silently accept it
+# ---------------------------------------------------------------------------------------------------
+
+
+class _NotStrictJSON(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # json keeps the last of two equal keys: which one the writer meant is unknown
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _NotStrictJSON(f"key {twice!r} appears twice in one object")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotStrictJSON(f"{name} is not a JSON number")
+
+
+def parse_json(text: str, where: str, *, error: type[M2FError] = InputError, fix: str = "fix it or write it again"
+               ) -> Any:
+    """``text`` as strict JSON (duplicate keys and NaN / Infinity refused); ``error`` naming ``where`` and ``fix``."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise error(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); {fix}") from None
+    except _NotStrictJSON as exc:
+        raise error(f"{where} is not valid JSON ({exc}); {fix}") from None
+
+
+def read_json(path: str | os.PathLike, *, error: type[M2FError] = InputError,
+              fix: str = "fix it or write it again") -> Any:
+    """The strict JSON in ``path``; every problem (unreadable, not UTF-8, not JSON) is one ``error`` line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path} is not a UTF-8 JSON text file; {fix}") from None
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}; {fix}") from None
+    return parse_json(text, str(path), error=error, fix=fix)

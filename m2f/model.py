@@ -8,6 +8,8 @@ pixels, the same tensor HF's processor produces), padded (the official pipeline 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,6 +68,28 @@ class Mask2Former(nn.Module):
             config=config.transformer_decoder,
             backend=backend,
         )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "Mask2Former":
+        """:func:`m2f.from_pretrained`: a local checkpoint (HF, detectron2 with ``preset=``, m2f) or a hub id
+        (``OWNER/NAME[@REVISION]``), in eval mode; ``preset``, ``config``, ``backend`` and ``device`` as there."""
+        from m2f.checkpoints import from_pretrained
+
+        return from_pretrained(path, **kwargs)
+
+    def save_pretrained(self, path: str | Path, force: bool = False) -> Path:
+        """Write this model as an m2f checkpoint directory (``m2f_config.json`` + ``model.safetensors``), atomically;
+        refuses to replace ``path`` unless ``force``."""
+        from m2f.checkpoints import save_pretrained
+
+        return save_pretrained(self, path, force=force)
+
+    def post_process(self, outputs: "Mask2FormerOutput", batch: Any, task: str | None = None) -> list:
+        """:func:`m2f.postprocess.run` with this model's config: thresholds, top-k and thing classes from
+        ``self.config`` (``task`` defaults to ``config.default_task``)."""
+        from m2f.postprocess import run
+
+        return run(outputs, batch, self.config, task=task)
 
     @property
     def backend(self) -> str:

@@ -6,18 +6,29 @@ atomic (m2f.io): a reader never sees half a file, a failure leaves none.
 - Instance: COCO detection results (one dict per instance, mask as pycocotools RLE with ``counts`` a str,
   ``bbox`` XYWH).
 - Semantic: a single-channel PNG of dataset category ids, uint8, or uint16 when an id exceeds 255.
+
+Every entry carries ``category_name`` beside ``category_id``. :func:`coco_categories` is the ``categories`` list of
+the combined predictions file ``m2f predict`` writes (a COCO dataset dict that ``pycocotools.coco.COCO`` loads).
+
+Owned files: a command that writes into a folder the user names lists what it wrote (:func:`stale_owned_files`
+reads that list back), so ``--force`` removes exactly the earlier run's files that the new run did not rewrite,
+and a command that replaces a folder as a whole refuses one holding files it does not own
+(:func:`check_only_owned`).
 """
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
 
+from .errors import OutputError
 from .io import atomic_path, write_json_atomic
 from .labels import DatasetLabels
 from .postprocess import InstanceResult, PanopticResult, SemanticResult
@@ -71,6 +82,7 @@ def panoptic_segments_info(result: PanopticResult, labels: DatasetLabels) -> lis
             {
                 "id": int(seg.id),
                 "category_id": int(labels.dataset_ids[seg.label]),
+                "category_name": labels.names[seg.label],
                 "isthing": bool(seg.is_thing),
                 "score": float(seg.score),
                 "area": int(seg.area),
@@ -104,7 +116,8 @@ def write_panoptic(
 
 
 def instance_annotations(result: InstanceResult, labels: DatasetLabels, image_id: ImageId) -> list[dict[str, Any]]:
-    """COCO results entries ``{"image_id", "category_id", "segmentation": RLE, "score", "bbox": XYWH}``."""
+    """COCO results entries ``{"image_id", "category_id", "category_name", "segmentation": RLE (``counts`` a str,
+    as pycocotools' ``loadRes`` reads it), "score", "bbox": XYWH, "area"}``."""
     from pycocotools import mask as mask_util
 
     masks = _to_numpy(result.masks).astype(np.uint8)
@@ -121,9 +134,11 @@ def instance_annotations(result: InstanceResult, labels: DatasetLabels, image_id
             {
                 "image_id": image_id,
                 "category_id": int(labels.dataset_ids[int(label)]),
+                "category_name": labels.names[int(label)],
                 "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
                 "score": float(score),
                 "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": int(mask_util.area(rle)),
             }
         )
     return out
@@ -152,3 +167,54 @@ def semantic_id_map(result: SemanticResult, labels: DatasetLabels) -> np.ndarray
 
 def write_semantic(path: str | os.PathLike, result: SemanticResult, labels: DatasetLabels) -> Path:
     return write_png(path, Image.fromarray(semantic_id_map(result, labels)))  # uint8 -> "L", uint16 -> "I;16"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the combined predictions file
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def coco_categories(labels: DatasetLabels) -> list[dict[str, Any]]:
+    """COCO ``categories``: ``{"id" (dataset id), "name", "isthing", "color"}`` per class."""
+    things = set(labels.thing_classes)
+    return [{"id": int(labels.dataset_ids[i]), "name": name, "isthing": int(i in things),
+             "color": [int(c) for c in labels.colors[i]]} for i, name in enumerate(labels.names)]
+
+
+def numbered_annotations(annotations: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Instance results as COCO dataset annotations: ``id`` 1, 2, ... and ``iscrowd`` 0 added (what
+    ``pycocotools.coco.COCO`` indexes and ``COCOeval`` reads)."""
+    return [{"id": k, **ann, "iscrowd": 0} for k, ann in enumerate(annotations, start=1)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# owned files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def stale_owned_files(index_path: Path, keep: Iterable[str]) -> list[Path]:
+    """Files an earlier run listed in its index (``"files"``: names inside the index's folder) that are not in
+    ``keep``. An index that is missing, unreadable or not ours owns nothing, so nothing of the user's is touched."""
+    try:
+        listed = json.loads(index_path.read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    keep = set(keep)
+    folder = index_path.parent
+    return [folder / name for name in listed if isinstance(name, str) and name not in keep
+            and name == Path(name).name and name not in ("", ".", "..") and (folder / name).is_file()]
+
+
+def check_only_owned(folder: Path, patterns: Iterable[str], command: str) -> None:
+    """Refuse to replace ``folder`` as a whole if it holds a file no pattern (fnmatch, on the path relative to
+    ``folder``, ``/``-separated) claims for ``command``. An absent folder passes."""
+    if not folder.is_dir():
+        return
+    patterns = list(patterns)
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        relative = path.relative_to(folder).as_posix()
+        if not any(fnmatch.fnmatchcase(relative, pattern) for pattern in patterns):
+            raise OutputError(f"{folder} holds {relative}, which {command} did not write; it replaces only its own "
+                              "outputs: move that file away or choose another --out")

@@ -20,7 +20,8 @@ Differences from the official code, all deliberate:
 - Post-processing always runs in float32 (the official model runs in float32; half-precision outputs are upcast).
 - Panoptic segments also report a score (the query's, the first query's for merged stuff) and their pixel area.
 
-Results stay on the device of the inputs. Images of one batch are processed one by one on their own crop, so an
+:func:`run` takes every setting (thresholds, top-k, thing classes, the per-task rules) from a model's config; the
+task functions take them as arguments. Results stay on the device of the inputs. Images of one batch are processed one by one on their own crop, so an
 image's result does not depend on the other images of its batch (given the same network outputs).
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import Mask2FormerConfig, PostProcessConfig
+from .config import TASKS, Mask2FormerConfig, PostProcessConfig
 from .errors import InputError
 
 Size = tuple[int, int]
@@ -391,4 +392,14 @@ def postprocess_task(
         return instance(*args, topk=thresholds.instance_topk, thing_classes=things)
     if task == "semantic":
         return semantic(*args, postprocess_before_inference=config.default_task != "semantic")
-    raise InputError(f"task must be semantic, instance or panoptic, got {task!r}")
+    raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+
+
+def run(outputs, batch, config, task: str | None = None) -> list[SemanticResult] | list[InstanceResult] | list[PanopticResult]:
+    """Post-process ``outputs`` (a :class:`m2f.Mask2FormerOutput`) of ``batch`` (from :func:`m2f.preprocess.preprocess`)
+    for ``task`` (default: ``config.default_task``) with every setting taken from ``config`` (a
+    :class:`m2f.Mask2FormerConfig`, e.g. ``model.config``), by :func:`postprocess_task`.
+    ``model.post_process(outputs, batch)`` is the same call.
+    """
+    return postprocess_task(task or config.default_task, outputs.pred_logits, outputs.pred_masks, batch.image_sizes,
+                            batch.original_sizes, batch.padded_size, config)

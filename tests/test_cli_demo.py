@@ -31,5 +31,13 @@ def test_demo_replaces_its_output_dir_only_on_success(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--repeats", "0"]) == 2  # rejected before any work
     assert "--repeats must be at least 1" in capsys.readouterr().err
     assert (out / "old.txt").exists()
+    # a file the demo did not write is never deleted: the folder is refused, kept as it was
+    assert main(["demo", "--out", str(out), "--repeats", "1", "--no-export"]) == 2
+    assert "holds old.txt, which `m2f demo` did not write" in capsys.readouterr().err
+    assert (out / "old.txt").read_text() == "kept until a run succeeds"
+    # an earlier demo's folder is replaced as a whole: none of its files stays stale
+    (out / "old.txt").unlink()
+    (out / "predictions").mkdir()
+    (out / "predictions" / "gone_overlay.png").write_bytes(b"an earlier demo's")
     assert main(["demo", "--out", str(out), "--repeats", "1", "--no-export"]) == 0
-    assert not (out / "old.txt").exists() and (out / "demo.json").exists()
+    assert not (out / "predictions" / "gone_overlay.png").exists() and (out / "demo.json").exists()

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from m2f.cli import main
-from m2f.cli.predict import ImageEntry, group_into_batches, image_id_for, output_names, predict_entries, unique_stems
+from m2f.cli.predict import ImageEntry, group_into_batches, image_ids_for, output_names, predict_entries, unique_stems
 from m2f.config import Mask2FormerConfig
 from m2f.outputs import rgb_to_id
 from tests.utils import fresh_seed
@@ -42,9 +42,11 @@ def test_unique_stems():
 
 
 def test_image_ids_and_output_names():
-    assert image_id_for("000000000139") == 139 and image_id_for("frame_7") == "frame_7"
+    assert image_ids_for(["000000000139", "000000000285"]) == [139, 285], "COCO file names keep COCO's ids"
+    assert image_ids_for(["139", "frame_7"]) == [1, 2] and image_ids_for(["7", "007"]) == [1, 2], "else 1, 2, ..."
     assert output_names("a", "panoptic") == {
-        "overlay": "a_overlay.png", "panoptic_png": "a_panoptic.png", "panoptic_json": "a_panoptic.json"
+        "overlay": "a_overlay.png", "panoptic_png": "a_panoptic.png", "panoptic_json": "a_panoptic.json",
+        "panoptic_color": "a_panoptic_color.png",
     }
     assert output_names("a", "instance") == {"overlay": "a_overlay.png", "instances_json": "a_instances.json"}
     assert output_names("a", "semantic") == {"overlay": "a_overlay.png", "semantic_png": "a_semantic.png"}
@@ -78,7 +80,13 @@ def _bad_input_cases(tmp_path: Path, rng) -> dict[str, tuple[list[str], str]]:
                           "does not exist"),
         "corrupt image": ([str(good), str(corrupt), "--checkpoint", str(missing_ckpt)], "corrupt.jpg"),
         "truncated image": ([str(truncated), "--checkpoint", str(missing_ckpt)], "truncated.png"),
-        "directory": ([str(tmp_path / "folder"), "--checkpoint", str(missing_ckpt)], "is a directory"),
+        "folder without images": ([str(tmp_path / "folder"), "--checkpoint", str(missing_ckpt)],
+                                  "folder holds no images or videos"),
+        "url": (["https://example.com/cat.jpg", "--checkpoint", str(missing_ckpt)],
+                "https://example.com/cat.jpg is a URL; m2f reads local files only: download it first"),
+        "pattern matching nothing": ([str(tmp_path / "nothing*.jpg"), "--checkpoint", str(missing_ckpt)],
+                                     "matches no file"),
+        "bad --every": ([str(good), "--every", "0", "--checkpoint", str(missing_ckpt)], "--every must be at least 1"),
         "missing checkpoint": ([str(good), "--checkpoint", str(missing_ckpt)], "no_such_checkpoint"),
         "bad batch size": ([str(good), "--checkpoint", str(missing_ckpt), "--batch-size", "0"], "--batch-size"),
         "no resize and a size": ([str(good), "--checkpoint", str(missing_ckpt), "--no-resize", "--max-size", "100"],
@@ -331,13 +339,16 @@ def test_e2e_predict_writes_every_file(tmp_path, tiny_checkpoint, e2e_images, ta
     out = tmp_path / "out"
     assert _predict(e2e_images, checkpoint, out, "--task", task) == 0, capsys.readouterr().err
     index = json.loads((out / "predictions.json").read_text())
-    assert index["task"] == task and index["model"] == "tiny-test" and len(index["images"]) == len(e2e_images)
+    run_info = index["info"]
+    assert run_info["task"] == task and run_info["model"] == "tiny-test" and len(index["images"]) == len(e2e_images)
+    assert [c["name"] for c in index["categories"]] == ["person", "car", "dog", "road", "sky", "grass"]
     expected_files = {"predictions.json"}
     config_ids = (1, 3, 18, 149, 187, 193)
     nonempty = 0
-    for item, (name, h, w) in zip(index["images"], E2E_IMAGES):
+    for image_id, (item, (name, h, w)) in enumerate(zip(index["images"], E2E_IMAGES), start=1):
         stem = Path(name).stem
-        assert item["image"].endswith(name) and (item["height"], item["width"]) == (h, w)
+        assert item["path"].endswith(name) and item["file_name"] == name and item["id"] == image_id
+        assert (item["height"], item["width"]) == (h, w)
         names = output_names(stem, task)
         assert {k: item[k] for k in names} == names
         expected_files.update(names.values())
@@ -346,7 +357,7 @@ def test_e2e_predict_writes_every_file(tmp_path, tiny_checkpoint, e2e_images, ta
         if task == "panoptic":
             ids = rgb_to_id(np.asarray(Image.open(out / names["panoptic_png"])))
             info = json.loads((out / names["panoptic_json"]).read_text())
-            assert ids.shape == (h, w) and info["file_name"] == names["panoptic_png"] and info["image_id"] == stem
+            assert ids.shape == (h, w) and info["file_name"] == names["panoptic_png"] and info["image_id"] == image_id
             assert sorted(int(i) for i in np.unique(ids) if i) == sorted(s["id"] for s in info["segments_info"])
             for s in info["segments_info"]:
                 assert s["area"] == int((ids == s["id"]).sum()) > 0
@@ -356,7 +367,7 @@ def test_e2e_predict_writes_every_file(tmp_path, tiny_checkpoint, e2e_images, ta
             anns = json.loads((out / names["instances_json"]).read_text())
             assert len(anns) > 0
             for ann in anns:
-                assert ann["image_id"] == stem and ann["category_id"] in (1, 3, 18), "panoptic model: things only"
+                assert ann["image_id"] == image_id and ann["category_id"] in (1, 3, 18), "panoptic model: things only"
                 rle = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
                 assert mask_util.decode(rle).shape == (h, w)
             assert [a["score"] for a in anns] == sorted((a["score"] for a in anns), reverse=True)
@@ -367,6 +378,7 @@ def test_e2e_predict_writes_every_file(tmp_path, tiny_checkpoint, e2e_images, ta
             nonempty += 1
     assert nonempty > 0, f"checkpoint seed {seed}: no image produced any segment"  # the fixture ensures one
     assert set(os.listdir(out)) == expected_files, "exactly the planned files, no temporaries"
+    assert index["files"] == sorted(expected_files), "the index lists what the run owns"
 
 
 def test_e2e_batch_size_two_equals_batch_size_one(tmp_path, tiny_checkpoint, e2e_images, capsys):
@@ -396,7 +408,7 @@ def test_e2e_resize_reports_at_original_size(tmp_path, tiny_checkpoint, e2e_imag
                     "--max-size", "80")
     assert code == 0, capsys.readouterr().err
     index = json.loads((out / "predictions.json").read_text())
-    assert index["resize_shortest"] == 48 and index["max_size"] == 80
+    assert index["info"]["resize_shortest"] == 48 and index["info"]["max_size"] == 80
     for name, h, w in E2E_IMAGES[:2]:
         assert np.asarray(Image.open(out / f"{Path(name).stem}_semantic.png")).shape == (h, w)
 
@@ -477,8 +489,8 @@ def test_default_resize_leaves_the_bundled_samples_unchanged(tmp_path, capsys):
     assert main(["predict", *samples, "--out", str(plain), "--device", "cpu", "--no-resize"]) == 0
     assert "m2f: note" not in capsys.readouterr().err
     index = json.loads((default / "predictions.json").read_text())
-    assert (index["resize_shortest"], index["max_size"]) == (128, 512)
-    assert json.loads((plain / "predictions.json").read_text())["resize_shortest"] is None
+    assert (index["info"]["resize_shortest"], index["info"]["max_size"]) == (128, 512)
+    assert json.loads((plain / "predictions.json").read_text())["info"]["resize_shortest"] is None
     for name in sorted(os.listdir(default)):
         if name != "predictions.json":
             assert (default / name).read_bytes() == (plain / name).read_bytes(), name
@@ -506,7 +518,9 @@ def test_unusual_images_are_noted_one_line_each(tmp_path, rng, capsys):
     assert main(["predict", *images, "--out", str(out), "--device", "cpu"]) == 0
     lines = capsys.readouterr().err.strip().splitlines()
     notes = [line for line in lines if line.startswith("m2f: note: ")]
-    assert len(notes) == len(lines), lines
+    progress = [line for line in lines if line.startswith("m2f: predict: ")]  # stderr is no terminal: plain lines
+    assert len(notes) + len(progress) == len(lines), lines
+    assert progress[-1].startswith("m2f: predict: 3/3 img"), lines
     expected = [f"image {tmp_path / 'cutout.png'} has transparent pixels (25% of the image); composited over white",
                 f"image {tmp_path / 'anim.gif'} has 2 frames; m2f segments the first only",
                 f"image {tiny} is 16x16, far smaller than the model's input size (short edge 128); it is upscaled 8.0x"]

@@ -134,7 +134,7 @@ def test_train_then_eval_end_to_end(tmp_path, synth, capsys):
     assert "PQ" in capsys.readouterr().out
     # the same model as its own reference: identical predictions score 100 wherever it predicts anything
     assert main(["eval", "--data", str(synth), "--checkpoint", str(run), "--reference-checkpoint", str(run / "model"),
-                 "--task", "semantic", "--json", str(metrics), "--limit", "2", "--quiet"]) == 0
+                 "--task", "semantic", "--json", str(metrics), "--force", "--limit", "2", "--quiet"]) == 0
     assert json.loads(metrics.read_text())["mIoU"] == pytest.approx(100.0)
 
 

@@ -64,6 +64,11 @@ def test_presets_carry_the_official_hyperparameters():
     assert preset("swin-l-ade20k-semantic").transformer_decoder.num_queries == 100
     assert preset("swin-b-cityscapes-semantic").backbone.window_size == 12
     assert preset("swin-t-ade20k-semantic").num_classes == 150
+    # MIN_SIZE_TEST / MAX_SIZE_TEST of the official configs (ADE20K Swin-B / Swin-L: the _res640 ones)
+    assert preset("r50-coco-panoptic").test_size == (800, 1333)
+    assert preset("swin-t-ade20k-semantic").test_size == (512, 2048)
+    assert preset("swin-l-ade20k-semantic").test_size == preset("swin-b-ade20k-semantic").test_size == (640, 2560)
+    assert preset("swin-l-cityscapes-semantic").test_size == (1024, 2048)
 
 
 def test_every_preset_builds_with_labels_matching_its_classes():

@@ -4,7 +4,6 @@ export size and, for dynamic graphs, at another size and batch. Exports are shar
 (exporting a full-size Mask2Former takes a minute or more on two CPU cores)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,7 +22,7 @@ pytest.importorskip("onnxruntime")
 
 from m2f.export import check_onnx, to_onnx  # noqa: E402
 from m2f.export.plugins import TRT_MSDA  # noqa: E402
-from tests.utils import fresh_seed  # noqa: E402
+from tests.utils import fresh_seed, has_tensorrt_runtime  # noqa: E402
 
 HEIGHT, WIDTH = 128, 192  # export size of the full-size models (multiples of 32, non-square)
 RTOL = 1e-4
@@ -218,7 +217,7 @@ def test_hf_resnet_checkpoint_cli_export_with_postprocess(hf_resnet, postprocess
 def test_pipeline_workdir(hf_resnet, tmp_path, capsys):
     ckpt, seed = hf_resnet
     work = tmp_path / "work"
-    if importlib.util.find_spec("tensorrt") is None:  # TensorRT stages refused before any work is done
+    if not has_tensorrt_runtime():  # TensorRT stages refused before any work is done
         code = main(["export", "pipeline", "--checkpoint", str(ckpt), "--workdir", str(work), "--tensorrt"])
         assert code == 2 and "TensorRT >= 10.7 is not installed" in capsys.readouterr().err
         assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 against a float64 reference, forward and backward, every mask corner case, the split-KV path, and the ops."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from m2f.errors import InputError
 from m2f.kernels import masked_attention, masked_attention_from_logits
 from m2f.kernels.masked_attention import masked_attention_torch, normalize_allow
-from tests.utils import poisoned_like, rel_err
+from tests.utils import mismatch, poisoned_like, rel_err
 
 tk = pytest.importorskip("m2f.kernels.masked_attention.triton_kernels")
 
@@ -330,10 +331,27 @@ def test_input_errors(rng):
         masked_attention(q, k, v, good[:, :, :4], backend="torch")
     with pytest.raises(InputError, match="do not fit"):
         masked_attention(q, k[:, :, :, :8], v, good, backend="torch")
-    with pytest.raises(InputError, match="float32, float16 or bfloat16"):
-        masked_attention(q.double(), k.double(), v.double(), good, backend="triton")
-    with pytest.raises(InputError, match="share one floating dtype"):
+    with pytest.raises(InputError, match="share one dtype of float32, float16, bfloat16 or float64, got torch.int64"):
+        masked_attention(q.long(), k.long(), v.long(), good, backend="triton")
+    with pytest.raises(InputError, match="share one dtype"):
         masked_attention(q, k.half(), v, good, backend="torch")
+    with pytest.raises(InputError, match="must be on one device"):
+        masked_attention(q, k, v, good.to("meta"), backend="torch")
+    with pytest.raises(InputError, match="head dim <= 256"):
+        masked_attention(*(t.expand(-1, -1, -1, 257) for t in (q[..., :1], k[..., :1], v[..., :1])), good,
+                         backend="triton")
+
+
+def test_int32_offsets_checked(rng, monkeypatch):
+    """Offsets inside one (batch, head) slice are int32 in the kernels: a slice spanning more is refused."""
+    ma = importlib.import_module("m2f.kernels.masked_attention")  # the package's attribute is the function
+
+    (_, _, _), (q, k, v) = make_qkv(rng, 1, 2, 3, 5, 16, torch.float32)
+    allow = torch.ones(1, 3, 5, dtype=torch.bool, device=DEVICE)
+    monkeypatch.setattr(ma, "INT32_SPAN", 64)  # k's (5, 16) slices span 80 elements
+    with pytest.raises(InputError, match=r"^k \(1, 2, 5, 16\) with strides .* spans 80 elements .* int32"):
+        masked_attention(q, k, v, allow, backend="triton")
+    masked_attention(q, k, v, allow, backend="torch")  # the torch backend has no such limit
 
 
 def test_torch_compile_fullgraph(rng):
@@ -352,3 +370,76 @@ def test_torch_compile_fullgraph(rng):
     ref = masked_attention_torch(q64, k64, v64, logits.cpu() >= 0).transpose(1, 2).reshape(1, 9, 32)
     assert rel_err(out, ref) <= 1e-5, f"seed {rng.seed_value}"
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# float64 (gradcheck) and non-finite inputs, both backends
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradcheck_float64(rng, backend):
+    (_, _, _), (q, k, v) = make_qkv(rng, 1, 2, 3, 33, 3, torch.float64)  # 33 keys: two key blocks, a word tail
+    logits = make_logits(rng, (1, 3, 33), 0.3, empty_rows=1).double().to(DEVICE)
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    fn = lambda a, b, c: masked_attention_from_logits(a, b, c, logits, backend=backend)  # noqa: E731
+    assert fn(*inputs).dtype == torch.float64
+    # Triton: fast mode (a random projection of the Jacobian) since every interpreted launch is slow.
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=backend == "triton"), \
+        f"seed {rng.seed_value}"
+
+
+def _poison_forbidden(rng, t, allow, fraction=0.5):
+    """Put inf / -inf / NaN into channels of keys that some row may not attend to; returns the poisoned copy."""
+    forbidden_somewhere = ~normalize_allow(allow, t.shape[1]).all(dim=-2)  # (B, 1 or H, Nk)
+    hit = forbidden_somewhere[..., None].expand(t.shape) & (torch.rand(t.shape, generator=rng) < fraction)
+    specials = torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=t.dtype)
+    out = t.clone()
+    out[hit] = specials[torch.randint(3, (int(hit.sum()),), generator=rng)]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kps", [None, 32])
+def test_non_finite_keys_and_values(rng, backend, kps):
+    """Forbidden keys with inf / NaN K and V contribute nothing; the rows that allow them see IEEE results."""
+    B, H, n_q, n_k, D = 1, 2, 7, 45, 8
+    (q64, k64, v64), _ = make_qkv(rng, B, H, n_q, n_k, D)
+    allow = make_logits(rng, (B, n_q, n_k), 0.4, empty_rows=1) >= 0
+    allow[:, 1] = False
+    allow[:, 1, :20] = True  # row 1 never sees keys >= 20: all its outputs stay finite
+    keys_poisoned = torch.zeros(n_k, dtype=torch.bool)
+    keys_poisoned[20:] = True
+    k_bad, v_bad = (_poison_forbidden(rng, t, allow) for t in (k64, v64))
+    for t, clean in ((k_bad, k64), (v_bad, v64)):
+        t[:, :, :20] = clean[:, :, :20]
+    want = masked_attention_torch(q64, k_bad, v_bad, allow)
+    assert torch.isfinite(want[:, :, 1]).all() and not torch.isfinite(want).all(), f"seed {rng.seed_value}"
+
+    q, k, v = (t.float().to(DEVICE) for t in (q64, k_bad, v_bad))
+    if backend == "triton":
+        got, _ = tk.masked_attention_fwd(q, k, v, allow.to(DEVICE), False, keys_per_split=kps)
+    else:
+        got = masked_attention(q, k, v, allow.to(DEVICE), backend="torch")
+    problem = mismatch(got, want, TOL[torch.float32])
+    assert not problem, f"seed {rng.seed_value}: {backend} kps={kps}: {problem}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_finite_forbidden_values_leave_gradients_unchanged(rng, backend):
+    B, H, n_q, n_k, D = 1, 2, 6, 40, 8
+    (q64, k64, v64), _ = make_qkv(rng, B, H, n_q, n_k, D)
+    allow = make_logits(rng, (B, n_q, n_k), 0.4) >= 0
+    allow[..., 0] = True  # no empty row (it would attend to every key, the poisoned ones too)
+    allow[..., 33:] = False  # keys no row may attend to
+    v_bad = v64.clone()
+    v_bad[:, :, 33:, ::3] = float("nan")
+    v_bad[:, :, 35:, 1::3] = float("inf")
+    grad_out = torch.randn(B, H, n_q, D, generator=rng, dtype=torch.float64)
+    _, want = _grads(lambda a, b, c: masked_attention_torch(a, b, c, allow), (q64, k64, v64), grad_out)
+    fn = lambda a, b, c: masked_attention(a, b, c, allow.to(DEVICE), backend=backend)  # noqa: E731
+    out, grads = _grads(fn, (t.float().to(DEVICE) for t in (q64, k64, v_bad)), grad_out.float().to(DEVICE))
+    assert torch.isfinite(out).all(), f"seed {rng.seed_value}"
+    for name, g, r in zip("qkv", grads, want):
+        problem = mismatch(g, r, 1e-4)
+        assert not problem, f"seed {rng.seed_value}: {backend} d{name}: {problem}"

@@ -14,7 +14,7 @@ import torch
 from m2f.errors import BackendUnavailableError, InputError
 from m2f.kernels import ms_deform_attn
 from m2f.kernels.ms_deform_attn import ms_deform_attn_torch, triton_kernels
-from tests.utils import poisoned_like, rel_err
+from tests.utils import mismatch, off_kink_locations, poisoned_like, rel_err
 
 
 
@@ -261,24 +261,186 @@ def test_opcheck(rng):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Bad input
+# Bad input: every argument that sizes a memory access, on both backends
 # ------------------------------------------------------------------------------------------------------------
-def test_bad_inputs_raise_m2f_errors(rng, monkeypatch):
-    shapes = [(3, 4), (2, 3)]
-    value, loc, attn = make_inputs(rng, shapes)
-    call = lambda *a: ms_deform_attn(*a, backend="triton")  # noqa: E731
-    with pytest.raises(InputError, match="keys"):
-        call(value, [(3, 4), (2, 2)], None, loc, attn)
-    with pytest.raises(InputError, match="levels"):
-        call(value, shapes[:1], None, loc, attn)
-    with pytest.raises(InputError, match="float32, float16 or bfloat16"):
-        call(value.double(), shapes, None, loc.double(), attn.double())
-    with pytest.raises(InputError, match="sampling_locations is torch.float16"):
-        call(value.bfloat16(), shapes, None, loc.half(), attn.bfloat16())
-    with pytest.raises(InputError, match="attention_weights must be"):
-        call(value, shapes, None, loc, attn[..., :1])
-    with pytest.raises(InputError, match="spatial_shapes must be"):
-        call(value, torch.tensor([[3.0, 4.0], [2.0, 3.0]]), None, loc, attn)
+BAD_SHAPES = [(3, 4), (2, 3)]  # S = 18
+
+
+def _bad_input_cases(value, loc, attn):
+    """(name, args, message pattern): each a one-line InputError naming the argument."""
+    shapes = BAD_SHAPES
+    shapes_t, starts = shape_tensors(shapes)
+    return [
+        ("sum-list", (value, [(3, 4), (2, 2)], None, loc, attn), r"value has 18 keys .* hold 16"),
+        ("sum-tensor", (value, shapes_t * 2, None, loc, attn), r"value has 18 keys .* hold 72"),
+        ("sum-tensor-int32", (value, torch.tensor([[8, 10], [2, 3]], dtype=torch.int32, device=DEVICE), None, loc,
+                              attn), r"value has 18 keys .* hold 86"),
+        ("zero-level", (value, [(0, 5), (3, 6)], None, loc, attn), r"level 0 is \(H, W\) = \(0, 5\)"),
+        ("negative-level-tensor", (value, torch.tensor([[-3, -4], [5, 6]], device=DEVICE), None, loc, attn),
+         r"level 0 is \(H, W\) = \(-3, -4\)"),
+        ("starts-values", (value, shapes_t, torch.tensor([0, 5], device=DEVICE), loc, attn),
+         r"level_start_index is \[0, 5\] .* at \[0, 12\]"),
+        ("starts-with-list", (value, shapes, torch.tensor([0, 13], device=DEVICE), loc, attn),
+         r"level_start_index is \[0, 13\]"),
+        ("starts-length", (value, shapes_t, starts[:1], loc, attn), r"level_start_index must be .*\(2,\)"),
+        ("starts-float", (value, shapes_t, starts.float(), loc, attn), r"level_start_index must be .*float32"),
+        ("levels", (value, shapes[:1], None, loc, attn), r"sampling_locations has 2 levels .* has 1"),
+        ("shapes-float", (value, torch.tensor([[3.0, 4.0], [2.0, 3.0]]), None, loc, attn),
+         r"spatial_shapes must be an \(L, 2\) int32/int64 tensor .*float32"),
+        ("shapes-1d", (value, shapes_t.flatten(), None, loc, attn), r"spatial_shapes must be an \(L, 2\)"),
+        ("shapes-not-pairs", (value, [3, 4], None, loc, attn), r"list of \(H, W\) pairs, got \[3, 4\]"),
+        ("value-3d", (value[0], shapes, None, loc, attn), r"value must be \(N, S, M, D\)"),
+        ("value-no-channels", (value[..., :0], shapes, None, loc, attn), r"value must be .*D >= 1"),
+        ("heads", (value[:, :, :1], shapes, None, loc, attn), r"does not match value .* heads"),
+        ("batch", (value.expand(2, -1, -1, -1), shapes, None, loc, attn), r"does not match value .* batch"),
+        ("loc-last-dim", (value, shapes, None, loc[..., :1], attn), r"sampling_locations must be"),
+        ("points", (value, shapes, None, loc, attn[..., :1]), r"attention_weights must be \(N, Lq, M, L, P\)"),
+        ("value-int", (value.long(), shapes, None, loc, attn), r"value dtype torch.int64 is not supported"),
+        ("loc-dtype", (value.bfloat16(), shapes, None, loc.half(), attn.bfloat16()),
+         r"sampling_locations is torch.float16 but value is torch.bfloat16"),
+        ("attn-dtype", (value.half(), shapes, None, loc.half(), attn.double()),
+         r"attention_weights is torch.float64 but value is torch.float16"),
+        ("attn-device", (value, shapes, None, loc, attn.to("meta")), r"attention_weights is on meta"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_inputs_raise_one_line_input_errors(rng, backend):
+    value, loc, attn = make_inputs(rng, BAD_SHAPES, q=3)
+    for name, args, pattern in _bad_input_cases(value, loc, attn):
+        with pytest.raises(InputError, match=pattern) as info:
+            ms_deform_attn(*args, backend=backend)
+        message = str(info.value)
+        assert message.startswith("ms_deform_attn") and "\n" not in message, f"{name}: {message!r}"
+
+
+def test_kernel_launchers_refuse_non_contiguous_buffers(rng):
+    value, loc, attn = make_inputs(rng, BAD_SHAPES, q=3)
+    shapes_t, starts = shape_tensors(BAD_SHAPES)
+    out = torch.empty(1, 12, 3, dtype=value.dtype, device=DEVICE).transpose(1, 2)  # (1, 3, 12), not contiguous
+    with pytest.raises(InputError, match=r"out \(1, 3, 12\) has strides .* must be contiguous"):
+        triton_kernels.ms_deform_attn_fwd(value, shapes_t, starts, loc, attn, out=out)
+    with pytest.raises(InputError, match=r"value .* must be contiguous"):
+        triton_kernels.ms_deform_attn_fwd(value.transpose(2, 3).contiguous().transpose(2, 3), shapes_t, starts, loc,
+                                          attn)
+
+
+def test_op_refuses_cpu_tensors_without_the_interpreter(rng, monkeypatch):
+    value, loc, attn = make_inputs(rng, BAD_SHAPES)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor and no interpreter: the op cannot run
     with pytest.raises(BackendUnavailableError, match="CUDA"):
-        torch.ops.m2f.ms_deform_attn(value.cpu(), *(t.cpu() for t in shape_tensors(shapes)), loc.cpu(), attn.cpu())
+        torch.ops.m2f.ms_deform_attn(value.cpu(), *(t.cpu() for t in shape_tensors(BAD_SHAPES)), loc.cpu(),
+                                     attn.cpu())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_shape_tensors_are_read_once_and_rechecked_when_changed(rng, backend, monkeypatch):
+    """Index tensors are read back (a device sync) once, then trusted until an in-place write bumps their version."""
+    value, loc, attn = make_inputs(rng, BAD_SHAPES, q=3)
+    shapes_t, starts = shape_tensors(BAD_SHAPES)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(tuple(t.shape)) or real_tolist(t))
+    want = ms_deform_attn_torch(value, BAD_SHAPES, loc, attn)
+    for _ in range(3):
+        out = ms_deform_attn(value, shapes_t, starts, loc, attn, backend=backend)
+        assert rel_err(out, want) <= F32_TOL, f"seed {rng.seed_value}"
+    assert reads == [(4,), (2,)], reads  # spatial_shapes and level_start_index, each read once
+
+    shapes_t[0, 1] = 40  # in place: 12 keys become 120, more than value holds
+    with pytest.raises(InputError, match="value has 18 keys .* hold 126"):
+        ms_deform_attn(value, shapes_t, starts, loc, attn, backend=backend)
+    shapes_t[0, 1] = 4
+    starts[1:].add_(1)  # through a view: the view shares the version counter
+    with pytest.raises(InputError, match=r"level_start_index is \[0, 13\]"):
+        ms_deform_attn(value, shapes_t, starts, loc, attn, backend=backend)
+    starts[1] = 12
+    assert rel_err(ms_deform_attn(value, shapes_t, starts, loc, attn, backend=backend), want) <= F32_TOL
+
+    with torch.inference_mode():  # inference tensors have no version counter: read on every call
+        frozen = torch.tensor([[8, 10], [2, 3]], device=DEVICE)
+        with pytest.raises(InputError, match="hold 86"):
+            ms_deform_attn(value, frozen, None, loc, attn, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# float64: gradcheck on both backends (the official op's own test)
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradcheck_float64(rng, backend):
+    shapes = [(3, 2), (1, 3)]  # odd sizes, a one-row level
+    value, _, attn = make_inputs(rng, shapes, n=1, q=3, m=2, d=3, p=2, dtype=torch.float64)
+    # Away from the kinks (pixel centres, borders), where the bilinear weights are not differentiable.
+    loc = off_kink_locations(shapes, (1, 3, 2, 2), rng).to(DEVICE)
+    inputs = tuple(t.detach().clone().requires_grad_() for t in (value, loc, attn))
+    fn = lambda v, l, a: ms_deform_attn(v, shapes, None, l, a, backend=backend)  # noqa: E731
+    assert fn(*inputs).dtype == torch.float64
+    # Triton: fast mode (a random projection of the Jacobian, a few launches) as each interpreted launch costs ~0.2 s
+    # and the full Jacobian needs two per input element.
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=backend == "triton"), \
+        f"seed {rng.seed_value}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Non-finite inputs: every backend follows the float64 reference (naive.py's semantics)
+# ------------------------------------------------------------------------------------------------------------
+NON_FINITE_SHAPES = [(4, 5), (3, 2)]
+SKIPPED_LOCATIONS = [float("nan"), float("inf"), -float("inf"), 1e30, -1e4, 3.0]  # never inside any map
+
+
+def _skip_points(loc, attn, rng, fraction=0.3):
+    """Move a fraction of the points (both coordinates or one) out of their maps and give many of them an inf or NaN
+    weight; returns the bool mask (N, Q, M, L, P) of the skipped points."""
+    skipped = torch.rand(attn.shape, generator=rng) < fraction
+    which = torch.randint(len(SKIPPED_LOCATIONS), loc.shape, generator=rng)
+    far = torch.tensor(SKIPPED_LOCATIONS, dtype=loc.dtype)[which]
+    axis = torch.randint(3, attn.shape, generator=rng)  # 0: x, 1: y, 2: both
+    move = skipped[..., None] & torch.stack((axis != 1, axis != 0), dim=-1)
+    loc[move.to(loc.device)] = far[move].to(loc.device)
+    bad_weight = skipped & (torch.rand(attn.shape, generator=rng) < 0.6)
+    attn[bad_weight.to(attn.device)] = torch.tensor([float("inf"), float("nan")], dtype=attn.dtype)[
+        torch.randint(2, (int(bad_weight.sum()),), generator=rng)].to(attn.device)
+    return skipped
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_skipped_points_contribute_nothing_and_get_zero_gradients(rng, backend):
+    """NaN / inf / far-out locations, with inf / NaN weights: no effect on the output or on any gradient."""
+    shapes = NON_FINITE_SHAPES
+    value, _, attn = make_inputs(rng, shapes, n=2, q=9, m=2, d=5, p=3)
+    loc = off_kink_locations(shapes, (2, 9, 2, 3), rng, dtype=torch.float32).to(DEVICE)
+    bad_loc, bad_attn = loc.clone(), attn.clone()
+    skipped = _skip_points(bad_loc, bad_attn, rng).to(DEVICE)
+    grad_out = torch.randn(2, 9, 10, generator=rng).to(DEVICE)
+    # The same inputs with the skipped points' weights zeroed and locations moved far out, all finite.
+    clean_attn = attn.masked_fill(skipped, 0.0)
+    clean_loc = loc.masked_fill(skipped[..., None], -5.0)
+    want_out, want_value, _, want_attn = reference64(value, shapes, clean_loc, clean_attn, grad_out)
+
+    leaves = [t.clone().requires_grad_() for t in (value, bad_loc, bad_attn)]
+    out = ms_deform_attn(leaves[0], shapes, None, leaves[1], leaves[2], backend=backend)
+    out.backward(grad_out)
+    assert torch.isfinite(out).all(), f"seed {rng.seed_value}: a skipped point leaked into the output"
+    assert rel_err(out, want_out) <= F32_TOL, f"seed {rng.seed_value}"
+    assert rel_err(leaves[0].grad, want_value) <= GRAD_F32_TOL, f"seed {rng.seed_value}: grad value"
+    assert (leaves[1].grad[skipped] == 0).all() and (leaves[2].grad[skipped] == 0).all(), f"seed {rng.seed_value}"
+    err = rel_err(leaves[2].grad[~skipped], want_attn[~skipped])
+    assert err <= GRAD_F32_TOL, f"seed {rng.seed_value}: grad attention_weights rel_err {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_finite_values_and_weights_propagate_as_the_reference(rng, backend):
+    shapes = NON_FINITE_SHAPES
+    value, _, attn = make_inputs(rng, shapes, n=1, q=12, m=2, d=6, p=2)
+    loc = off_kink_locations(shapes, (1, 12, 2, 2), rng, dtype=torch.float32).to(DEVICE)
+    _skip_points(loc, attn, rng)
+    specials = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    hit = torch.rand(value.shape, generator=rng) < 0.04
+    value[hit.to(DEVICE)] = specials[torch.randint(3, (int(hit.sum()),), generator=rng)].to(DEVICE)
+    weird = torch.rand(attn.shape, generator=rng) < 0.05  # inf / NaN weights of points that are not skipped
+    attn[weird.to(DEVICE)] = specials[torch.randint(3, (int(weird.sum()),), generator=rng)].to(DEVICE)
+    out = ms_deform_attn(value, shapes, None, loc, attn, backend=backend)
+    want = reference64(value, shapes, loc, attn)
+    assert not torch.isfinite(want).all(), f"seed {rng.seed_value}: the case should reach non-finite outputs"
+    problem = mismatch(out, want, F32_TOL)
+    assert not problem, f"seed {rng.seed_value}: {backend}: {problem}"

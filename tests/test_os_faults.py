@@ -14,7 +14,6 @@ import errno
 import json
 import os
 import pathlib
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +25,7 @@ from m2f.assets import default_checkpoint_path
 from m2f.cli import main
 from m2f.errors import InputError, OutputError
 from m2f.io import atomic_dir, atomic_path, write_bytes_atomic, write_json_atomic
+from tests.utils import without_progress
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -41,7 +41,7 @@ def _cli(capsys, argv: list[str]) -> tuple[int, str]:
 
 def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if not re.match(r"\S+: +\d+%\|", line)]  # tqdm's bar
+    lines = without_progress(err)
     assert len(lines) == 1 and lines[0].startswith("m2f: error: ") and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -87,6 +87,15 @@ def test_atomic_write_faults_name_the_target_and_leave_nothing(tmp_path, monkeyp
     with pytest.raises(OutputError, match=f"^cannot write {target}: {needle}"):
         write_json_atomic(target, {"a": 1})
     assert _tree(tmp_path) <= {"out"}  # at most the (empty) parent directory
+
+
+def test_a_fault_inside_a_temporary_directory_names_the_target(tmp_path, monkeypatch):
+    target = tmp_path / "dataset"
+    _inject(monkeypatch, pathlib.Path, "write_bytes", errno.EACCES, tmp_path)  # named: a temp file in the temp dir
+    with pytest.raises(OutputError, match=f"^cannot write {target / 'inner.json'}: permission denied"):
+        with atomic_dir(target) as tmp:
+            write_json_atomic(tmp / "inner.json", {})
+    assert _tree(tmp_path) == set()
 
 
 def test_a_file_in_the_way_of_a_directory_is_named(tmp_path):
@@ -160,11 +169,56 @@ def test_export_onnx_output_is_a_directory(tmp_path, capsys, force):
     assert _tree(tmp_path) == {"m.onnx"}  # no orphan manifest
 
 
+@pytest.mark.parametrize("command", ["export onnx", "export tensorrt", "export triton-repo", "export check",
+                                     "convert", "data synth"])
+def test_outputs_through_a_file_are_refused_before_any_work(tmp_path, capsys, command):
+    (tmp_path / "afile").write_text("x")
+    model = tmp_path / "m.onnx"
+    onnx.save(_graph("first"), model)
+    out = str(tmp_path / "afile" / "out")
+    ckpt = str(default_checkpoint_path())
+    argv = {
+        "export onnx": ["export", "onnx", "--checkpoint", ckpt, "--output", out],
+        "export tensorrt": ["export", "tensorrt", "--onnx", str(model), "--output", out],
+        "export triton-repo": ["export", "triton-repo", "--model", str(model), "--output", out],
+        "export check": ["export", "check", str(model), "--checkpoint", ckpt, "--report", out],
+        "convert": ["convert", ckpt, "--output", out],
+        "data synth": ["data", "synth", "--out", out, "--num", "1", "--size", "32x32"],
+    }[command]
+    code, err = _cli(capsys, argv)
+    _assert_one_line_error(code, err, "afile is a file, not a directory; remove it or choose another path")
+    assert _tree(tmp_path) == {"afile", "m.onnx"}
+
+
+def test_export_onnx_on_a_full_disk(tmp_path, monkeypatch):
+    def full(module, args, f, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # write() on a full disk names no file
+
+    monkeypatch.setattr(torch.onnx, "export", full)
+    with pytest.raises(OutputError, match=f"^cannot write {tmp_path / 'm.onnx'}: no space left on the device"):
+        to_onnx(torch.nn.Identity(), tmp_path / "m.onnx", height=64, width=64, simplify=False)
+    assert _tree(tmp_path) == set()  # neither a partial model nor an orphan manifest
+
+
 def test_convert_on_a_full_disk(tmp_path, capsys, monkeypatch):
     _inject(monkeypatch, pathlib.Path, "write_bytes", errno.ENOSPC, tmp_path, named=False)
     code, err = _cli(capsys, ["convert", str(default_checkpoint_path()), "--output", str(tmp_path / "conv")])
     _assert_one_line_error(code, err, f"cannot write {tmp_path / 'conv'}: no space left on the device")
     assert _tree(tmp_path) == set()
+
+
+def test_train_checkpoint_on_a_full_disk(tmp_path, capsys, monkeypatch):
+    from m2f.data.synth import write_dataset
+    from tests.utils import fresh_seed
+
+    data = write_dataset(tmp_path / "data", num=2, seed=fresh_seed(), size=(64, 64))
+    run = tmp_path / "run"
+    _inject(monkeypatch, pathlib.Path, "write_bytes", errno.ENOSPC, run, named=False)
+    code, err = _cli(capsys, ["train", "--config", str(default_checkpoint_path() / "m2f_config.json"), "--data",
+                              str(data), "--out", str(run), "--iters", "1", "--batch-size", "1", "--num-points", "64",
+                              "--device", "cpu", "--quiet"])
+    _assert_one_line_error(code, err, "no space left on the device")
+    assert not [p.name for p in run.rglob("*") if p.name.endswith(".partial") or p.suffix == ".safetensors"]
 
 
 @pytest.mark.parametrize("owner,name,code,named,needle", [

@@ -61,11 +61,12 @@ def test_write_panoptic_png_matches_json(tmp_path):
     infos = on_disk["segments_info"]
     assert sorted(int(i) for i in np.unique(ids) if i) == [s["id"] for s in infos]
     by_id = {s["id"]: s for s in infos}
-    assert by_id[1] == {"id": 1, "category_id": 1, "isthing": True, "score": pytest.approx(0.91), "area": 20,
+    assert by_id[1] == {"id": 1, "category_id": 1, "category_name": "person", "isthing": True, "score": pytest.approx(0.91), "area": 20,
                         "bbox": [2, 1, 5, 4]}
     assert by_id[2]["category_id"] == labels.dataset_ids[100] and by_id[2]["isthing"] is False
     assert by_id[2]["bbox"] == [0, 8, 16, 4]
     assert by_id[300]["category_id"] == 3 and by_id[300]["bbox"] == [10, 2, 5, 2]
+    assert by_id[300]["category_name"] == "car" and by_id[2]["category_name"] == labels.names[100]
     for s in infos:
         assert s["area"] == int((ids == s["id"]).sum())
     assert sorted(os.listdir(tmp_path)) == ["a_panoptic.json", "a_panoptic.png"], "no temporary files left"

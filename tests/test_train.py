@@ -1,11 +1,8 @@
 """Training: data loaders and augmentation, the optimisation recipe, the loop on a tiny real model (loss falls,
-exact resume, gradients through both attention ops), DDP on CPU with gloo."""
+exact resume, gradients through both attention ops); several processes: tests/test_train_multiprocess.py."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -213,12 +210,13 @@ def test_loss_falls_on_a_tiny_model(tmp_path, tiny_data):
 
     torch.set_num_threads(1)
     cfg = tiny_config(**tiny_data.label_set())
-    opts = _options(iters=30, optim=OptimConfig(lr=2e-3, backbone_multiplier=1.0), scale_range=(1.0, 1.0),
+    # 50 iterations: at 30 the fall (0.80x measured) sat on the bound, so any change of float rounding could flip it
+    opts = _options(iters=50, optim=OptimConfig(lr=2e-3, backbone_multiplier=1.0), scale_range=(1.0, 1.0),
                     hflip=False)
     out = Trainer(cfg, tiny_data, tmp_path / "run", opts, device="cpu", progress=False).train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows]
-    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert len(losses) == 50 and all(np.isfinite(losses))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.8 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
     for name in ("checkpoint.json", "log.csv", "loss.png", "train_config.json"):
@@ -312,30 +310,3 @@ def test_gradients_with_triton_backend(rng, tiny_data):
     errs = [(rel_err(p.grad, q.grad), name) for (name, p), (_, q) in
             zip(model.named_parameters(), reference.named_parameters())]
     assert max(errs)[0] < 1e-4, f"largest gradient difference {max(errs)} (seed {rng.seed_value})"
-
-
-def test_ddp_two_processes_gloo(tmp_path, tiny_data):
-    """torchrun --nproc_per_node 2 on the CPU: both ranks train, only rank 0 writes."""
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(tiny_config().to_dict()))
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "m2f", "train", "--config", str(config), "--data", str(tiny_data.root), "--out", str(out),
-           "--iters", "2", "--batch-size", "2", "--num-points", "196", "--device", "cpu", "--quiet",
-           "--threads", "1", "--log-every", "1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # torchrun and both workers
-        proc.communicate()
-        pytest.fail("DDP training did not finish in 150 s")
-    assert proc.returncode == 0, stderr[-3000:]
-    state = load_state(out)
-    assert state.world_size == 2 and len(state.rng) == 2 and state.iteration == 2
-    assert state.rng[0]["torch"] != state.rng[1]["torch"]  # each rank its own stream
-    rows = (out / "log.jsonl").read_text().splitlines()
-    assert [json.loads(r)["iter"] for r in rows] == [1, 2]  # written once (rank 0), not twice
-    assert (out / "model" / "model.safetensors").is_file()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -49,6 +50,18 @@ def fresh_seed(key: str | None = None) -> int:
     return int.from_bytes(digest[:4], "little") % 2**31
 
 
+def has_tensorrt_runtime() -> bool:
+    """Whether a TensorRT runtime imports here; tensorrt-stubs (a test extra, for mypy) alone makes an importable
+    ``tensorrt`` package with no runtime, which counts as none."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    import tensorrt
+
+    return isinstance(getattr(tensorrt, "__version__", None), str)
+
+
 class SeededGenerator(torch.Generator):
     """A torch.Generator that remembers its seed (the C type takes no new attributes; a subclass does)."""
 
@@ -92,6 +105,7 @@ def full_manifest(kind: str = "onnx", batch: int = 1, height: int = 64, width: i
     }
     return new_manifest(kind, batch=batch, height=height, width=width, **{**defaults, **fields})
 
+
 def tiny_model(seed: int) -> torch.nn.Module:
     """A small ResNet Mask2Former (2 encoder layers, 4 decoder layers, 7 queries, 3 classes) with weights moved
     off their init values (zero biases would hide layout mistakes) and some empty masks."""
@@ -122,3 +136,69 @@ def save_tiny_checkpoint(tmp_path_factory, key: str) -> tuple[Path, int]:
     path = tmp_path_factory.mktemp("tiny") / "ckpt"
     m2f.save_pretrained(tiny_model(seed), path)
     return path, seed
+
+
+def off_kink_locations(shapes, size: tuple[int, int, int, int], generator: torch.Generator, margin: float = 0.2,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:  # (N, Q, M, L, P, 2)
+    """Deformable-attention sampling locations whose pixel coordinates (x * W - 0.5) lie in [i + margin,
+    i + 1 - margin] for a random cell i in [-2, W] (per axis and level): corners partly or wholly outside the map,
+    yet never within rounding of a kink (pixel centre, border), so float32 and float64 pick the same corners and
+    finite differences stay on one side."""
+    n, q, m, p = size
+    coords = []
+    for h, w in shapes:
+        extent = torch.tensor([w, h], dtype=torch.float64)
+        cell = torch.floor(torch.rand(n, q, m, p, 2, generator=generator, dtype=torch.float64) * (extent + 3)) - 2
+        frac = margin + (1 - 2 * margin) * torch.rand(n, q, m, p, 2, generator=generator, dtype=torch.float64)
+        coords.append((cell + frac + 0.5) / extent)
+    return torch.stack(coords, dim=3).to(dtype)
+
+
+def mismatch(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str:
+    """'' when ``out`` has NaN, +inf and -inf exactly where ``ref`` has them and its finite values are within
+    ``tol`` relative error of ``ref``'s; otherwise a short description of the first difference."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if out64.shape != ref64.shape:
+        return f"shape {tuple(out64.shape)} != {tuple(ref64.shape)}"
+    for kind, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        differ = test(out64) != test(ref64)
+        if differ.any():
+            where = tuple(int(i) for i in differ.nonzero()[0])
+            return f"{int(differ.sum())} {kind} positions differ, first at {where}: {out64[where]} vs {ref64[where]}"
+    finite = torch.isfinite(ref64)
+    err = rel_err(out64[finite], ref64[finite]) if finite.any() else 0.0
+    return f"finite values rel_err {err:.3g} > {tol}" if err > tol else ""
+
+
+# what m2f.runtime prints while it works: tqdm's bar, a plain progress line, a stage's start / end line
+PROGRESS_LINE = re.compile(r"\S+: +\d+%\||m2f: .*(?: \.\.\.|: done \([\d.]+ s\)|: \d+/\d+ \S+ \([\d.]+ s\))$")
+
+
+def without_progress(stderr: str) -> list[str]:
+    """The lines of ``stderr`` other than progress and stage lines."""
+    return [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
+
+
+def hub_cache_snapshot(hf_home, repo_id: str, revision: str = "main"):
+    """An empty snapshot folder of ``repo_id`` in the hub cache layout under ``hf_home`` (``$HF_HOME/hub/models--
+    OWNER--NAME/{refs/REVISION, snapshots/COMMIT}``), as huggingface_hub leaves it after a download; fill it with
+    the repository's files. The commit is derived from the id and revision (a cache needs one, any 40 hex digits)."""
+    from pathlib import Path
+
+    repo = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def offline_env(hf_home) -> dict[str, str]:
+    """The environment of a subprocess that must never reach the network: hub offline mode, the hub cache under
+    ``hf_home``, and every proxy pointed at a closed local port (anything that still tries to connect fails)."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "hf_token", "hf_hub_cache")}
+    closed = "http://127.0.0.1:9"
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HTTP_PROXY=closed, HTTPS_PROXY=closed, ALL_PROXY=closed,
+               http_proxy=closed, https_proxy=closed)
+    return env

@@ -16,9 +16,10 @@ from . import Target, register
 CPU = ("CPUExecutionProvider",)
 
 
-def ort_session(path: str | Path, providers: Sequence[str] = CPU, threads: int | None = None) -> Any:
-    """An ``onnxruntime.InferenceSession`` on ``path`` with quiet logging; one line naming the problem when
-    onnxruntime is missing or cannot load the file."""
+def ort_session(path: str | Path, providers: Sequence[str] = CPU, threads: int | None = None) -> tuple[Any, str]:
+    """An ``onnxruntime.InferenceSession`` on ``path`` with quiet logging, and how it runs the graph: "onnxruntime",
+    or for a low-precision graph whose types this build has no kernels for (bf16 on the CPU) "onnxruntime
+    (emulated ...)". One line naming the problem when onnxruntime is missing or cannot load the file."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -28,10 +29,20 @@ def ort_session(path: str | Path, providers: Sequence[str] = CPU, threads: int |
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=list(providers))
+        return ort.InferenceSession(str(path), options, providers=list(providers)), "onnxruntime"
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
-                         "re-export it with `m2f export onnx`") from None
+        if "NOT_IMPLEMENTED" not in str(exc):
+            raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]}); re-export it with `m2f export onnx`") from None
+    # a bf16 graph: this CPU build has no bf16 kernels; run it emulated (float32 arithmetic, bf16 rounding)
+    import onnx
+
+    from ..precision import emulate_on_cpu
+
+    emulated = emulate_on_cpu(onnx.load(str(path)))
+    session = ort.InferenceSession(emulated.SerializeToString(), options, providers=list(providers))
+    return session, ("onnxruntime (emulated: the CPU build has no kernel for some of the graph's types; float32 "
+                     "arithmetic, rounded to the graph's type at every stored tensor)")
 
 
 class OnnxRuntimeRunner:
@@ -42,10 +53,13 @@ class OnnxRuntimeRunner:
         if not path.is_file():
             raise InputError(f"ONNX file {path} does not exist; export one with `m2f export onnx`")
         self.name = str(path)
-        self.session = ort_session(path, providers, threads)
+        self.session, self.runtime = ort_session(path, providers, threads)
         inputs = self.session.get_inputs()
+        if inputs[0].type == "tensor(bfloat16)":
+            raise InputError(f"{path} takes a bfloat16 input, which NumPy cannot make; export it with float32 inputs "
+                             "and outputs (the default)")
         self.input_name = inputs[0].name
-        self.input_dtype = np.float16 if "float16" in inputs[0].type else np.float32
+        self.input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         shape = inputs[0].shape
         self.fixed_shape = tuple(shape) if all(isinstance(s, int) for s in shape) else None

@@ -129,11 +129,12 @@ class OpenVINORunner:
 
 def _add_cli(p: argparse.ArgumentParser) -> None:
     from m2f.cli.export import add_export_size_options
+    from m2f.cli.options import add_out_option
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint to export (through a decomposed ONNX graph)")
     src.add_argument("--onnx", help="ONNX file written by `m2f export onnx` (standard ops)")
-    p.add_argument("--output", required=True, help="OpenVINO model directory to write")
+    add_out_option(p, "OpenVINO model directory to write", required=True, dest="output", old=("--output",))
     add_export_size_options(p)
     p.add_argument("--precision", default="fp32", help="fp32 (default), fp16 (float16 weights) or int8 (NNCF)")
     p.add_argument("--calib", default=None, help="folder of calibration images for --precision int8")

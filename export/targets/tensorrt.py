@@ -36,19 +36,24 @@ def _available() -> str | None:
 
 
 def _add_cli(t: Any) -> None:
+    from m2f.cli.options import add_out_option
+
     t.add_argument("--onnx", required=True, help="ONNX file written by `m2f export onnx`")
-    t.add_argument("--output", required=True, help="engine file to write")
+    add_out_option(t, "engine file to write", required=True, dest="output", old=("--output",))
     prec = t.add_mutually_exclusive_group()
-    prec.add_argument("--fp16", action="store_true", help="allow float16 kernels")
-    prec.add_argument("--bf16", action="store_true", help="allow bfloat16 kernels")
-    prec.add_argument("--int8", action="store_true", help="INT8 with entropy calibration (needs --calib)")
+    prec.add_argument("--fp16", action="store_true",
+                      help="TensorRT 10.x weak typing: allow float16 kernels (11.x: export with --precision fp16)")
+    prec.add_argument("--bf16", action="store_true",
+                      help="TensorRT 10.x weak typing: allow bfloat16 kernels (11.x: export with --precision bf16)")
+    prec.add_argument("--int8", action="store_true",
+                      help="TensorRT 10.x: INT8 with entropy calibration, needs --calib (11.x: --precision int8)")
     t.add_argument("--calib", default=None, help="folder of calibration images for --int8")
     t.add_argument("--min-shape", default=None, help="optimisation profile minimum, BxCxHxW")
     t.add_argument("--opt-shape", default=None, help="optimisation profile optimum, BxCxHxW")
     t.add_argument("--max-shape", default=None, help="optimisation profile maximum, BxCxHxW")
     t.add_argument("--timing-cache", default=None, help="timing cache file (read if present, then updated)")
-    t.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB (4)")
-    t.add_argument("--plugins", default="m2f",
+    t.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB")
+    t.add_argument("--plugins", default="m2f", choices=("m2f", "tensorrt"),
                    help="deformable-attention plugin nodes run 'm2f' (our Triton kernel, AOT) or 'tensorrt' (its own); "
                         "masked-attention plugin nodes always run m2f's")
     t.add_argument("--force", action="store_true", help="overwrite an existing engine")
@@ -67,7 +72,8 @@ def _run_cli(args: Any) -> Any:
 
 TARGET = register(Target(
     name="tensorrt",
-    description="TensorRT engine (CUDA GPU), m2f's Triton kernels as plugins",
+    description="a TensorRT engine (TensorRT >= 10.3, a CUDA GPU; by default strongly typed, in the precision of "
+                "the ONNX graph), m2f's Triton kernels as plugins",
     artifact="tensorrt",
     op_modes={"msda": "plugin", "masked_attn": "plugin"},
     ops=SUPPORT,

@@ -17,8 +17,14 @@ from .._backend import resolve_backend
 from .lowres import lowres_mask_logits, official_mask_logits, resize_mask_features
 from .naive import masked_attention_from_logits_torch, masked_attention_torch, normalize_allow
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 256
+INT32_SPAN = 2**31  # offsets inside one (batch, head) slice are int32 in the kernels
+
+
+def _slice_span(t: torch.Tensor) -> int:
+    """Largest element offset inside one (batch, head) slice of a (B, H, ...) tensor, plus one."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[2:], t.stride()[2:]))
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, mask_name: str,
@@ -36,8 +42,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     n_k = k.shape[2]
     if n_q == 0 or n_k == 0 or D == 0 or B == 0 or H == 0:
         raise InputError(f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}; every size must be >= 1")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise InputError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise InputError(f"q, k, v must share one dtype of float32, float16, bfloat16 or float64, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device == mask.device):
         raise InputError(f"q, k, v and {mask_name} must be on one device, got {q.device}, {k.device}, {v.device}, "
                          f"{mask.device}")
@@ -47,11 +54,16 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
             f"got {tuple(mask.shape)}"
         )
     if backend == "triton":
-        if q.dtype not in _TRITON_DTYPES:
-            raise InputError(f"the Triton kernel takes float32, float16 or bfloat16, got {q.dtype}; cast the inputs "
-                             "or use backend='torch'")
         if D > MAX_HEAD_DIM:
             raise InputError(f"the Triton kernel supports head dim <= {MAX_HEAD_DIM}, got {D}; use backend='torch'")
+        mask4 = mask if mask.dim() == 4 else mask.unsqueeze(1)
+        for name, t in (("q", q), ("k", k), ("v", v), (mask_name, mask4)):
+            if _slice_span(t) >= INT32_SPAN:
+                raise InputError(
+                    f"{name} {tuple(t.shape)} with strides {t.stride()} spans {_slice_span(t)} elements per (batch, "
+                    "head), more than the Triton kernel's int32 offsets reach (2^31); split the keys or queries, or "
+                    "use backend='torch'"
+                )
 
 
 def masked_attention(

@@ -3,6 +3,13 @@
 softmax(M + q kᵀ / sqrt(d)) v with M = 0 where ``allow`` and -inf elsewhere; a query row with no allowed key
 attends to every key (Mask2Former's rule for queries whose predicted mask is empty). Heads share ``allow``
 when it is (B, Nq, Nk). Pure tensor ops (no data-dependent indexing), so it traces and exports.
+
+Non-finite inputs (these semantics define every backend): a forbidden key contributes nothing, even when its K or V
+is inf / NaN; everything else follows IEEE arithmetic (an allowed inf / NaN value reaches its rows' outputs, an
+allowed inf score makes its row NaN, as does a row whose allowed scores are all -inf; an allowed inf value
+counts even where its probability underflows to 0). Gradients are meaningful for finite allowed inputs; non-finite values of
+forbidden keys leave them unchanged (a non-finite K of a forbidden key still makes dQ NaN: q kᵀ's backward multiplies
+it by a zero).
 """
 from __future__ import annotations
 
@@ -31,7 +38,15 @@ def masked_attention_torch(
     scores = scores.masked_fill(~allow, float("-inf"))
     # softmax in float32 for half inputs, in the input precision otherwise (float64 references stay float64)
     probs = torch.softmax(scores.float() if scores.element_size() < 4 else scores, dim=-1)
-    return torch.matmul(probs.to(v.dtype), v)
+    # A forbidden key's probability is 0, and 0 times an inf / NaN value would be NaN: values enter the product
+    # finite, and the non-finite ones of allowed keys are added back per (row, channel): +inf where an allowed key
+    # holds NaN or +inf, -inf where one holds NaN or -inf; the IEEE sum makes NaN of both.
+    finite = torch.isfinite(v)
+    out = torch.matmul(probs.to(v.dtype), torch.where(finite, v, 0))
+    counts = torch.matmul(allow.to(v.dtype), torch.cat(((~finite & (v != -torch.inf)).to(v.dtype),
+                                                         (~finite & (v != torch.inf)).to(v.dtype)), dim=-1))
+    up, down = (counts > 0).chunk(2, dim=-1)  # (B, H, Nq, D) each
+    return out + torch.where(up, torch.inf, 0.0) + torch.where(down, -torch.inf, 0.0)  # inf + -inf = NaN
 
 
 def masked_attention_from_logits_torch(

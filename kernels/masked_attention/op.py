@@ -1,7 +1,7 @@
 """``torch.library`` registration of the Triton masked attention: custom ops with fake kernels and autograd.
 
-Ops (each returns ``(out, lse)``; ``lse`` is the float32 base-2 log-sum-exp the backward recomputes from, and is not
-differentiable):
+Ops (each returns ``(out, lse)``; ``lse`` is the base-2 log-sum-exp the backward recomputes from, float32 (float64 for
+float64 inputs), and is not differentiable):
 
 * ``m2f::masked_attention(Tensor q, Tensor k, Tensor v, Tensor allow) -> (Tensor, Tensor)``
 * ``m2f::masked_attention_from_logits(Tensor q, Tensor k, Tensor v, Tensor mask_logits) -> (Tensor, Tensor)``
@@ -22,7 +22,7 @@ from . import triton_kernels as tk
 
 def _fake_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
     B, H, n_q, _ = q.shape
-    return tk.new_output(q), q.new_empty((B, H, n_q), dtype=torch.float32)
+    return tk.new_output(q), q.new_empty((B, H, n_q), dtype=tk.stats_dtype(q.dtype))
 
 
 @torch.library.custom_op("m2f::masked_attention", mutates_args=())

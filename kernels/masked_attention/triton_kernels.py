@@ -35,11 +35,20 @@ Design
     ``_bwd_dq_kernel``, split over keys like the forward (float32 partials summed). Extra memory:
     O(B·H·Nq·(D·splits + 1)) + the packed mask; never O(Nq·Nk) per head.
 
-Dtypes: q, k, v float32 / float16 / bfloat16 (all the same); float32 accumulation; outputs in the input dtype.
-float32 dots run in IEEE precision (no TF32): float32 results match a float32 reference to ~1e-6.
+Dtypes: q, k, v float32 / float16 / bfloat16 / float64 (all the same); float32 accumulation (float64 for float64
+inputs, with float64 lse / delta / partials: slow, meant for gradcheck); outputs in the input dtype. float32 and
+float64 dots run in IEEE precision (no TF32): float32 results match a float32 reference to ~1e-6. On a GPU the
+softmax scale is a float32 kernel argument, so float64 results there match a float64 reference to ~1e-7 only.
+
+Non-finite inputs (the semantics of ``naive.py``): a forbidden key contributes nothing, even when its K or V is
+inf / NaN (its score is replaced by -inf before use; its value enters the P·V dot as 0 and the inf / NaN values of
+allowed keys are added back per row, on a branch taken only by tiles that hold any); everything else follows IEEE
+arithmetic. Gradients are meaningful for finite allowed inputs; non-finite values of forbidden keys leave every
+gradient unchanged (a non-finite K of a forbidden key still makes dQ NaN, on both backends).
 Limits: head dim <= 256 (a constexpr; padded to a power of two >= 16, tail masked); any Nq, Nk >= 1; any strides;
-batch / head offsets in int64. Tested in Triton's interpreter (CPU, triton 3.9) and compiled ahead of time for
-sm_90 (H100) and sm_87 (Jetson Orin), see tests/test_maskattn_aot.py. Not yet run on a GPU.
+batch / head offsets in int64, offsets inside one (batch, head) int32 (checked by the dispatcher). Tested in
+Triton's interpreter (CPU, triton 3.9) and compiled ahead of time for sm_90 (H100) and sm_87 (Jetson Orin), see
+tests/test_maskattn_aot.py. Ran on an H100 on 2026-11-24 in fp32 / fp16 / bf16; fp64 has NOT run on a GPU.
 """
 from __future__ import annotations
 
@@ -98,7 +107,7 @@ def _tuning(kind: str):
     fp32_ids = {id(c) for c in fp32}
 
     def prune(configs, named_args, **kwargs):
-        want_fp32 = named_args["Q"].dtype == torch.float32
+        want_fp32 = named_args["Q"].dtype in (torch.float32, torch.float64)  # float64: the small fp32 tiles
         return [c for c in configs if (id(c) in fp32_ids) == want_fp32]
 
     return dict(configs=half + fp32, prune_configs_by={"early_config_prune": prune})
@@ -141,7 +150,9 @@ def _pack_mask_kernel(
         in_range = r_in[:, None, None] & (key < n_k)
         b_m = tl.load(p_row + key * stride_mk, mask=in_range, other=0)  # (BR, BW, 32)
         if MASK_IS_LOGITS:
-            b_ok = b_m.to(tl.float32) >= 0  # sigmoid(logit) >= 0.5; via float32: the interpreter compares bf16 bits
+            # sigmoid(logit) >= 0.5. bfloat16 via float32 (the interpreter compares its bits); float64 in place (a
+            # tiny negative logit would round to -0.0 in float32 and count as allowed).
+            b_ok = (b_m.to(tl.float32) if MASK.dtype.element_ty == tl.bfloat16 else b_m) >= 0
         else:
             b_ok = b_m != 0
         # distinct powers of two: their sum is their bitwise or
@@ -206,9 +217,11 @@ def _fwd_kernel(
     offs_w = tl.arange(0, BLOCK_K // 32)
     offs_j = tl.arange(0, 32)
     n_words = tl.cdiv(n_k, 32)
-    m_i = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)  # finite: exp2(m_old - m_new) never sees inf - inf
-    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    ACC = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32  # statistics / accumulators
+    m_i = tl.full([BLOCK_Q], -1.0e30, dtype=ACC)  # finite: exp2(m_old - m_new) never sees inf - inf
+    l_i = tl.zeros([BLOCK_Q], dtype=ACC)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
+    any_bad = 0  # a non-finite value seen in this split
     for start in range(k_start, k_end, BLOCK_K):  # start is a multiple of 32: whole words
         key = start + offs_k
         k_in = key < k_end
@@ -233,19 +246,46 @@ def _fwd_kernel(
             b_p = tl.math.exp2(b_s - m_new[:, None])  # forbidden keys: exp2(-inf) = 0
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.reduce(b_p, 1, _SUM)
-            # (BQ, BK) x (BK, BD) -> (BQ, BD); p rounded to the input dtype as in FlashAttention
+            # (BQ, BK) x (BK, BD) -> (BQ, BD); p rounded to the input dtype as in FlashAttention. Non-finite
+            # values enter the dot as 0 (a forbidden key's p = 0 times inf would be NaN); the allowed ones are
+            # added after the loop.
+            b_v_ok = (b_v == b_v) & (tl.abs(b_v) != float("inf"))  # isfinite
+            any_bad = any_bad | tl.reduce((~b_v_ok & kv_mask).to(tl.int32), None, _MAX)
+            b_v = tl.where(b_v_ok, b_v, 0.0)
             b_pv = tl.dot(b_p.to(b_v.dtype).to(DOT_DTYPE), b_v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             acc = acc * alpha[:, None] + b_pv
             m_i = m_new
+    if any_bad > 0:  # rare: inf / NaN among this split's values; a second pass keeps them off the main loop
+        # Per (row, channel): +inf if an allowed key holds NaN or +inf, then -inf if one holds NaN or -inf; their
+        # IEEE sum is NaN for a NaN or for +inf meeting -inf (an allowed inf counts even where p underflows).
+        for start in range(k_start, k_end, BLOCK_K):
+            key = start + offs_k
+            k_in = key < k_end
+            word = start // 32 + offs_w
+            b_w = tl.load(bits_base + offs_q[:, None] * stride_bq + word[None, :],
+                          mask=q_in[:, None] & (word < n_words)[None, :], other=0)
+            b_allow = (tl.reshape((b_w[:, :, None] >> offs_j[None, None, :]) & 1, (BLOCK_Q, BLOCK_K)) != 0)
+            b_allow_f = (b_allow & q_in[:, None] & k_in[None, :]).to(DOT_DTYPE)
+            b_v = tl.load(v_base + key[:, None] * stride_vk + offs_d[None, :] * stride_vd,
+                          mask=k_in[:, None] & d_in[None, :], other=0.0)
+            b_bad = (b_v != b_v) | (tl.abs(b_v) == float("inf"))
+            b_hits = tl.dot(b_allow_f, (b_bad & (b_v != float("-inf"))).to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            acc += tl.where(b_hits > 0, float("inf"), 0.0)
+            b_hits = tl.dot(b_allow_f, (b_bad & (b_v != float("inf"))).to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            acc += tl.where(b_hits > 0, float("-inf"), 0.0)
 
-    has_keys = l_i > 0  # False only for a row with no allowed key in this split (never with one split)
+    # l = 0: a split in which the row has no allowed key (weight 0 in the merge), or, with one split, a row whose
+    # allowed scores are all -inf: every row has an allowed key, so that is IEEE's softmax 0 / 0 = NaN (so is the
+    # merge's when no split contributed).
+    has_keys = (l_i > 0) | (keys_per_split >= n_k)
     l_safe = tl.where(has_keys, l_i, 1.0)
-    b_o = acc / l_safe[:, None]
+    b_o = tl.where((l_i == 0)[:, None] & has_keys[:, None], float("nan"), acc / l_safe[:, None])
     b_lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("-inf"))
     p_o = OUT + b * stride_ob + h * stride_oh + split * stride_os
     p_o = p_o + offs_q[:, None] * stride_oq + offs_d[None, :] * stride_od
     tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=q_in[:, None] & d_in[None, :])
-    tl.store(LSE + b * stride_lb + h * stride_lh + split * stride_ls + offs_q, b_lse, mask=q_in)
+    tl.store(LSE + b * stride_lb + h * stride_lh + split * stride_ls + offs_q, b_lse.to(LSE.dtype.element_ty),
+             mask=q_in)
 
 
 @triton.jit
@@ -269,9 +309,10 @@ def _merge_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q_in = offs_q < n_q
     io_mask = q_in[:, None] & (offs_d < HEAD_DIM)[None, :]
-    m_i = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    ACC = O_PART.dtype.element_ty  # float32, float64 for float64 inputs
+    m_i = tl.full([BLOCK_Q], -1.0e30, dtype=ACC)
+    l_i = tl.zeros([BLOCK_Q], dtype=ACC)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     for s in range(0, n_splits):
         row = bh * n_splits + s
         b_lse = tl.load(LSE_PART + row * n_q + offs_q, mask=q_in, other=float("-inf"))
@@ -279,13 +320,17 @@ def _merge_kernel(
         m_new = tl.maximum(m_i, b_lse)
         alpha = tl.math.exp2(m_i - m_new)
         w = tl.math.exp2(b_lse - m_new)
-        acc = acc * alpha[:, None] + w[:, None] * b_o
+        # inf / NaN partials pass whatever their weight (an allowed inf value counts even where p underflows)
+        b_fin = (b_o == b_o) & (tl.abs(b_o) != float("inf"))
+        acc_fin = (acc == acc) & (tl.abs(acc) != float("inf"))
+        acc = tl.where(acc_fin, acc * alpha[:, None], acc) + tl.where(b_fin, w[:, None] * b_o, b_o)
         l_i = l_i * alpha + w
         m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    # l = 0 only when no split had a finite score (every row has an allowed key): 0 / 0 = NaN, as the softmax
     p_out = OUT + b * stride_ob + h * stride_oh + offs_q[:, None] * stride_oq + offs_d[None, :] * stride_od
-    tl.store(p_out, (acc / l_safe[:, None]).to(OUT.dtype.element_ty), mask=io_mask)
-    tl.store(LSE + bh * n_q + offs_q, m_i + tl.math.log2(l_safe), mask=q_in)
+    tl.store(p_out, tl.where((l_i == 0)[:, None], float("nan"), acc / l_i[:, None]).to(OUT.dtype.element_ty),
+             mask=io_mask)
+    tl.store(LSE + bh * n_q + offs_q, (m_i + tl.math.log2(l_i)).to(LSE.dtype.element_ty), mask=q_in)
 
 
 @triton.jit
@@ -310,9 +355,9 @@ def _bwd_delta_kernel(
     q_in = offs_q < n_q
     io_mask = q_in[:, None] & (offs_d < HEAD_DIM)[None, :]
     b_o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_q[:, None] * stride_oq + offs_d[None, :] * stride_od,
-                  mask=io_mask, other=0.0).to(tl.float32)
+                  mask=io_mask, other=0.0).to(DELTA.dtype.element_ty)
     b_do = tl.load(DO + b * stride_gb + h * stride_gh + offs_q[:, None] * stride_gq + offs_d[None, :] * stride_gd,
-                   mask=io_mask, other=0.0).to(tl.float32)
+                   mask=io_mask, other=0.0).to(DELTA.dtype.element_ty)
     tl.store(DELTA + bh * n_q + offs_q, tl.reduce(b_o * b_do, 1, _SUM), mask=q_in)
 
 
@@ -358,8 +403,12 @@ def _bwd_dkdv_kernel(
                   mask=kv_mask, other=0.0)  # (BK, BD)
     b_v = tl.load(V + b * stride_vb + h * stride_vh + key[:, None] * stride_vk + offs_d[None, :] * stride_vd,
                   mask=kv_mask, other=0.0)  # (BK, BD)
-    b_dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    # Non-finite values as 0: a forbidden key's (p = 0) must not turn dP into NaN (gradients are meaningful for
+    # finite allowed inputs; forbidden keys, finite or not, get zero gradients and affect no other).
+    b_v = tl.where((b_v == b_v) & (tl.abs(b_v) != float("inf")), b_v, 0.0)
+    ACC = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32  # statistics / accumulators
+    b_dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=ACC)
+    b_dv = tl.zeros([BLOCK_K, BLOCK_D], dtype=ACC)
     bh = b * n_heads + h
     bits_base = BITS + b * stride_bb + h * stride_bh
     word = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
@@ -453,7 +502,8 @@ def _bwd_dq_kernel(
     offs_w = tl.arange(0, BLOCK_K // 32)
     offs_j = tl.arange(0, 32)
     n_words = tl.cdiv(n_k, 32)
-    b_dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    ACC = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32  # statistics / accumulators
+    b_dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     for start in range(k_start, k_end, BLOCK_K):  # start is a multiple of 32: whole words
         key = start + offs_k
         k_in = key < k_end
@@ -471,6 +521,7 @@ def _bwd_dq_kernel(
             kv_mask = k_in[:, None] & d_in[None, :]
             b_k = tl.load(k_base + key[:, None] * stride_kk + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
             b_v = tl.load(v_base + key[:, None] * stride_vk + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+            b_v = tl.where((b_v == b_v) & (tl.abs(b_v) != float("inf")), b_v, 0.0)  # as in _bwd_dkdv_kernel
             # (BQ, BD) x (BD, BK) -> (BQ, BK)
             b_s = tl.dot(b_q.to(DOT_DTYPE), tl.trans(b_k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
             b_p = tl.where(b_allow, tl.math.exp2(b_s - b_lse[:, None]), 0.0)
@@ -533,10 +584,16 @@ def _block_d(head_dim: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # the latter only matters for float32 inputs
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"  # tf32 would only matter for float32
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+              torch.float64: tl.float64}
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of lse, delta and the split partials: float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -604,12 +661,12 @@ def masked_attention_fwd(
     kps, n_splits = plan_splits(B * H, n_q, n_k, q.device, keys_per_split)
     out = new_output(q) if out is None else out
     if n_splits == 1:
-        o_buf, lse_buf = out, scratch((B, H, n_q), torch.float32, q.device)
+        o_buf, lse_buf = out, scratch((B, H, n_q), stats_dtype(q.dtype), q.device)
         o_strides = (out.stride(0), out.stride(1), 0, out.stride(2), out.stride(3))
         l_strides = (lse_buf.stride(0), lse_buf.stride(1), 0)
     else:
-        o_buf = scratch((B, H, n_splits, n_q, D), torch.float32, q.device)
-        lse_buf = scratch((B, H, n_splits, n_q), torch.float32, q.device)
+        o_buf = scratch((B, H, n_splits, n_q, D), stats_dtype(q.dtype), q.device)
+        lse_buf = scratch((B, H, n_splits, n_q), stats_dtype(q.dtype), q.device)
         o_strides = o_buf.stride()
         l_strides = lse_buf.stride()[:3]
     args = (
@@ -620,7 +677,7 @@ def masked_attention_fwd(
             args, _consts(q.dtype, D), config)
     if n_splits == 1:
         return out, lse_buf
-    lse = scratch((B, H, n_q), torch.float32, q.device)
+    lse = scratch((B, H, n_q), stats_dtype(q.dtype), q.device)
     _merge_kernel[(triton.cdiv(n_q, SMALL_BLOCK_Q), B * H)](
         o_buf, lse_buf, out, lse, *out.stride(), H, n_q, n_splits,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_Q=SMALL_BLOCK_Q, num_warps=1 if INTERPRET else 4,
@@ -644,7 +701,7 @@ def masked_attention_bwd(
     n_k = k.shape[2]
     bits = pack_mask(mask, mask_is_logits, H)
     lse = lse.contiguous()
-    delta = scratch((B, H, n_q), torch.float32, q.device)
+    delta = scratch((B, H, n_q), stats_dtype(q.dtype), q.device)
     _bwd_delta_kernel[(triton.cdiv(n_q, SMALL_BLOCK_Q), B * H)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, n_q,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_Q=SMALL_BLOCK_Q, num_warps=1 if INTERPRET else 4,
@@ -665,7 +722,7 @@ def masked_attention_bwd(
     if n_splits == 1:
         dq_buf, dq_strides = dq, (dq.stride(0), dq.stride(1), 0, dq.stride(2), dq.stride(3))
     else:
-        dq_buf = scratch((B, H, n_splits, n_q, D), torch.float32, q.device)
+        dq_buf = scratch((B, H, n_splits, n_q, D), stats_dtype(q.dtype), q.device)
         dq_strides = dq_buf.stride()
     _launch(
         _bwd_dq_kernel, _dq_tuned, lambda meta: (H, triton.cdiv(n_q, meta["BLOCK_Q"]) * n_splits, B),

@@ -5,17 +5,24 @@
 * ``op.py``             - ``torch.ops.m2f.ms_deform_attn``: the kernels as one custom op (fake impl + autograd).
 * ``aot_build.py``      - ahead-of-time builds of both kernels for sm_90 / sm_87 (registers, shared memory, spills).
 
-Dtypes of the "triton" backend: ``value`` float32, float16 or bfloat16; ``sampling_locations`` and
+Dtypes (both backends): ``value`` float32, float16, bfloat16 or float64; ``sampling_locations`` and
 ``attention_weights`` each either value's dtype or float32 (float32 locations keep sub-pixel precision on large
 maps: bfloat16 has 8 significant bits; under autocast the model passes float16 value with float32 locations and
-weights). Accumulation is float32; the output has value's dtype and each gradient its input's dtype. Offsets
-inside one batch element are int32: S * M * D and Q * M * L * P * 2 must stay below 2^31.
+weights). The Triton kernels accumulate in float32 (float64 for float64 value: slow, meant for gradcheck); the
+output has value's dtype and each gradient its input's dtype. Offsets inside one batch element are int32:
+S * M * D and Q * M * L * P * 2 must stay below 2^31.
+
+Every input that sizes a memory access is checked before either backend runs (:func:`check_inputs`), including
+the values of ``spatial_shapes`` / ``level_start_index`` (positive sizes, sum H * W = S, starts = running sums):
+lists are checked on the host; tensors are read back once and the host copy is reused until the tensor changes
+(:func:`host_values`), so the hot path does not synchronise with the device on every call.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from m2f.errors import BackendUnavailableError, InputError
 
@@ -23,7 +30,8 @@ from .._backend import resolve_backend
 from .naive import Shapes, level_shapes, ms_deform_attn_torch
 from .op import ms_deform_attn_op
 
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def ms_deform_attn(
@@ -37,37 +45,29 @@ def ms_deform_attn(
     """Multi-scale deformable attention with the official op's argument layout.
 
     Bilinear sampling with align_corners=False (pixel centres at (i + 0.5) / W), each corner outside its map
-    contributing zero; differentiable in value, sampling_locations and attention_weights on both backends.
+    contributing zero; a point whose sampling position lies wholly outside its map (or is NaN / inf) contributes
+    nothing, not even through a non-finite weight (see ``naive.py``). Differentiable in value,
+    sampling_locations and attention_weights on both backends.
     """
     backend = resolve_backend(backend, value.device)
+    shapes = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend)
     if backend == "torch":
-        return ms_deform_attn_torch(value, spatial_shapes, sampling_locations, attention_weights)
+        return ms_deform_attn_torch(value, shapes or spatial_shapes, sampling_locations, attention_weights)
     shapes_t, starts_t = shape_tensors(spatial_shapes, level_start_index, value.device)
-    check_inputs(value, shapes_t, starts_t, sampling_locations, attention_weights)
-    if isinstance(spatial_shapes, (list, tuple)) and all(isinstance(x, int) for hw in spatial_shapes for x in hw):
-        total = sum(h * w for h, w in spatial_shapes)
-        if total != value.shape[1]:
-            raise InputError(
-                f"ms_deform_attn: value has {value.shape[1]} keys but the spatial shapes {list(spatial_shapes)} "
-                f"hold {total}; pass the (H, W) of every level whose flattened maps make up value"
-            )
     return ms_deform_attn_op(value, shapes_t, starts_t, sampling_locations, attention_weights)
 
 
 def shape_tensors(
     spatial_shapes: torch.Tensor | Shapes, level_start_index: torch.Tensor | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (L, 2) and (L,) int64 on ``device``
-    """``spatial_shapes`` as an (L, 2) int tensor on ``device`` and ``level_start_index`` (derived when None)."""
+    """``spatial_shapes`` as an (L, 2) int tensor on ``device`` and ``level_start_index`` (derived when None).
+
+    Assumes :func:`check_inputs` accepted them.
+    """
     if isinstance(spatial_shapes, torch.Tensor):
         shapes_t = spatial_shapes if spatial_shapes.device == device else spatial_shapes.to(device)
     else:
-        try:
-            pairs = [(h, w) for h, w in spatial_shapes]
-        except (TypeError, ValueError):
-            raise InputError(
-                f"ms_deform_attn: spatial_shapes must be an (L, 2) int tensor or a list of (H, W) pairs, got "
-                f"{spatial_shapes!r}"
-            ) from None
+        pairs = [(h, w) for h, w in spatial_shapes]
         if level_start_index is None and not torch.compiler.is_compiling() and all(
             type(x) is int for hw in pairs for x in hw
         ):
@@ -76,15 +76,7 @@ def shape_tensors(
             return _cached_shape_tensors(tuple(pairs), device)
         shapes_t = torch.tensor(pairs, dtype=torch.int64, device=device)
         if level_start_index is None:  # plain (or symbolic) ints: a constant, no ops in an exported graph
-            starts = [0]
-            for h, w in pairs[:-1]:
-                starts.append(starts[-1] + h * w)
-            level_start_index = torch.tensor(starts, dtype=torch.int64, device=device)
-    if shapes_t.dim() != 2 or shapes_t.shape[-1] != 2 or shapes_t.dtype not in (torch.int32, torch.int64):
-        raise InputError(
-            f"ms_deform_attn: spatial_shapes must be an (L, 2) int32/int64 tensor or a list of (H, W), got "
-            f"{tuple(shapes_t.shape)} {shapes_t.dtype}"
-        )
+            level_start_index = torch.tensor(_starts(pairs), dtype=torch.int64, device=device)
     if level_start_index is None:
         sizes = shapes_t[:, 0] * shapes_t[:, 1]
         level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
@@ -93,33 +85,70 @@ def shape_tensors(
     return shapes_t, level_start_index
 
 
+def _starts(pairs) -> list:
+    """Offset of each level in S: the running sums of H * W."""
+    starts = [0]
+    for h, w in pairs[:-1]:
+        starts.append(starts[-1] + h * w)
+    return starts
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_shape_tensors(
     pairs: tuple[tuple[int, int], ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = [0]
-    for h, w in pairs[:-1]:
-        starts.append(starts[-1] + h * w)
     return (torch.tensor(pairs, dtype=torch.int64, device=device),
-            torch.tensor(starts, dtype=torch.int64, device=device))
+            torch.tensor(_starts(pairs), dtype=torch.int64, device=device))
+
+
+# Host copies of index tensors (spatial_shapes, level_start_index) already read back. Invalidation rule: an entry
+# is keyed by the tensor object itself, held weakly (it dies with the tensor, so a new tensor that reuses a freed
+# address never inherits it), and stamped with the tensor's version counter, which every in-place write made
+# through torch bumps (views share it). A tensor written since it was read is therefore read again. Writes torch
+# does not count (through ``.data``, a NumPy / DLPack alias, a raw kernel) go unnoticed; inference-mode tensors
+# have no version counter and are read on every call.
+_HOST_VALUES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def host_values(t: torch.Tensor) -> list[int]:
+    """``t``'s values as Python ints (flattened), read back from the device only when ``t`` is new or changed."""
+    if t.is_inference():
+        return t.flatten().tolist()
+    hit = _HOST_VALUES.get(t)
+    if hit is not None and hit[0] == t._version:
+        return hit[1]
+    values = t.flatten().tolist()
+    _HOST_VALUES[t] = (t._version, values)
+    return values
+
+
+def _fmt(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
 
 
 def check_inputs(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
+    spatial_shapes: torch.Tensor | Shapes,
+    level_start_index: torch.Tensor | None,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
-) -> None:
-    """Shapes, dtypes and devices the Triton op accepts; raises InputError / BackendUnavailableError naming the fix."""
-    if value.dim() != 4:
-        raise InputError(f"ms_deform_attn: value must be (N, S, M, D), got shape {tuple(value.shape)}")
-    N, _, M, _ = value.shape
+    backend: str,
+) -> list[tuple[int, int]] | None:
+    """Raise InputError / BackendUnavailableError naming the argument, what it has and what it needs, for every
+    input that sizes a memory access. Returns the (H, W) of every level as host ints when they are known without
+    tracing (a list of ints, or a tensor read back once, see :func:`host_values`), None otherwise."""
+    tensors = (("value", value), ("sampling_locations", sampling_locations), ("attention_weights", attention_weights))
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"ms_deform_attn: {name} must be a tensor, got {type(t).__name__}")
+    if value.dim() != 4 or value.shape[2] == 0 or value.shape[3] == 0:
+        raise InputError(f"ms_deform_attn: value must be (N, S, M, D) with M, D >= 1, got {tuple(value.shape)}")
+    N, S, M, D = value.shape
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
         raise InputError(
             f"ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got {tuple(sampling_locations.shape)}"
         )
-    _, _, _, L, _, _ = sampling_locations.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
     if sampling_locations.shape[0] != N or sampling_locations.shape[2] != M:
         raise InputError(
             f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} does not match value "
@@ -130,38 +159,105 @@ def check_inputs(
             f"ms_deform_attn: attention_weights must be (N, Lq, M, L, P) = {tuple(sampling_locations.shape[:-1])}, "
             f"got {tuple(attention_weights.shape)}"
         )
-    if spatial_shapes.shape[0] != L or tuple(level_start_index.shape) != (L,):
+    if value.dtype not in DTYPES:
         raise InputError(
-            f"ms_deform_attn: sampling_locations has {L} levels but spatial_shapes is {tuple(spatial_shapes.shape)} "
-            f"and level_start_index {tuple(level_start_index.shape)}; pass one (H, W) and one start per level"
+            f"ms_deform_attn: value dtype {value.dtype} is not supported; use float32, float16, bfloat16 or float64"
         )
-    _, S, _, D = value.shape
-    _, Q, _, _, P, _ = sampling_locations.shape
-    sizes = (S * M * D, Q * M * L * P * 2)
-    if all(isinstance(x, int) for x in sizes) and max(sizes) >= 2**31:
-        raise InputError(
-            f"ms_deform_attn (triton): one batch element holds {max(sizes)} values, more than the kernel's int32 "
-            "offsets reach (2^31); split the queries or the image into smaller pieces"
-        )
-    if value.dtype not in TRITON_DTYPES:
-        raise InputError(
-            f"ms_deform_attn (triton): value dtype {value.dtype} is not supported; use float32, float16 or bfloat16"
-        )
-    for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+    for name, t in tensors[1:]:
         if t.dtype not in (value.dtype, torch.float32):
             raise InputError(
-                f"ms_deform_attn (triton): {name} is {t.dtype} but value is {value.dtype}; pass it as "
-                f"{value.dtype} or float32"
+                f"ms_deform_attn: {name} is {t.dtype} but value is {value.dtype}; pass it as {value.dtype} or float32"
             )
-    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index),
-                    ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
-        if t.device != value.device:
+    for name, t in (*tensors[1:], ("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if isinstance(t, torch.Tensor) and t.device != value.device and not (
+            name in ("spatial_shapes", "level_start_index") and t.device.type == "cpu"
+        ):
             raise InputError(f"ms_deform_attn: {name} is on {t.device} but value is on {value.device}; move it")
-    on_old_gpu = value.device.type == "cuda" and torch.cuda.get_device_capability(value.device) < (8, 0)
-    if value.dtype == torch.bfloat16 and on_old_gpu:
-        raise BackendUnavailableError(
-            "ms_deform_attn (triton): bfloat16 needs an sm_80+ GPU; use float16 or float32 on this one"
+
+    if isinstance(spatial_shapes, torch.Tensor):
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.dtype not in INDEX_DTYPES:
+            raise InputError(
+                "ms_deform_attn: spatial_shapes must be an (L, 2) int32/int64 tensor or a list of (H, W), got "
+                f"{_fmt(spatial_shapes)}"
+            )
+        num_levels = spatial_shapes.shape[0]
+    else:
+        try:
+            pairs = [(h, w) for h, w in spatial_shapes]
+        except (TypeError, ValueError):
+            raise InputError(
+                "ms_deform_attn: spatial_shapes must be an (L, 2) int tensor or a list of (H, W) pairs, got "
+                f"{spatial_shapes!r}"
+            ) from None
+        num_levels = len(pairs)
+    if level_start_index is not None and (
+        not isinstance(level_start_index, torch.Tensor) or level_start_index.dtype not in INDEX_DTYPES
+        or tuple(level_start_index.shape) != (num_levels,)
+    ):
+        got = _fmt(level_start_index) if isinstance(level_start_index, torch.Tensor) else repr(level_start_index)
+        raise InputError(
+            f"ms_deform_attn: level_start_index must be None or an ({num_levels},) int32/int64 tensor (one start "
+            f"per level of spatial_shapes), got {got}"
+        )
+    if num_levels != L or L == 0:
+        raise InputError(
+            f"ms_deform_attn: sampling_locations has {L} levels (dim 3) but spatial_shapes has {num_levels}; pass "
+            "one (H, W) per level (at least one)"
         )
 
+    shapes = _host_shapes(spatial_shapes)
+    if shapes is not None:
+        _check_shape_values(shapes, level_start_index, S)
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_torch", "ms_deform_attn_op", "level_shapes", "shape_tensors"]
+    if backend == "triton":
+        sizes = (S * M * D, Q * M * L * P * 2)
+        if all(isinstance(x, int) for x in sizes) and max(sizes) >= 2**31:
+            raise InputError(
+                f"ms_deform_attn (triton): one batch element holds {max(sizes)} values, more than the kernel's "
+                "int32 offsets reach (2^31); split the queries or the image into smaller pieces"
+            )
+        on_old_gpu = value.device.type == "cuda" and torch.cuda.get_device_capability(value.device) < (8, 0)
+        if value.dtype == torch.bfloat16 and on_old_gpu:
+            raise BackendUnavailableError(
+                "ms_deform_attn (triton): bfloat16 needs an sm_80+ GPU; use float16 or float32 on this one"
+            )
+    return shapes
+
+
+def _host_shapes(spatial_shapes: torch.Tensor | Shapes) -> list[tuple[int, int]] | None:
+    """(H, W) of every level as Python ints, or None while tracing (fake tensors, symbolic sizes)."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        if torch.compiler.is_compiling():
+            return None
+        flat = host_values(spatial_shapes)
+        return list(zip(flat[0::2], flat[1::2]))
+    pairs = [(h, w) for h, w in spatial_shapes]
+    if not all(type(x) is int for hw in pairs for x in hw):
+        return None  # symbolic sizes of a traced graph: they come from real feature maps
+    return pairs
+
+
+def _check_shape_values(shapes: list[tuple[int, int]], level_start_index: torch.Tensor | None, num_keys: int) -> None:
+    for level, (h, w) in enumerate(shapes):
+        if h < 1 or w < 1:
+            raise InputError(
+                f"ms_deform_attn: spatial_shapes level {level} is (H, W) = ({h}, {w}); every level needs H >= 1 "
+                "and W >= 1"
+            )
+    total = sum(h * w for h, w in shapes)
+    if total != num_keys:
+        raise InputError(
+            f"ms_deform_attn: value has {num_keys} keys (dim 1) but spatial_shapes {shapes} hold {total}; pass the "
+            "(H, W) of every level whose flattened maps make up value"
+        )
+    if level_start_index is not None and not torch.compiler.is_compiling():
+        starts = host_values(level_start_index)
+        if starts != _starts(shapes):
+            raise InputError(
+                f"ms_deform_attn: level_start_index is {starts} but spatial_shapes {shapes} start their levels at "
+                f"{_starts(shapes)}; pass the running sums of H * W, or None to derive them"
+            )
+
+
+__all__ = ["ms_deform_attn", "ms_deform_attn_torch", "ms_deform_attn_op", "level_shapes", "shape_tensors",
+           "check_inputs", "host_values"]

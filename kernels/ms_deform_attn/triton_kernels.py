@@ -4,7 +4,9 @@ Semantics: those of the official ``MSDeformAttnFunction`` / ``naive.ms_deform_at
 head m, level l and point p, bilinearly sample level l of the value map at ``sampling_locations[q, m, l, p]``
 = (x, y) in [0, 1] (pixel centres at (i + 0.5) / W, i.e. grid_sample's align_corners=False) with each of the
 4 corners that falls outside the map contributing zero (grid_sample's padding_mode="zeros"), and sum the
-samples with ``attention_weights[q, m, l, p]``.
+samples with ``attention_weights[q, m, l, p]``. Non-finite inputs as ``naive.py`` defines them: a corner outside
+the map is never read; a point not strictly inside (-1, W) x (-1, H) in pixel units (NaN / inf locations
+included) is skipped, weight and all, as in the official CUDA op; everything else follows IEEE arithmetic.
 
 Layout (all contiguous, as the official op and TensorRT's MultiscaleDeformableAttnPlugin_TRT):
     value               (N, S, M, D)         S = sum_l H_l * W_l, levels stacked at level_start_index
@@ -14,10 +16,11 @@ Layout (all contiguous, as the official op and TensorRT's MultiscaleDeformableAt
     attention_weights   (N, Q, M, L, P)
     output              (N, Q, M * D)
 
-Dtypes: value fp32 / fp16 / bf16; locations and weights each either value's dtype or fp32. All arithmetic
-(coordinates, bilinear weights, the weighted sum, every gradient) is fp32; the output and each gradient are
-stored in the dtype of the tensor they belong to. grad_value is accumulated with fp32 atomics into an fp32
-buffer (the caller casts it). Any L, P, M, D (D need not be a power of two: the channel tail is masked).
+Dtypes: value fp32 / fp16 / bf16 / fp64; locations and weights each either value's dtype or fp32. All
+arithmetic (coordinates, bilinear weights, the weighted sum, every gradient) is fp32, or fp64 when value is fp64
+(``ACC``: slow on GPUs, meant for gradcheck); the output and each gradient are stored in the dtype of the tensor
+they belong to. grad_value is accumulated with atomics into an fp32 (fp64) buffer (the caller casts it). Any L,
+P, M, D (D need not be a power of two: the channel tail is masked).
 
 Grid: one program per (block of BLOCK_Q queries, batch * head). A program holds a (BLOCK_Q, BLOCK_D) fp32
 accumulator; each corner read is one row of D contiguous elements of value (128 B at D = 32 fp32), so the
@@ -39,8 +42,10 @@ M = 8 heads, L = 3 levels, P = 4 points, D = 32 channels), batch 1 — the bytes
               28,901,376 elements = 115.6 MB fp32 / 57.8 MB half (+ the fp32 grad_value buffer when value is
               half). ``bench/ms_deform_attn.py`` reports effective GB/s against these numbers (``min_bytes``).
 
-Tested: Triton's CPU interpreter (triton 3.9) against the float64 grid_sample reference; compiled ahead of time
-for sm_90 (H100) and sm_87 (Jetson Orin) with no spills (tests/test_ms_deform_attn.py). Not yet timed on a GPU.
+Tested: Triton's CPU interpreter (triton 3.9) against the float64 grid_sample reference, including fp64 and
+non-finite inputs (tests/test_kernel_fuzz.py); compiled ahead of time for sm_90 (H100) and sm_87 (Jetson Orin)
+with no spills (tests/test_msda_aot.py). Ran on an H100 on 2026-11-24 in fp32 / fp16 / bf16; fp64 has NOT run on
+a GPU (interpreter only).
 """
 from __future__ import annotations
 
@@ -119,29 +124,36 @@ def ms_deform_attn_fwd_kernel(
     p_attn_q = attn_ptr + o_nqm * stride_point + o_qm * stride_point
     p_loc_q = loc_ptr + o_nqm * (2 * stride_point) + o_qm * (2 * stride_point)
 
-    b_acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    ACC = tl.float64 if value_ptr.dtype.element_ty == tl.float64 else tl.float32  # arithmetic dtype
+    b_acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     for i_l in range(NUM_LEVELS):
         level_h = tl.load(shapes_ptr + 2 * i_l).to(tl.int32)
         level_w = tl.load(shapes_ptr + 2 * i_l + 1).to(tl.int32)
         level_start = tl.load(starts_ptr + i_l).to(tl.int32)
-        f_h = level_h.to(tl.float32)
-        f_w = level_w.to(tl.float32)
+        f_h = level_h.to(ACC)
+        f_w = level_w.to(ACC)
         p_value_l = p_value + level_start * stride_key
         for i_p in range(NUM_POINTS):
             o_lp = i_l * NUM_POINTS + i_p
-            b_x = tl.load(p_loc_q + 2 * o_lp, mask=m_q, other=0.0).to(tl.float32)  # (BLOCK_Q,)
-            b_y = tl.load(p_loc_q + 2 * o_lp + 1, mask=m_q, other=0.0).to(tl.float32)
-            b_a = tl.load(p_attn_q + o_lp, mask=m_q, other=0.0).to(tl.float32)
+            b_x = tl.load(p_loc_q + 2 * o_lp, mask=m_q, other=0.0).to(ACC)  # (BLOCK_Q,)
+            b_y = tl.load(p_loc_q + 2 * o_lp + 1, mask=m_q, other=0.0).to(ACC)
+            b_a = tl.load(p_attn_q + o_lp, mask=m_q, other=0.0).to(ACC)
             # align_corners=False: pixel i covers [i, i + 1) in map units, its centre at i + 0.5.
             b_w_im = b_x * f_w - 0.5
             b_h_im = b_y * f_h - 0.5
+            # A point wholly outside the map (NaN / inf included: their comparisons are False) is skipped:
+            # moved to -2 (no corner in the map, finite weights, safe int casts) with weight 0, so neither its
+            # location nor its weight, even inf / NaN, reaches the sums.
+            m_point = (b_w_im > -1.0) & (b_w_im < f_w) & (b_h_im > -1.0) & (b_h_im < f_h)
+            b_w_im = tl.where(m_point, b_w_im, -2.0)
+            b_h_im = tl.where(m_point, b_h_im, -2.0)
+            b_a = tl.where(m_point, b_a, 0.0)
             b_x0f = tl.floor(b_w_im)
             b_y0f = tl.floor(b_h_im)
             b_fx = b_w_im - b_x0f  # in [0, 1)
             b_fy = b_h_im - b_y0f
-            # Clamp before the int cast so huge / inf locations cannot overflow (such corners are masked anyway).
-            b_x0 = tl.minimum(tl.maximum(b_x0f, -2.0), f_w + 1.0).to(tl.int32)
-            b_y0 = tl.minimum(tl.maximum(b_y0f, -2.0), f_h + 1.0).to(tl.int32)
+            b_x0 = b_x0f.to(tl.int32)  # in [-2, W - 1]
+            b_y0 = b_y0f.to(tl.int32)
             b_x1 = b_x0 + 1
             b_y1 = b_y0 + 1
             # Each corner on its own: zero when outside the map (grid_sample padding_mode="zeros").
@@ -163,10 +175,11 @@ def ms_deform_attn_fwd_kernel(
             b_v11 = tl.load(p_value_l + o_11[:, None] + o_d[None, :], mask=m_11, other=0.0)
             b_gx = 1.0 - b_fx
             b_gy = 1.0 - b_fy
-            b_acc += (b_a * b_gy * b_gx)[:, None] * b_v00.to(tl.float32)
-            b_acc += (b_a * b_gy * b_fx)[:, None] * b_v01.to(tl.float32)
-            b_acc += (b_a * b_fy * b_gx)[:, None] * b_v10.to(tl.float32)
-            b_acc += (b_a * b_fy * b_fx)[:, None] * b_v11.to(tl.float32)
+            # weight * bilinear sample, as the official op groups it (an inf weight times a sample is one
+            # signed inf, not a sum of per-corner infs that could cancel to NaN).
+            b_sample = b_gy[:, None] * (b_gx[:, None] * b_v00.to(ACC) + b_fx[:, None] * b_v01.to(ACC))
+            b_sample += b_fy[:, None] * (b_gx[:, None] * b_v10.to(ACC) + b_fx[:, None] * b_v11.to(ACC))
+            b_acc += b_a[:, None] * b_sample
 
     p_out = p_out + o_qm[:, None] * HEAD_DIM + o_d[None, :]  # (BLOCK_Q, BLOCK_D) of (N, Q, M, D)
     tl.store(p_out, b_acc.to(out_ptr.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
@@ -181,7 +194,7 @@ def ms_deform_attn_bwd_kernel(
     starts_ptr,  # (L,) int
     loc_ptr,  # (N, Q, M, L, P, 2)
     attn_ptr,  # (N, Q, M, L, P)
-    grad_value_ptr,  # (N, S, M, D) fp32, zero-filled: accumulated with atomics
+    grad_value_ptr,  # (N, S, M, D) fp32 (fp64 for fp64 value), zero-filled: accumulated with atomics
     grad_loc_ptr,  # (N, Q, M, L, P, 2) in the locations' dtype: written once
     grad_attn_ptr,  # (N, Q, M, L, P) in the weights' dtype: written once
     num_keys,  # S
@@ -224,31 +237,38 @@ def ms_deform_attn_bwd_kernel(
 
     m_qd = m_q[:, None] & m_d[None, :]
     p_go = p_go + o_qm[:, None] * HEAD_DIM + o_d[None, :]
-    b_go = tl.load(p_go, mask=m_qd, other=0.0).to(tl.float32)  # (BLOCK_Q, BLOCK_D)
+    ACC = tl.float64 if value_ptr.dtype.element_ty == tl.float64 else tl.float32  # arithmetic dtype
+    b_go = tl.load(p_go, mask=m_qd, other=0.0).to(ACC)  # (BLOCK_Q, BLOCK_D)
 
     for i_l in range(NUM_LEVELS):
         level_h = tl.load(shapes_ptr + 2 * i_l).to(tl.int32)
         level_w = tl.load(shapes_ptr + 2 * i_l + 1).to(tl.int32)
         level_start = tl.load(starts_ptr + i_l).to(tl.int32)
-        f_h = level_h.to(tl.float32)
-        f_w = level_w.to(tl.float32)
+        f_h = level_h.to(ACC)
+        f_w = level_w.to(ACC)
         p_value_l = p_value + level_start * stride_key
         p_grad_value_l = p_grad_value + level_start * stride_key
         for i_p in range(NUM_POINTS):
             o_lp = i_l * NUM_POINTS + i_p
-            b_x = tl.load(p_loc_q + 2 * o_lp, mask=m_q, other=0.0).to(tl.float32)  # (BLOCK_Q,)
-            b_y = tl.load(p_loc_q + 2 * o_lp + 1, mask=m_q, other=0.0).to(tl.float32)
-            b_a = tl.load(p_attn_q + o_lp, mask=m_q, other=0.0).to(tl.float32)
+            b_x = tl.load(p_loc_q + 2 * o_lp, mask=m_q, other=0.0).to(ACC)  # (BLOCK_Q,)
+            b_y = tl.load(p_loc_q + 2 * o_lp + 1, mask=m_q, other=0.0).to(ACC)
+            b_a = tl.load(p_attn_q + o_lp, mask=m_q, other=0.0).to(ACC)
             # align_corners=False: pixel i covers [i, i + 1) in map units, its centre at i + 0.5.
             b_w_im = b_x * f_w - 0.5
             b_h_im = b_y * f_h - 0.5
+            # A point wholly outside the map (NaN / inf included: their comparisons are False) is skipped:
+            # moved to -2 (no corner in the map, finite weights, safe int casts) with weight 0, so neither its
+            # location nor its weight, even inf / NaN, reaches the sums.
+            m_point = (b_w_im > -1.0) & (b_w_im < f_w) & (b_h_im > -1.0) & (b_h_im < f_h)
+            b_w_im = tl.where(m_point, b_w_im, -2.0)
+            b_h_im = tl.where(m_point, b_h_im, -2.0)
+            b_a = tl.where(m_point, b_a, 0.0)
             b_x0f = tl.floor(b_w_im)
             b_y0f = tl.floor(b_h_im)
             b_fx = b_w_im - b_x0f  # in [0, 1)
             b_fy = b_h_im - b_y0f
-            # Clamp before the int cast so huge / inf locations cannot overflow (such corners are masked anyway).
-            b_x0 = tl.minimum(tl.maximum(b_x0f, -2.0), f_w + 1.0).to(tl.int32)
-            b_y0 = tl.minimum(tl.maximum(b_y0f, -2.0), f_h + 1.0).to(tl.int32)
+            b_x0 = b_x0f.to(tl.int32)  # in [-2, W - 1]
+            b_y0 = b_y0f.to(tl.int32)
             b_x1 = b_x0 + 1
             b_y1 = b_y0 + 1
             m_x0 = (b_x0 >= 0) & (b_x0 < level_w)
@@ -269,13 +289,13 @@ def ms_deform_attn_bwd_kernel(
             # number per query), so each corner tile dies right after its load: ~half the registers of keeping
             # all four. Corners outside the map read as 0, exactly grid_sample's zero padding.
             b_v = tl.load(p_value_l + o_00[:, None] + o_d[None, :], mask=m_00, other=0.0)  # (BLOCK_Q, BLOCK_D)
-            b_s00 = tl.sum(b_go * b_v.to(tl.float32), axis=1)  # (BLOCK_Q,)
+            b_s00 = tl.sum(b_go * b_v.to(ACC), axis=1)  # (BLOCK_Q,)
             b_v = tl.load(p_value_l + o_01[:, None] + o_d[None, :], mask=m_01, other=0.0)
-            b_s01 = tl.sum(b_go * b_v.to(tl.float32), axis=1)
+            b_s01 = tl.sum(b_go * b_v.to(ACC), axis=1)
             b_v = tl.load(p_value_l + o_10[:, None] + o_d[None, :], mask=m_10, other=0.0)
-            b_s10 = tl.sum(b_go * b_v.to(tl.float32), axis=1)
+            b_s10 = tl.sum(b_go * b_v.to(ACC), axis=1)
             b_v = tl.load(p_value_l + o_11[:, None] + o_d[None, :], mask=m_11, other=0.0)
-            b_s11 = tl.sum(b_go * b_v.to(tl.float32), axis=1)
+            b_s11 = tl.sum(b_go * b_v.to(ACC), axis=1)
             # d out / d attn = <grad_out, bilinear sample>.
             b_grad_a = b_gy * (b_gx * b_s00 + b_fx * b_s01) + b_fy * (b_gx * b_s10 + b_fx * b_s11)
             # d sample / d fx = gy (v01 - v00) + fy (v11 - v10); fx = x * W - 0.5 - floor(.), so d fx / d x = W.
@@ -288,10 +308,11 @@ def ms_deform_attn_bwd_kernel(
             # d out / d value at each corner = attn * bilinear weight * grad_out; scattered with atomics.
             b_ago = b_a[:, None] * b_go
             p_gv = p_grad_value_l + o_d[None, :]
-            tl.atomic_add(p_gv + o_00[:, None], (b_gy * b_gx)[:, None] * b_ago, mask=m_00, sem="relaxed")
-            tl.atomic_add(p_gv + o_01[:, None], (b_gy * b_fx)[:, None] * b_ago, mask=m_01, sem="relaxed")
-            tl.atomic_add(p_gv + o_10[:, None], (b_fy * b_gx)[:, None] * b_ago, mask=m_10, sem="relaxed")
-            tl.atomic_add(p_gv + o_11[:, None], (b_fy * b_fx)[:, None] * b_ago, mask=m_11, sem="relaxed")
+            gv_ty = grad_value_ptr.dtype.element_ty
+            tl.atomic_add(p_gv + o_00[:, None], ((b_gy * b_gx)[:, None] * b_ago).to(gv_ty), mask=m_00, sem="relaxed")
+            tl.atomic_add(p_gv + o_01[:, None], ((b_gy * b_fx)[:, None] * b_ago).to(gv_ty), mask=m_01, sem="relaxed")
+            tl.atomic_add(p_gv + o_10[:, None], ((b_fy * b_gx)[:, None] * b_ago).to(gv_ty), mask=m_10, sem="relaxed")
+            tl.atomic_add(p_gv + o_11[:, None], ((b_fy * b_fx)[:, None] * b_ago).to(gv_ty), mask=m_11, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,6 +321,18 @@ def ms_deform_attn_bwd_kernel(
 def rows_aligned(head_dim: int, *tensors) -> bool:
     """Every row of D channels of every tensor starts on a 16-byte boundary (vector loads are safe)."""
     return all(t.data_ptr() % 16 == 0 and head_dim * t.element_size() % 16 == 0 for t in tensors)
+
+
+def check_buffers(**tensors) -> None:
+    """The kernels compute flat offsets: every tensor they touch must be contiguous (the op makes them so)."""
+    from m2f.errors import InputError
+
+    for name, t in tensors.items():
+        if t is not None and not t.is_contiguous():
+            raise InputError(
+                f"ms_deform_attn kernels: {name} {tuple(t.shape)} has strides {t.stride()} but must be contiguous; "
+                "call .contiguous() on it"
+            )
 
 
 def _grid(num_queries: int, batch_heads: int):
@@ -320,6 +353,8 @@ def ms_deform_attn_fwd(
     _, Q, _, L, P, _ = sampling_locations.shape
     if out is None:
         out = torch.empty((N, Q, M * D), dtype=value.dtype, device=value.device)
+    check_buffers(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+                  sampling_locations=sampling_locations, attention_weights=attention_weights, out=out)
     if N * Q * M == 0:
         return out
     ms_deform_attn_fwd_kernel[_grid(Q, N * M)](
@@ -344,11 +379,15 @@ def ms_deform_attn_bwd(
 
     N, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)  # atomics accumulate here
+    acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    grad_value = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)  # atomics accumulate here
     if grad_loc is None:
         grad_loc = torch.empty_like(sampling_locations)
     if grad_attn is None:
         grad_attn = torch.empty_like(attention_weights)
+    check_buffers(grad_out=grad_out, value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+                  sampling_locations=sampling_locations, attention_weights=attention_weights, grad_loc=grad_loc,
+                  grad_attn=grad_attn)
     if N * Q * M > 0:
         ms_deform_attn_bwd_kernel[_grid(Q, N * M)](
             grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,

@@ -7,7 +7,10 @@
 * an original detectron2 checkpoint (``.pkl`` with numpy arrays, or ``.pth``), which needs ``preset=`` (or
   ``config=``) because it does not record its architecture;
 * m2f's own directory (``m2f_config.json`` + ``model.safetensors``), written by :func:`save_pretrained` or
-  ``m2f convert``.
+  ``m2f convert``;
+* a Hugging Face hub id (``facebook/mask2former-swin-tiny-coco-panoptic``, ``hf://OWNER/NAME``, a revision as
+  ``OWNER/NAME@REVISION``), downloaded into the Hugging Face cache (``HF_HOME``; ``HF_HUB_OFFLINE=1`` reads only
+  the cache) by :func:`resolve_checkpoint`. A local path that exists always wins over a hub id.
 
 Every tensor of the checkpoint must be used and every parameter of the model filled; anything else is a
 :class:`~m2f.errors.CheckpointError` listing what is missing, unexpected or of the wrong shape.
@@ -27,11 +30,12 @@ from m2f.errors import CheckpointError, M2FError
 
 from .native import save_pretrained
 
-__all__ = ["from_pretrained", "save_pretrained", "read_checkpoint", "load_state_dict_strict", "LoadedCheckpoint"]
+__all__ = ["from_pretrained", "save_pretrained", "read_checkpoint", "resolve_checkpoint", "load_state_dict_strict",
+           "LoadedCheckpoint"]
 
 _SUPPORTED = (
-    "pass a Hugging Face Mask2Former directory, an official .pkl / .pth checkpoint (with --preset), "
-    "or a directory written by `m2f convert`"
+    "pass a Hugging Face Mask2Former directory or hub id (OWNER/NAME), an official .pkl / .pth checkpoint "
+    "(with --preset), or a directory written by `m2f convert`"
 )
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -68,6 +72,21 @@ def from_pretrained(
     return model.to(device).eval()
 
 
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """The local file or directory ``spec`` names: itself when it exists, else the downloaded (or cached) snapshot of
+    the Hugging Face hub id it spells; a CheckpointError saying which when it is neither."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    if not isinstance(spec, Path):
+        from . import hf
+
+        hub_id = hf.parse_hub_id(str(spec))
+        if hub_id is not None:
+            return hf.download_hub_checkpoint(*hub_id)
+    raise CheckpointError(f"{path} does not exist; {_SUPPORTED}")
+
+
 def read_checkpoint(path: str | Path, preset: str | None = None, config: Mask2FormerConfig | None = None) -> LoadedCheckpoint:
     """Read any supported checkpoint into our config + state dict (no model is built)."""
     if preset is not None and config is not None:
@@ -77,9 +96,7 @@ def read_checkpoint(path: str | Path, preset: str | None = None, config: Mask2Fo
         from m2f.config import preset as get_preset
 
         override = get_preset(preset)
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist; {_SUPPORTED}")
+    spec, path = str(path).removeprefix("hf://"), resolve_checkpoint(path)
     if path.is_file() and (path.name in ("config.json", "m2f_config.json") or path.suffix == ".safetensors"):
         # a file of a checkpoint directory: read the whole directory
         if not ((path.parent / "config.json").is_file() or (path.parent / "m2f_config.json").is_file()):
@@ -89,11 +106,11 @@ def read_checkpoint(path: str | Path, preset: str | None = None, config: Mask2Fo
             )
         path = path.parent
     if path.is_dir():
-        return _read_directory(path, override)
+        return _read_directory(path, override, name=spec if spec != str(path) else path.name)
     return _read_detectron2(path, override)
 
 
-def _read_directory(path: Path, override: Mask2FormerConfig | None) -> LoadedCheckpoint:
+def _read_directory(path: Path, override: Mask2FormerConfig | None, name: str) -> LoadedCheckpoint:
     from . import hf, native
 
     if native.is_native_dir(path):
@@ -110,11 +127,9 @@ def _read_directory(path: Path, override: Mask2FormerConfig | None) -> LoadedChe
             )
         preprocessor = None
         if (path / "preprocessor_config.json").is_file():
-            try:
-                preprocessor = json.loads((path / "preprocessor_config.json").read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                preprocessor = None  # optional; the ImageNet defaults apply
-        cfg = override or hf.config_from_hf(hf_config, name=f"hf:{path.name}", preprocessor=preprocessor)
+            # optional (without it the ImageNet mean / std apply), but a damaged one is not silently replaced
+            preprocessor = hf.read_json(path / "preprocessor_config.json")
+        cfg = override or hf.config_from_hf(hf_config, name=f"hf:{name}", preprocessor=preprocessor)
         state = hf.convert_hf_state_dict(_read_hf_weights(path), cfg)
         return LoadedCheckpoint("hf", cfg, state)
     raise CheckpointError(f"{path} is a directory without config.json or m2f_config.json; {_SUPPORTED}")

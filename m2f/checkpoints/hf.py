@@ -245,10 +245,91 @@ def _hf_class_names(id2label: Any, where: str) -> tuple[str, ...]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable JSON file ({type(exc).__name__}); is the directory complete?") from None
+    from m2f.io import read_json as read_strict_json
+
+    data = read_strict_json(path, error=CheckpointError, fix="is the directory complete?")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object; is it really a model config?")
     return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face hub ids
+# ---------------------------------------------------------------------------------------------------------------
+
+HUB_SCHEME = "hf://"
+# owner/name[@revision], the hub's own spelling of a model id (revision: a branch, tag or commit)
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
+# What m2f reads of a model repository: its JSON configs and safetensors weights; torch .bin weights only when a
+# repository has no safetensors (fetched in a second step, so that a repository holding both downloads one copy).
+HUB_PATTERNS = ["*.json", "*.safetensors"]
+HUB_FALLBACK_PATTERNS = ["pytorch_model*.bin"]
+_LOCAL_HINT = "or pass a local directory (an HF Mask2Former folder, or `m2f convert` output) as --checkpoint"
+
+
+def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` when ``spec`` reads as a hub id (``owner/name``, ``owner/name@rev``, ``hf://...``);
+    None when it can only be a local path. ``hf://`` forces the hub reading and must then be a valid id."""
+    text = spec[len(HUB_SCHEME):] if spec.startswith(HUB_SCHEME) else spec
+    match = _HUB_ID.fullmatch(text)
+    if match is None:
+        if spec.startswith(HUB_SCHEME):
+            raise CheckpointError(
+                f"{spec!r} is not a Hugging Face model id; write hf://OWNER/NAME or hf://OWNER/NAME@REVISION, "
+                "e.g. hf://facebook/mask2former-swin-tiny-coco-panoptic"
+            )
+        return None
+    return match.group("repo"), match.group("revision")
+
+
+def download_hub_checkpoint(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot folder of ``repo_id`` at ``revision``, downloaded into the Hugging Face cache (``HF_HOME``)
+    unless cached; ``HF_HUB_OFFLINE=1`` reads the cache only. Hub failures become one-line CheckpointErrors."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors
+    except ImportError:
+        raise CheckpointError(
+            f"{repo_id} reads as a Hugging Face hub id, which needs the huggingface_hub package: "
+            f"pip install huggingface_hub, {_LOCAL_HINT}"
+        ) from None
+    where = repo_id + (f"@{revision}" if revision else "")
+    try:
+        folder = Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+            folder = Path(huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                                            allow_patterns=HUB_FALLBACK_PATTERNS))
+    except errors.GatedRepoError:
+        raise CheckpointError(
+            f"{where} is a gated model on the Hugging Face hub: accept its terms on https://huggingface.co/{repo_id} "
+            f"and log in (`hf auth login` or HF_TOKEN), {_LOCAL_HINT}"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise CheckpointError(
+            f"{repo_id} has no revision {revision!r} on the Hugging Face hub; pass a branch, tag or commit it has "
+            f"(OWNER/NAME@REVISION), or leave @REVISION out for main"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise CheckpointError(
+            f"{where} is neither a local path nor a model on the Hugging Face hub (or it is private: log in with "
+            f"`hf auth login` or HF_TOKEN); check the spelling, {_LOCAL_HINT}"
+        ) from None
+    except errors.LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1, or no network) and not in the cache
+        from huggingface_hub import constants
+
+        raise CheckpointError(
+            f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached "
+            f"({'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else 'no network'}); download it once with "
+            f"network access, {_LOCAL_HINT}"
+        ) from None
+    except errors.HFValidationError:
+        raise CheckpointError(
+            f"{where!r} is not a valid Hugging Face model id (OWNER/NAME[@REVISION]); {_LOCAL_HINT.removeprefix('or ')}"
+        ) from None
+    except errors.HfHubHTTPError as exc:
+        from m2f.checkpoints import _first_line
+
+        raise CheckpointError(
+            f"the Hugging Face hub refused {where} ({_first_line(exc)}); try again later, {_LOCAL_HINT}"
+        ) from None
+    return folder

@@ -25,11 +25,14 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "export",
     "bench": "bench",
     "presets": "presets",
+    "serve": "serve",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from m2f.cli.options import ArgumentParser
+
+    parser = ArgumentParser(
         prog="m2f", description="Mask2Former, fast: predict, convert, export, benchmark, train, evaluate."
     )
     parser.add_argument("--version", action="version", version=f"m2f {_version()}")
@@ -51,7 +54,10 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad command line (already reported in one line)
+        return exc.code if isinstance(exc.code, int) else 2
     debug = os.environ.get("M2F_DEBUG", "") not in ("", "0")
     try:
         result = args.func(args)
@@ -63,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("m2f: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `m2f presets | head`: the reader left; not an error, and nothing more can be printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # keep Python's exit flush from failing again
+        return 0
     except Exception as exc:  # a bug, not bad input: still one line, with how to get the traceback
         if debug:
             raise

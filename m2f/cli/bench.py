@@ -14,47 +14,51 @@ MODEL_BACKENDS = ("hf-eager", "m2f-torch", "m2f-triton", "m2f-triton-compile", "
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from m2f.cli.options import add_device_option, add_out_option, add_quiet_option, add_threads_option
+
     p = sub.add_parser("bench", help="benchmark the kernels or the whole model")
     bsub = p.add_subparsers(dest="suite", metavar="SUITE")
     bsub.required = True
     k = bsub.add_parser("kernels", help="one attention op against its baselines at Mask2Former's real shapes")
-    k.add_argument("--op", choices=[*KERNEL_SUITES, "all"], default="all")
-    k.add_argument("--sizes", default=DEFAULT_SIZES, help=f"input image sizes HxW, comma-separated ({DEFAULT_SIZES})")
-    k.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (1,8)")
+    k.add_argument("--op", choices=[*KERNEL_SUITES, "all"], default="all", help="the attention op to benchmark")
+    k.add_argument("--sizes", default=DEFAULT_SIZES, help="input image sizes HxW, comma-separated")
+    k.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
     k.add_argument("--dtype", default="float32,bfloat16,float16", help="dtypes, comma-separated")
     k.add_argument("--no-backward", action="store_true", help="time the forward pass only")
-    k.add_argument("--device", default="cuda", help="cuda (default) or cpu (torch baselines only)")
-    k.add_argument("--out", default="bench/results", help="results directory (bench/results)")
+    add_device_option(k, "; on cpu only the torch baselines run")
+    add_out_option(k, "results directory", default="bench/results", old=("--output",))
+    add_threads_option(k)
     k.set_defaults(func=run_kernels)
 
     m = bsub.add_parser("model", help="end-to-end latency, throughput and memory: HF eager vs m2f backends vs ORT")
     m.add_argument("--models", default="r50-coco-panoptic,swin-t-coco-panoptic",
-                   help="presets, comma-separated (r50-coco-panoptic,swin-t-coco-panoptic; see `m2f presets`)")
+                   help="presets, comma-separated (see `m2f presets`)")
     m.add_argument("--config", default=None,
                    help="a custom m2f config (JSON file, or inline JSON) benchmarked instead of the presets")
-    m.add_argument("--sizes", default=DEFAULT_SIZES, help=f"input sizes HxW, multiples of 32 ({DEFAULT_SIZES})")
-    m.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (1,8)")
-    m.add_argument("--dtype", default="float32,bfloat16", help="float32 and/or bfloat16 (float32,bfloat16)")
+    m.add_argument("--sizes", default=DEFAULT_SIZES, help="input sizes HxW, multiples of 32")
+    m.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
+    m.add_argument("--dtype", default="float32,bfloat16", help="float32 and/or bfloat16, comma-separated")
     m.add_argument("--backends", default=",".join(MODEL_BACKENDS),
-                   help=f"comma-separated ({','.join(MODEL_BACKENDS)})")
-    m.add_argument("--compile-batches", default="1", help="batches timed with m2f-triton-compile (1)")
-    m.add_argument("--onnx-batches", default="1", help="batches exported and timed with onnxruntime (1)")
-    m.add_argument("--device", default="cuda", help="cuda (default) or cpu (hf-eager and m2f-torch only)")
-    m.add_argument("--out", default="bench/results", help="results directory (bench/results)")
-    m.add_argument("--warmup-ms", type=float, default=50.0, help="warm-up per timing (50)")
-    m.add_argument("--rep-ms", type=float, default=200.0, help="measurement window per timing (200)")
+                   help=f"comma-separated, from {', '.join(MODEL_BACKENDS)}")
+    m.add_argument("--compile-batches", default="1", help="batches timed with m2f-triton-compile")
+    m.add_argument("--onnx-batches", default="1", help="batches exported and timed with onnxruntime")
+    add_device_option(m, "; on cpu only hf-eager and m2f-torch run")
+    add_out_option(m, "results directory", default="bench/results", old=("--output",))
+    m.add_argument("--warmup-ms", type=float, default=50.0, help="warm-up per timing, in ms")
+    m.add_argument("--rep-ms", type=float, default=200.0, help="measurement window per timing, in ms")
     m.add_argument("--budget-s", type=float, default=None,
                    help="start no new backend after this many seconds (the rest is listed as skipped)")
     m.add_argument("--seed", type=int, default=None, help="seed of the weights and inputs (default: fresh)")
-    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_option(m)
+    add_quiet_option(m, "progress bar", old=("--no-progress",))
     add_exported_model_options(m, what="benchmark it against its PyTorch model (CPU, its export size)")
     m.add_argument("--checkpoint", default=None,
                    help="with exported models: the PyTorch model they came from (default: their manifest's source)")
     m.set_defaults(func=run_model)
 
     r = bsub.add_parser("report", help="regenerate README.md's performance table from bench/results/*.json")
-    r.add_argument("--results", default="bench/results", help="directory of result JSON files (bench/results)")
-    r.add_argument("--readme", default="README.md", help="file with the perf-table markers (README.md)")
+    r.add_argument("--results", default="bench/results", help="directory of result JSON files")
+    r.add_argument("--readme", default="README.md", help="file with the perf-table markers")
     r.set_defaults(func=run_report)
 
 
@@ -95,14 +99,20 @@ def parse_dtypes(text: str) -> list:
 def check_device(name: str):
     import torch
 
+    from m2f import runtime
+
+    if name == "auto":
+        name = runtime.resolve_device(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("no CUDA GPU found: GPU benchmarks need one (pass --device cpu for the torch baselines)")
     return torch.device(name)
 
 
 def run_kernels(args: argparse.Namespace) -> int:
+    from m2f import runtime
     from m2f.bench.common import environment, write_results
 
+    runtime.use_threads(args.threads)
     sizes, batches = parse_sizes(args.sizes), parse_ints(args.batch, "batch")
     dtypes, device = parse_dtypes(args.dtype), check_device(args.device)
     ops = list(KERNEL_SUITES) if args.op == "all" else [args.op]
@@ -132,6 +142,7 @@ def parse_models(args: argparse.Namespace) -> list:
 
     from m2f.config import Mask2FormerConfig, preset, preset_names
     from m2f.errors import M2FError
+    from m2f.io import parse_json
 
     if args.config:
         text = args.config
@@ -141,7 +152,7 @@ def parse_models(args: argparse.Namespace) -> list:
                 raise InputError(f"--config {text}: no such file; pass a JSON config file (or inline JSON)")
             text = path.read_text(encoding="utf-8")
         try:
-            cfg = Mask2FormerConfig.from_dict(json.loads(text))
+            cfg = Mask2FormerConfig.from_dict(parse_json(text, "--config"))
         except (ValueError, M2FError) as exc:
             raise InputError(f"--config is not an m2f config: {' '.join(str(exc).split())}") from None
         return [(cfg.name or "custom", cfg)]
@@ -187,6 +198,7 @@ def run_exported(args: argparse.Namespace, paths: list[str]) -> int:
 def run_model(args: argparse.Namespace) -> int:
     import torch
 
+    from m2f import runtime
     from m2f.bench import model as bench_model
     from m2f.bench.common import environment
 
@@ -203,6 +215,7 @@ def run_model(args: argparse.Namespace) -> int:
     onnx_batches = parse_ints(args.onnx_batches, "--onnx-batches")
     models = parse_models(args)
     device = check_device(args.device)
+    runtime.use_threads(args.threads)
     if args.rep_ms <= 0 or args.warmup_ms < 0:
         raise InputError("--rep-ms must be positive and --warmup-ms not negative")
     import os
@@ -227,7 +240,7 @@ def run_model(args: argparse.Namespace) -> int:
 
     result = bench_model.run(models, sizes, batches, dtypes, backends, device, compile_batches=compile_batches,
                              onnx_batches=onnx_batches, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, seed=seed,
-                             budget_s=args.budget_s, progress=not args.no_progress, on_update=partial)
+                             budget_s=args.budget_s, progress=not args.quiet, on_update=partial)
     paths = bench_model.write(result, out, env=env, settings=settings)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

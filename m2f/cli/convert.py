@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or an m2f directory, check every tensor, and write an m2f directory (m2f_config.json + model.safetensors).",
     )
     p.add_argument("src", metavar="SRC", help="checkpoint file or directory")
-    p.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")
+    from m2f.cli.options import add_out_option
+
+    add_out_option(p, "output directory", required=True, dest="output", old=("--output", "-o"))
     p.add_argument("--preset", metavar="NAME", help="architecture of an official checkpoint (see `m2f presets`)")
     p.add_argument("--force", action="store_true", help="overwrite DIR if it exists")
     p.set_defaults(func=run)

@@ -11,24 +11,37 @@ LAYOUTS = """dataset layouts read by `m2f train` / `m2f eval` (--data DIR):
                  [+ DIR/categories.json: ["name", ...]]"""
 
 
+# what `m2f data synth` writes: --force replaces a folder holding nothing else
+SYNTH_OWNED = ("images/[0-9]*.png", "panoptic/[0-9]*.png", "panoptic.json")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="dataset utilities (synthetic data)", description=LAYOUTS,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from m2f.cli.options import add_out_option, add_quiet_option
+
+    p = sub.add_parser("data", help="dataset utilities (synthetic data)", description=LAYOUTS)
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
     s = dsub.add_parser("synth", help="write synthetic shapes-on-background scenes in COCO panoptic format")
-    s.add_argument("--out", required=True, help="output folder (images/, panoptic/, panoptic.json)")
-    s.add_argument("--num", type=int, default=100, help="number of images (100)")
-    s.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (0)")
-    s.add_argument("--size", default="128x128", help="image size HxW (128x128)")
-    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_out_option(s, "output folder (images/, panoptic/, panoptic.json)", required=True, old=("--output",))
+    s.add_argument("--num", type=int, default=100, metavar="N", help="number of images")
+    s.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
+    s.add_argument("--size", default="128x128", metavar="HxW", help="image size")
+    s.add_argument("--force", action="store_true",
+                   help="replace --out if it holds an earlier synth's files only (never other files)")
+    add_quiet_option(s, "progress bar")
     s.set_defaults(func=run_synth)
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from m2f.data.synth import parse_size, write_dataset
+    from m2f.outputs import check_only_owned
 
     size = parse_size(args.size)
-    out = write_dataset(args.out, num=args.num, seed=args.seed, size=size, force=args.force, progress=True)
+    if args.force:  # the folder is replaced as a whole: it must hold nothing synth did not write
+        check_only_owned(Path(args.out), SYNTH_OWNED, "`m2f data synth`")
+    out = write_dataset(args.out, num=args.num, seed=args.seed, size=size, force=args.force,
+                        progress=not args.quiet)
     print(f"wrote {args.num} synthetic images ({size[0]}x{size[1]}, seed {args.seed}) to {out}")
     return 0

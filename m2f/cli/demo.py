@@ -11,20 +11,29 @@ records every number printed.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from m2f.errors import InputError
 
 
+# what a demo run writes into --out: a folder holding anything else is not replaced
+DEMO_OWNED = ("predictions/*", "model.onnx", "model.onnx.json", "demo.json")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from m2f.cli.options import add_device_option, add_out_option, add_quiet_option, add_threads_option
+
     p = sub.add_parser("demo", help="segment the bundled samples with the default model, export, verify, time")
-    p.add_argument("--out", default="demo_out", metavar="DIR", help="output directory, replaced on success")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--repeats", type=int, default=10, metavar="N", help="timed runs per backend (median reported)")
+    add_out_option(p, "output folder, replaced on success (only if it holds nothing but an earlier demo's files)",
+                   default="demo_out", old=("--output",))
+    add_device_option(p)
+    p.add_argument("--repeats", type=int, default=10, metavar="N",
+                   help="timed runs per backend, after one warm-up run (the median is reported)")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export, check and ONNX Runtime timing")
+    add_threads_option(p)
+    add_quiet_option(p)
     p.set_defaults(func=run)
 
 
@@ -39,16 +48,6 @@ def _random_fallback_config():
         test_size=(128, 512),  # the bundled samples' size, like the trained default model
         name="random-fallback",
     )
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _load_default_model(device: str) -> tuple[Any, str, bool]:
@@ -68,56 +67,63 @@ def _load_default_model(device: str) -> tuple[Any, str, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from m2f import runtime
     from m2f.cli.predict import notes_to_stderr
 
-    with notes_to_stderr():
+    runtime.set_quiet(args.quiet)
+    with notes_to_stderr(args.quiet):
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from m2f import runtime
     from m2f.assets import sample_images
-    from m2f.cli.predict import ImageEntry, image_id_for, output_names, predict_entries, unique_stems
+    from m2f.cli.predict import ImageEntry, image_ids_for, output_names, predict_entries, unique_stems
     from m2f.io import atomic_dir, write_json_atomic
+    from m2f.outputs import check_only_owned
     from m2f.preprocess import load_image, preprocess
 
     if args.repeats < 1:
         raise InputError("--repeats must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    threads = runtime.use_threads(args.threads)
+    device = runtime.resolve_device(args.device)
+    check_only_owned(Path(args.out), DEMO_OWNED, "`m2f demo`")
     samples = sample_images()
     if not samples:
         raise InputError("the bundled sample images are missing from this install (m2f/assets/samples)")
 
     started = time.perf_counter()
-    model, source, trained = _load_default_model(args.device)
+    model, source, trained = _load_default_model(device)
     config = model.config
     images = [load_image(p) for p in samples]
-    summary: dict[str, Any] = {"model": source, "trained": trained, "config": config.name, "device": args.device,
+    summary: dict[str, Any] = {"model": source, "trained": trained, "config": config.name, "device": device,
+                               "threads": threads, "repeats": args.repeats, "warmup_runs": 1,
                                "images": [str(p) for p in samples]}
 
     with atomic_dir(args.out) as work:
         # 2. segment the samples
         entries = []
-        for path, stem, image in zip(samples, unique_stems(samples), images):
-            entry = ImageEntry(path=path, stem=stem, image_id=image_id_for(stem), height=image.shape[0],
+        stems = unique_stems(samples)
+        for path, stem, image_id, image in zip(samples, stems, image_ids_for(stems), images):
+            entry = ImageEntry(path=path, stem=stem, image_id=image_id, height=image.shape[0],
                                width=image.shape[1])
             entry.outputs = output_names(stem, "panoptic")
             entries.append(entry)
         resize_shortest, max_size = config.test_size  # as `m2f predict` does by default
-        predict_entries(model, entries, "panoptic", work / "predictions", device=args.device,
-                        resize_shortest=resize_shortest, max_size=max_size)
+        predict_entries(model, entries, "panoptic", work / "predictions", device=device,
+                        resize_shortest=resize_shortest, max_size=max_size, progress=not args.quiet)
         summary["outputs"] = sorted(str(p.relative_to(work)) for p in (work / "predictions").iterdir())
 
         # 4a. PyTorch timing on the first image
-        batch = preprocess(images[:1], config, *config.test_size, device=args.device)
+        batch = preprocess(images[:1], config, *config.test_size, device=device)
         with torch.inference_mode():
-            torch_ms = _median_ms(lambda: model(batch.pixel_values), args.repeats)
-        rows = [("PyTorch eager", args.device, torch_ms, "reference")]
+            torch_ms = runtime.median_ms(lambda: model(batch.pixel_values), args.repeats)
+        rows = [("PyTorch eager", device, torch_ms, "reference")]
 
         if not args.no_export:
-            rows += _export_and_verify(model, images, work, args, summary)
+            rows += _export_and_verify(model, images, work, device, args.repeats, summary)
         summary["timings_ms"] = {name: ms for name, _, ms, _ in rows}
         summary["wall_s"] = round(time.perf_counter() - started, 2)
         write_json_atomic(work / "demo.json", summary)
@@ -126,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_and_verify(model: Any, images: list, work: Path, args: argparse.Namespace,
+def _export_and_verify(model: Any, images: list, work: Path, device: str, repeats: int,
                        summary: dict[str, Any]) -> list[tuple[str, str, float, str]]:
     """Export at the samples' size, compare ONNX Runtime with PyTorch on every sample, time ONNX Runtime."""
     import numpy as np
@@ -134,6 +140,7 @@ def _export_and_verify(model: Any, images: list, work: Path, args: argparse.Name
     import torch
 
     from m2f import postprocess as post
+    from m2f import runtime
     from m2f.export import to_onnx
     from m2f.preprocess import preprocess
 
@@ -142,17 +149,19 @@ def _export_and_verify(model: Any, images: list, work: Path, args: argparse.Name
     height, width = batch.padded_size
     onnx_path = work / "model.onnx"
     t0 = time.perf_counter()
-    to_onnx(model.cpu(), onnx_path, height=height, width=width, batch=1, force=True)
+    with runtime.stage("exporting the model to ONNX"):
+        to_onnx(model.cpu(), onnx_path, height=height, width=width, batch=1, force=True)
     summary["export_s"] = round(time.perf_counter() - t0, 2)
-    model.to(args.device)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    model.to(device)
+    session = ort.InferenceSession(str(onnx_path), runtime.ort_session_options(),
+                                   providers=["CPUExecutionProvider"])
 
     worst: dict[str, float] = {"pred_logits": 0.0, "pred_masks": 0.0}
     same_panoptic = 0
     for i in range(len(images)):
         x = batch.pixel_values[i : i + 1]
         with torch.inference_mode():
-            ref = model(x.to(args.device))
+            ref = model(x.to(device))
         got = dict(zip(["pred_logits", "pred_masks"],
                        session.run(["pred_logits", "pred_masks"], {"pixel_values": x.numpy()})))
         for name, ref_t in (("pred_logits", ref.pred_logits), ("pred_masks", ref.pred_masks)):
@@ -169,7 +178,7 @@ def _export_and_verify(model: Any, images: list, work: Path, args: argparse.Name
                        "identical_panoptic": f"{same_panoptic}/{len(images)}"}
 
     x0 = batch.pixel_values[:1].numpy()
-    ort_ms = _median_ms(lambda: session.run(None, {"pixel_values": x0}), args.repeats)
+    ort_ms = runtime.median_ms(lambda: session.run(None, {"pixel_values": x0}), repeats)
     note = (f"logits rel err {worst['pred_logits']:.1e}, masks {worst['pred_masks']:.1e}, "
             f"panoptic identical {same_panoptic}/{len(images)}")
     return [("ONNX Runtime", "cpu", ort_ms, note)]
@@ -181,7 +190,9 @@ def _print_table(rows: list[tuple[str, str, float, str]], summary: dict[str, Any
 
     console = Console()
     weights = "trained on synthetic scenes" if summary["trained"] else "RANDOM weights (no trained default)"
-    table = Table(title=f"m2f demo: {summary['config'] or 'default model'} ({weights}), one image")
+    table = Table(title=f"m2f demo: {summary['config'] or 'default model'} ({weights}), one image",
+                  caption=f"median of {summary['repeats']} runs after {summary['warmup_runs']} warm-up run, "
+                          f"{summary['threads']} CPU thread(s) (--threads)")
     table.add_column("backend")
     table.add_column("device")
     table.add_column("median ms", justify="right")

@@ -12,6 +12,8 @@ from m2f.cli.exported import add_exported_model_options, exported_config, export
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from m2f.cli.options import add_device_option, add_quiet_option, add_threads_option
+
     p = sub.add_parser("eval", help="score a model on a dataset: PQ (panoptic), mIoU (semantic), mask AP (instance)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder (see `m2f data --help` for the layouts)")
@@ -27,31 +29,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "else m2f_config.json beside it)")
     p.add_argument("--preset", help="architecture preset for checkpoints that carry no config")
     p.add_argument("--task", choices=("panoptic", "semantic", "instance"), help="default: the model's own task")
-    p.add_argument("--json", help="write the metrics to this JSON file")
-    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--json", metavar="FILE", help="write the metrics to this JSON file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N images")
     p.add_argument("--resize-shortest", type=int, help="test-time resize of the short edge (default: none)")
     p.add_argument("--max-size", type=int, help="with --resize-shortest: cap of the long edge")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda, for PyTorch models")
-    p.add_argument("--backend", default="torch", choices=("torch", "triton", "auto"), help="attention ops (torch)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_option(p, " (PyTorch models)")
+    p.add_argument("--backend", default="torch", choices=("torch", "triton", "auto"), help="attention ops")
+    add_threads_option(p)
+    add_quiet_option(p, "progress bar")
     p.set_defaults(func=run)
 
 
 def _predictor(checkpoint: str | None, exported: str | None, args, *, default: bool):
-    from m2f.errors import CheckpointError
     from m2f.evaluation.evaluate import RunnerPredictor, TorchPredictor
 
     if exported:
         from m2f.export.runner import open_runner
+        from m2f.runtime import threads
 
-        return RunnerPredictor(open_runner(exported, threads=args.threads), exported_config(exported, args.config))
+        return RunnerPredictor(open_runner(exported, threads=threads()), exported_config(exported, args.config))
     if checkpoint is None and default:
         from m2f.assets import default_checkpoint_path
 
         checkpoint = str(default_checkpoint_path())
-    if not Path(checkpoint).exists():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist; check the path")
+    from m2f.checkpoints import resolve_checkpoint
+
+    checkpoint = str(resolve_checkpoint(checkpoint))  # a hub id: its downloaded snapshot
     from m2f.train.loop import is_run_checkpoint, model_from_run
 
     if is_run_checkpoint(checkpoint):  # a training run in progress: RUN_DIR or one of its state files
@@ -64,23 +68,21 @@ def _predictor(checkpoint: str | None, exported: str | None, args, *, default: b
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from m2f import runtime
     from m2f.data.datasets import open_dataset
     from m2f.errors import InputError
     from m2f.evaluation.evaluate import evaluate, format_table
-    from m2f.io import write_json_atomic
+    from m2f.io import check_can_write, write_json_atomic
 
     if args.limit is not None and args.limit < 1:
         raise InputError("--limit must be >= 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InputError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    runtime.use_threads(args.threads)
+    args.device = runtime.resolve_device(args.device)
     if args.json:
         json_path = Path(args.json)
         if json_path.is_dir():
             raise InputError(f"--json {json_path} is a folder; pass a file name")
+        check_can_write(json_path, force=args.force)  # before the work: an earlier run's metrics are not lost
     dataset = open_dataset(args.data, format=args.format)
     predictor = _predictor(args.checkpoint, exported_model(args), args, default=True)
     reference = None

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
+from m2f.errors import InputError
 from m2f.export import targets
 from m2f.export.plugins import PLUGINS
 
@@ -27,6 +29,8 @@ def _int(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from m2f.cli.options import add_out_option, add_quiet_option, add_threads_option
+
     p = sub.add_parser("export", help=f"export to ONNX, {', '.join(t.name for t in targets.all_targets() if t.build)}, "
                                       "Triton Inference Server, with verification")
     esub = p.add_subparsers(dest="export_command", metavar="STAGE")
@@ -34,18 +38,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     o = esub.add_parser("onnx", help="export a checkpoint to ONNX (+ manifest)")
     o.add_argument("--checkpoint", required=True, help="m2f / HF / official checkpoint (file or directory)")
-    o.add_argument("--output", required=True, help="ONNX file to write")
+    add_out_option(o, "ONNX file to write", required=True, dest="output", old=("--output",))
     add_export_size_options(o)
-    o.add_argument("--half", action="store_true", help="float16 weights and input")
+    o.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8"),
+                   help="precision in the graph: fp16 / bf16 mixed precision (statistics, sampling and thresholds "
+                        "float32); int8 explicit Q/DQ, calibrated on --calib")
+    o.add_argument("--calib", default=None, metavar="DIR",
+                   help="folder of representative images for --precision int8 (ranges cached in OUTPUT.calib.json)")
+    o.add_argument("--calib-images", type=_int, default=64, help="calibrate on at most N images")
     _add_target_and_op_options(o)
-    o.add_argument("--postprocess", default="none", help="none (default), semantic or instance outputs in the graph")
-    o.add_argument("--opset", type=_int, default=18,
-                   help="ONNX opset, 18..24 (18)")
+    o.add_argument("--postprocess", default="none", choices=("none", "semantic", "instance"),
+                   help="post-processed outputs in the graph")
+    o.add_argument("--opset", type=_int, default=18, help="ONNX opset, 18..24")
     o.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     o.add_argument("--no-optimize", action="store_true",
                    help="skip the exporter's graph optimizer (faster export, larger graph)")
     o.add_argument("--check", action="store_true", help="run `m2f export check` on the result")
     o.add_argument("--force", action="store_true", help="overwrite an existing output")
+    add_threads_option(o)
+    add_quiet_option(o)
     o.set_defaults(func=run_onnx)
 
     c = esub.add_parser("check", help="structure, target op support and parity against PyTorch of an exported model")
@@ -53,35 +64,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--checkpoint", default=None, help="checkpoint to compare against (default: the manifest's)")
     c.add_argument("--report", default=None, help="write the JSON report here")
     c.add_argument("--force", action="store_true", help="overwrite an existing report")
+    add_threads_option(c)
+    add_quiet_option(c)
     c.set_defaults(func=run_check)
 
     for target in targets.all_targets():
         if target.add_cli is not None:
             t = esub.add_parser(target.name, help=f"build: {target.description}")
             target.add_cli(t)
+            add_threads_option(t)
+            add_quiet_option(t)
             t.set_defaults(func=run_target, target=target.name)
 
     w = esub.add_parser("pipeline", help="export -> check [-> build -> run -> compare] in one work dir")
     w.add_argument("--checkpoint", required=True, help="checkpoint (file or directory)")
-    w.add_argument("--workdir", required=True, help="directory for every stage's artifact + pipeline.json")
+    add_out_option(w, "folder for every stage's artifact + pipeline.json", required=True, dest="workdir",
+                   old=("--workdir",))
     add_export_size_options(w)
     _add_target_and_op_options(w)
     w.add_argument("--tensorrt", dest="target", action="store_const", const="tensorrt",
                    help="same as --target tensorrt: also build an fp16 engine, run it and compare")
     w.add_argument("--force", action="store_true", help="replace an existing work dir")
+    add_threads_option(w)
+    add_quiet_option(w)
     w.set_defaults(func=run_pipeline_cmd)
 
     r = esub.add_parser("triton-repo", help="a Triton Inference Server model repository from an .onnx / .engine")
     r.add_argument("--model", required=True, help="an exported model Triton serves (.onnx, .engine, .plan)")
-    r.add_argument("--output", required=True, help="model repository directory")
+    add_out_option(r, "model repository directory", required=True, dest="output", old=("--output",))
     r.add_argument("--name", default=None, help="model name (default: the file's stem)")
-    r.add_argument("--max-batch", type=_int, default=8, help="max_batch_size for dynamic-batch models (8)")
-    r.add_argument("--instances", type=_int, default=1, help="instance_group count (1)")
+    r.add_argument("--max-batch", type=_int, default=8, help="max_batch_size for dynamic-batch models")
+    r.add_argument("--instances", type=_int, default=1, help="instance_group count")
     r.add_argument("--force", action="store_true", help="overwrite an existing model directory")
     r.set_defaults(func=run_triton_repo)
 
 
-def _setup_logging() -> None:
+def _setup_logging(args: argparse.Namespace | None = None) -> None:
+    """Log lines as ``m2f: ...``; with ``args`` (a computing stage) also its --quiet and --threads."""
+    if args is not None:
+        from m2f import runtime
+
+        runtime.set_quiet(args.quiet)
+        runtime.use_threads(args.threads)
     root = logging.getLogger("m2f")
     if not root.handlers:
         handler = logging.StreamHandler()
@@ -93,9 +117,9 @@ def _setup_logging() -> None:
 def add_export_size_options(p: argparse.ArgumentParser) -> None:
     """What every export from a checkpoint takes: its preset, the input size and batch, dynamic axes."""
     p.add_argument("--preset", default=None, help="architecture preset when the checkpoint has no config")
-    p.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32 (512)")
-    p.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32 (512)")
-    p.add_argument("--batch", type=_int, default=1, help="batch size of the export (1)")
+    p.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32")
+    p.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32")
+    p.add_argument("--batch", type=_int, default=1, help="batch size of the export")
     p.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
 
 
@@ -116,20 +140,24 @@ def _op_modes(args: argparse.Namespace) -> dict[str, str | None]:
 
 
 def run_onnx(args: argparse.Namespace) -> int:
-    _setup_logging()
+    _setup_logging(args)
     from m2f.export.onnx_export import export_checkpoint
+    from m2f.export.precision import CalibrationSettings
 
+    if args.calib_images < 1:
+        raise InputError(f"--calib-images must be >= 1, got {args.calib_images}")
+    calib = CalibrationSettings(Path(args.calib), limit=args.calib_images) if args.calib else None
     targets.get(args.target)  # an unknown target fails before the checkpoint loads
     result = export_checkpoint(
         args.checkpoint, args.output, preset=args.preset, height=args.height, width=args.width, batch=args.batch,
-        dynamic=args.dynamic, half=args.half, postprocess=args.postprocess, opset=args.opset,
+        dynamic=args.dynamic, precision=args.precision, calib=calib, postprocess=args.postprocess, opset=args.opset,
         simplify=not args.no_simplify, optimize=not args.no_optimize, force=args.force, target=args.target,
         **_op_modes(args),
     )
     m = result.manifest
     ops = ", ".join(f"{name}={r.mode}" + (f" ({r.nodes} plugin nodes)" if r.mode == "plugin" else "")
                     for name, r in m.ops.items())
-    print(f"wrote {result.path} (opset {m.opset}, {m.dtype}, {ops}, "
+    print(f"wrote {result.path} (opset {m.opset}, {m.precision}, {m.dtype} I/O, {ops}, "
           f"{'dynamic' if m.dynamic else 'static'} {m.batch}x3x{m.height}x{m.width}, "
           f"{result.seconds:.1f} s) and {result.manifest_path}")
     if args.check:
@@ -147,11 +175,17 @@ def _print_check(report) -> int:
     for name, support in report.targets.items():
         summary.append(f"{name} ops " + ("ok" if support["ok"] else "UNSUPPORTED " + ",".join(support["unsupported_ops"])))
     print(f"{report.file}: {report.verdict}  ({report.target}{'; ' if summary else ''}{', '.join(summary)})")
+    precision = (report.manifest or {}).get("precision")
+    if precision:
+        print(f"  precision {precision}: compared with the float32 PyTorch model"
+              + (f" ({report.parity['runs'][0]['runtime']})" if report.parity.get("runs") else ""))
     if "skipped" in report.parity:
         print(f"  parity: skipped - {report.parity['skipped']}")
     for run in report.parity.get("runs", []):
         errs = ", ".join(f"{k}={v['rel_err']:.2e}" if "rel_err" in v else f"{k} mismatch={v.get('mismatch', 0):.2%}"
                          for k, v in run["outputs"].items())
+        if run.get("semantic_agreement") is not None:
+            errs += f", semantic agreement {run['semantic_agreement']:.2%}"
         print(f"  {run['batch']}x3x{run['height']}x{run['width']}: {errs}")
     for info in report.plugins.values():
         print(f"  {info['count']} {info['op_type']} nodes")
@@ -161,7 +195,7 @@ def _print_check(report) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    _setup_logging()
+    _setup_logging(args)
     from m2f.export.check import check_model
 
     report = check_model(args.file, checkpoint=args.checkpoint, report=args.report, force=args.force)
@@ -172,7 +206,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_target(args: argparse.Namespace) -> int:
-    _setup_logging()
+    _setup_logging(args)
     from m2f.export.manifest import read_manifest
 
     path = targets.get(args.target).run_cli(args)
@@ -182,7 +216,7 @@ def run_target(args: argparse.Namespace) -> int:
 
 
 def run_pipeline_cmd(args: argparse.Namespace) -> int:
-    _setup_logging()
+    _setup_logging(args)
     from m2f.export.pipeline import run_pipeline
 
     target = targets.get(args.target)

@@ -13,6 +13,8 @@ _DEFAULTS = {"lr": 1e-4, "weight_decay": 0.05, "backbone_multiplier": 0.1, "clip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from m2f.cli.options import add_device_option, add_out_option, add_quiet_option, add_threads_option
+
     p = sub.add_parser("train", help="train or fine-tune on a dataset (COCO panoptic / instance, semantic PNGs)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="preset name (see `m2f presets`) or a JSON config file (Mask2FormerConfig "
@@ -20,36 +22,37 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "--resume (if given, it must be the run's)")
     p.add_argument("--data", required=True, help="dataset folder (see `m2f data --help` for the layouts)")
     p.add_argument("--format", choices=("panoptic", "instance", "semantic"), help="dataset format (default: detect)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint.json + checkpoint-*.safetensors (training "
-                   "state), log.jsonl, log.csv, loss.png, model/")
+    add_out_option(p, "run folder: checkpoint.json + checkpoint-*.safetensors (training state), log.jsonl, "
+                   "log.csv, loss.png, model/", required=True, old=("--output", "--workdir"))
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its training state")
     p.add_argument("--force", action="store_true", help="start a new run even if --out already holds one")
     p.add_argument("--init", metavar="CHECKPOINT", help="start from these weights (m2f folder, HF folder or "
                    "official .pkl/.pth); tensors whose shape differs (e.g. the class head) stay freshly initialised")
-    p.add_argument("--iters", type=int, help="total iterations (1000; on --resume: the saved total)")
-    p.add_argument("--batch-size", type=int, default=16, help="total batch over all processes (16)")
-    p.add_argument("--lr", type=float, default=_DEFAULTS["lr"], help="base learning rate (1e-4)")
-    p.add_argument("--weight-decay", type=float, default=_DEFAULTS["weight_decay"], help="AdamW weight decay (0.05)")
+    p.add_argument("--iters", type=int, help="total iterations (default: 1000; on --resume: the saved total)")
+    p.add_argument("--batch-size", type=int, default=16, help="total batch over all processes")
+    p.add_argument("--lr", type=float, default=_DEFAULTS["lr"], help="base learning rate")
+    p.add_argument("--weight-decay", type=float, default=_DEFAULTS["weight_decay"], help="AdamW weight decay")
     p.add_argument("--backbone-multiplier", type=float, default=_DEFAULTS["backbone_multiplier"],
-                   help="backbone lr multiplier (0.1)")
+                   help="backbone lr multiplier")
     p.add_argument("--clip", type=float, default=_DEFAULTS["clip"],
-                   help="full-model gradient-norm clip, 0 = off (0.01)")
-    p.add_argument("--warmup-iters", type=int, default=0, help="linear lr warm-up iterations (0)")
+                   help="full-model gradient-norm clip, 0 = off")
+    p.add_argument("--warmup-iters", type=int, default=0, help="linear lr warm-up iterations")
     p.add_argument("--warmup-factor", type=float, default=_DEFAULTS["warmup_factor"],
                    help="lr multiplier at iteration 0 of the warm-up (official: 1.0, i.e. no warm-up)")
     p.add_argument("--input-size", help="training crop HxW (default: the first image's size rounded up to 32)")
-    p.add_argument("--scale-range", default="0.1,2.0", help="large-scale-jitter range MIN,MAX (0.1,2.0)")
+    p.add_argument("--scale-range", default="0.1,2.0", help="large-scale-jitter range MIN,MAX")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    p.add_argument("--num-points", type=int, default=12544, help="points per mask for matching and losses (12544)")
+    p.add_argument("--num-points", type=int, default=12544, help="points per mask for matching and losses")
     p.add_argument("--amp", action="store_true", help="mixed precision: bf16 on CPU, fp16 + GradScaler on CUDA")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--backend", default="torch", choices=("torch", "triton", "auto"), help="attention ops (torch)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation (0)")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="save the training state every N iterations (500)")
-    p.add_argument("--log-every", type=int, default=10, help="log every N iterations (10)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (0)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_option(p)
+    p.add_argument("--backend", default="torch", choices=("torch", "triton", "auto"), help="attention ops")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="save the training state every N iterations")
+    p.add_argument("--log-every", type=int, default=10, help="log every N iterations")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data-loading worker processes (each runs one thread, beside --threads)")
+    add_threads_option(p)
+    add_quiet_option(p, "progress bar")
     p.set_defaults(func=run)
 
 
@@ -72,15 +75,13 @@ def load_config(spec: str):
     """A preset name or a JSON file of Mask2FormerConfig fields (an m2f_config.json also works)."""
     from m2f.config import Mask2FormerConfig, preset, preset_names
     from m2f.errors import InputError, M2FError
+    from m2f.io import read_json
 
     path = Path(spec)
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise InputError(f"config file {path} does not exist; pass a preset name or a JSON config file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"config file {path} is not valid JSON ({exc}); fix it or pass a preset name") from None
+        data = read_json(path, fix="fix it or pass a preset name")
         if not isinstance(data, dict):
             raise InputError(f"config file {path} must hold a JSON object of Mask2FormerConfig fields")
         data = data.get("config", data) if isinstance(data.get("config"), dict) else data
@@ -117,8 +118,7 @@ def _init_state(spec: str, model_config):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from m2f import runtime
     from m2f.data.datasets import open_dataset
     from m2f.errors import InputError
     from m2f.train.criterion import LossConfig
@@ -127,10 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from m2f.train.state import MANIFEST, clear_state, has_state
 
     # validate everything before touching --out
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InputError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    runtime.use_threads(args.threads)  # the device is resolved by the trainer (auto: cuda when available)
     for name in ("batch_size", "checkpoint_every", "log_every", "num_points"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from m2f.errors import InputError
+from m2f.io import read_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 IGNORE_LABEL = 255
@@ -86,15 +87,7 @@ class SegmentationDataset:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or regenerate it") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path} is not a UTF-8 text file; expected a COCO-format JSON") from None
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    return read_json(path, fix="expected a COCO-format JSON: fix or regenerate it")
 
 
 def _load_rgb(path: Path) -> np.ndarray:

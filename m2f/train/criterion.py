@@ -4,7 +4,8 @@ For the final prediction and every auxiliary one (each earlier decoder layer), q
 by :class:`~m2f.train.matcher.HungarianMatcher`, then
 
 * ``loss_ce``: cross-entropy of every query's class logits against its matched class, "no object" (index K)
-  for unmatched queries, with class weights 1 and ``no_object_weight`` for "no object" (weighted mean);
+  for unmatched queries, with class weights 1 and ``no_object_weight`` for "no object" (weighted mean over the
+  whole batch, all ranks together);
 * ``loss_mask``: BCE-with-logits and ``loss_dice``: dice loss of each matched mask on ``num_points`` points
   chosen by uncertainty (:func:`~m2f.train.point_sampling.uncertain_point_coords`), summed over matched
   masks and divided by the number of target masks in the batch (all-reduced over ranks, at least 1).
@@ -65,6 +66,15 @@ def _predictions(outputs: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return preds
 
 
+def _rank_mean(value: torch.Tensor) -> torch.Tensor:
+    """``value`` averaged over the ranks under DDP; itself in one process."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value
+
+
 class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, config: LossConfig = LossConfig()):
         super().__init__()
@@ -79,19 +89,21 @@ class SetCriterion(nn.Module):
     def num_masks(self, targets: Sequence[dict], device: torch.device) -> float:
         """Target masks in the batch, averaged over ranks under DDP, at least 1."""
         count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(count)
-            count = count / dist.get_world_size()
-        return max(float(count), 1.0)
+        return max(float(_rank_mean(count)), 1.0)
 
     def loss_labels(self, logits: torch.Tensor, targets: Sequence[dict], indices) -> torch.Tensor:
         b, q, _ = logits.shape
         target_classes = torch.full((b, q), self.num_classes, dtype=torch.int64, device=logits.device)
         for i, (target, (query_idx, target_idx)) in enumerate(zip(targets, indices)):
             target_classes[i, query_idx.to(logits.device)] = target["labels"][target_idx].to(logits.device)
-        return F.cross_entropy(logits.float().transpose(1, 2), target_classes, self.class_weights.to(logits.device))
+        weights = self.class_weights.to(logits.device)
+        per_query = F.cross_entropy(logits.float().transpose(1, 2), target_classes, weights, reduction="none")
+        # the weighted mean over the whole batch: under DDP (which averages gradients over ranks) each rank divides
+        # by the ranks' mean weight total, as num_masks does, so the loss does not depend on the number of processes
+        return per_query.sum() / _rank_mean(weights[target_classes].sum().detach())
 
-    def loss_masks(self, masks: torch.Tensor, targets: Sequence[dict], indices, num_masks: float):
+    def loss_masks(self, masks: torch.Tensor, targets: Sequence[dict], indices, num_masks: float,
+                   generators: Sequence[torch.Generator] | None = None):
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         query_idx = torch.cat([src for src, _ in indices])
         if query_idx.numel() == 0:  # nothing to supervise; keep the graph connected for DDP
@@ -102,15 +114,27 @@ class SetCriterion(nn.Module):
         tgt = tgt[:, None].to(device=masks.device, dtype=torch.float32)  # (M, 1, H, W)
         cfg = self.config
         with torch.no_grad():
-            coords = uncertain_point_coords(pred, cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio,
-                                            generator=self.generator)  # (M, P, 2)
+            if generators is None:
+                coords = uncertain_point_coords(pred, cfg.num_points, cfg.oversample_ratio,
+                                                cfg.importance_sample_ratio, generator=self.generator)  # (M, P, 2)
+            else:  # each image's points from its own stream, whatever else is in the batch
+                counts = [len(src) for src, _ in indices]
+                coords = torch.cat([uncertain_point_coords(part, cfg.num_points, cfg.oversample_ratio,
+                                                           cfg.importance_sample_ratio, generator=g)
+                                    for part, g, n in zip(pred.split(counts), generators, counts) if n])
             point_targets = point_sample(tgt, coords)[:, 0]  # (M, P)
         point_logits = point_sample(pred, coords)[:, 0]  # (M, P)
         return sigmoid_bce_loss(point_logits, point_targets, num_masks), dice_loss(point_logits, point_targets, num_masks)
 
-    def forward(self, outputs: Any, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: Any, targets: Sequence[dict],
+                generators: Sequence[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
         """Returns the weighted total under "loss" and each unweighted term (``loss_ce``, ``loss_mask``,
-        ``loss_dice``, and ``loss_ce_<i>`` ... for auxiliary prediction i, in layer order)."""
+        ``loss_dice``, and ``loss_ce_<i>`` ... for auxiliary prediction i, in layer order).
+
+        ``generators``: one per image for its random points (matching and losses), so an image's loss does not
+        depend on which other images share its batch or process; None: ``self.generator`` for all."""
+        if generators is not None and len(generators) != len(targets):
+            raise ValueError(f"{len(generators)} generators for {len(targets)} images")
         preds = _predictions(outputs)
         if not self.config.deep_supervision:
             preds = preds[:1]
@@ -121,9 +145,10 @@ class SetCriterion(nn.Module):
         total = None
         for k, (logits, masks) in enumerate(preds):
             with torch.autocast(device_type=device.type, enabled=False):
-                indices = self.matcher(logits.detach(), masks.detach(), targets, generator=self.generator)
+                indices = self.matcher(logits.detach(), masks.detach(), targets,
+                                       generator=self.generator if generators is None else generators)
                 ce = self.loss_labels(logits, targets, indices)
-                bce, dice = self.loss_masks(masks, targets, indices, num_masks)
+                bce, dice = self.loss_masks(masks, targets, indices, num_masks, generators)
             suffix = "" if k == 0 else f"_{k - 1}"
             losses[f"loss_ce{suffix}"], losses[f"loss_mask{suffix}"], losses[f"loss_dice{suffix}"] = ce, bce, dice
             term = cfg.class_weight * ce + cfg.mask_weight * bce + cfg.dice_weight * dice

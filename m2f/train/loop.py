@@ -180,28 +180,42 @@ class _Samples(torch.utils.data.Dataset):
 
 
 def epoch_batches(num_items: int, per_rank_batch: int, env: DistEnv, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's batches of one epoch: DistributedSampler's shuffled share, full batches only."""
+    """This rank's batches of one epoch: DistributedSampler's shuffled share, full batches only.
+
+    Iteration i's batches over all ranks are the shuffled items [i·B, (i+1)·B) (B the total batch) whatever the
+    number of processes: the shuffle depends on (seed, epoch) only, and drop_last keeps the sampler from padding
+    the epoch with repeated items."""
     sampler = torch.utils.data.DistributedSampler(range(num_items), num_replicas=env.world_size, rank=env.rank,
-                                                  shuffle=True, seed=seed, drop_last=False)
+                                                  shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     indices = list(sampler)
     return [indices[i:i + per_rank_batch] for i in range(0, len(indices) - per_rank_batch + 1, per_rank_batch)]
 
 
 def batch_stream(samples: _Samples, per_rank_batch: int, env: DistEnv, seed: int, start_iter: int,
-                 collate_fn: Callable, num_workers: int) -> Iterator[tuple[int, Any]]:
-    """(epoch, batch) from global iteration ``start_iter`` on, forever."""
+                 collate_fn: Callable, num_workers: int) -> Iterator[tuple[int, list[int], Any]]:
+    """(epoch, item indices, batch) from global iteration ``start_iter`` on, forever."""
     per_epoch = len(epoch_batches(len(samples), per_rank_batch, env, seed, 0))
     epoch, offset = divmod(start_iter, per_epoch)
     while True:
-        keys = [[(i, epoch) for i in b] for b in epoch_batches(len(samples), per_rank_batch, env, seed, epoch)[offset:]]
+        batch_indices = epoch_batches(len(samples), per_rank_batch, env, seed, epoch)[offset:]
+        keys = [[(i, epoch) for i in b] for b in batch_indices]
         # its own generator: creating a loader must not draw from the global RNG (resume would diverge)
         generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
         loader = torch.utils.data.DataLoader(samples, batch_sampler=keys, collate_fn=collate_fn,
                                              num_workers=num_workers, generator=generator)
-        for batch in loader:
-            yield epoch, batch
+        for indices, batch in zip(batch_indices, loader):
+            yield epoch, indices, batch
         epoch, offset = epoch + 1, 0
+
+
+_POINT_STREAM = 1 << 40  # added to a sample's index: far above any dataset's size, so never an augmentation key
+
+
+def point_generators(seed: int, epoch: int, indices: list[int]) -> list[torch.Generator]:
+    """The loss's random points of each sample (matching and point losses): like its augmentation, a pure
+    function of (seed, epoch, index), another stream; so the loss does not depend on the number of processes."""
+    return [sample_generator(seed, epoch, index + _POINT_STREAM) for index in indices]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,6 +417,10 @@ class Trainer:
         if config is None:
             raise InputError("a new run needs a model config (--config: a preset name or a JSON config file)")
         self.config, self.options, self.dataset, self.progress = config, options, dataset, progress
+        if self.env.world_size > 1 and self.device.type != "cuda" and getattr(config.backbone, "norm", "") == "bn":
+            raise InputError(f"the backbone's norm 'bn' (BatchNorm) would normalise each of the {self.env.world_size} "
+                             "CPU processes' share of the batch alone (SyncBatchNorm needs GPUs); set the backbone "
+                             "norm to 'frozen_bn' in --config, or train in one process")
         if options.batch_size % self.env.world_size:
             raise InputError(f"--batch-size {options.batch_size} does not split over {self.env.world_size} processes")
         self.per_rank_batch = options.batch_size // self.env.world_size
@@ -536,7 +554,7 @@ class Trainer:
         previous_loss = None
         tick = time.perf_counter()
         for iteration in range(start, opts.iters):
-            epoch, (pixel_values, targets) = next(stream)
+            epoch, indices, (pixel_values, targets) = next(stream)
             data_time = time.perf_counter() - tick
             pixel_values = pixel_values.to(device, non_blocking=True)
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
@@ -546,7 +564,7 @@ class Trainer:
             if not self._all_finite([t for pair in _predictions(outputs) for t in pair]):
                 raise self._diverged(iteration + 1, "the predictions are not finite", saved, previous_loss,
                                      iteration)
-            losses = criterion(outputs, targets)
+            losses = criterion(outputs, targets, point_generators(opts.seed, epoch, indices))
             loss = losses["loss"]
             if not self._all_finite([loss]):
                 raise self._diverged(iteration + 1, f"the loss is {float(loss)}", saved, previous_loss, iteration)

@@ -60,19 +60,22 @@ class HungarianMatcher:
 
     @torch.no_grad()
     def __call__(self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, targets: Sequence[dict],
-                 generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """pred_logits (B, Q, K+1), pred_masks (B, Q, h, w); targets[b] = {"labels": (N,), "masks": (N, H, W)}.
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """pred_logits (B, Q, K+1), pred_masks (B, Q, h, w); targets[b] = {"labels": (N,), "masks": (N, H, W)};
+        ``generator``: one for all images, or one per image.
 
         Returns per image (query indices, target indices), int64 on the CPU, sorted by query index.
         """
         indices = []
+        per_image = generator if isinstance(generator, (list, tuple)) else [generator] * len(targets)
         for b, target in enumerate(targets):
             labels = target["labels"]
             if labels.numel() == 0:
                 empty = torch.zeros(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            coords = torch.rand(self.num_points, 2, device=pred_masks.device, generator=generator)
+            coords = torch.rand(self.num_points, 2, device=pred_masks.device, generator=per_image[b])
             with torch.autocast(device_type=pred_masks.device.type, enabled=False):
                 cost = self.cost_matrix(pred_logits[b], pred_masks[b], labels, target["masks"].to(pred_masks.device),
                                         coords)

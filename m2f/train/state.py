@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from m2f.errors import CheckpointError
-from m2f.io import atomic_path, write_json_atomic
+from m2f.io import atomic_path, read_json, write_json_atomic
 
 MANIFEST = "checkpoint.json"
 LEGACY_CHECKPOINT = "checkpoint.pt"
@@ -124,14 +124,14 @@ def set_encoded_rng_state(state: dict) -> None:
 
 
 def save_state(run_dir: Path, state: TrainState) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state.model.items()}
     for index, values in state.optimizer["state"].items():
         tensors.update({f"optimizer.{index}.{k}": v.detach().cpu().contiguous() for k, v in values.items()})
     name = f"checkpoint-{state.iteration:08d}-{secrets.token_hex(4)}.safetensors"
     with atomic_path(run_dir / name) as tmp:
-        save_file(tensors, str(tmp))
+        tmp.write_bytes(save(tensors))  # through m2f.io: a full disk is one OutputError, not a SafetensorError
     manifest = {
         "format": FORMAT, "version": VERSION, "iteration": state.iteration, "world_size": state.world_size,
         "tensors": name, "config": state.config, "options": state.options,
@@ -155,10 +155,6 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid in strict JSON")
-
-
 def load_state(run_dir: Path) -> TrainState:
     """The training state of ``run_dir``; CheckpointError (one line, with the fix) for anything else."""
     path = run_dir / MANIFEST
@@ -169,12 +165,7 @@ def load_state(run_dir: Path) -> TrainState:
                 "reads (unpickling can run arbitrary code); evaluate its final weights in RUN_DIR/model if the run "
                 "finished, or start a new run with --force (optionally --init RUN_DIR/model)")
         raise CheckpointError(f"{run_dir} holds no training state ({MANIFEST}); start a new run without --resume")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); {_DAMAGED}") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    data = read_json(path, error=CheckpointError, fix=_DAMAGED)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not m2f training state (no \"format\": \"{FORMAT}\"); {_DAMAGED}")
     if data.get("version") != VERSION:
