@@ -23,10 +23,9 @@ from typing import Any, Callable, Sequence
 import triton
 import triton.language as tl
 
+from m2f.kernels.common import TRITON_TYPES
+
 from .plugins import PLUGINS, PluginSpec
-
-TRITON_TYPES = {"float32": "fp32", "float16": "fp16"}
-
 
 @dataclass(frozen=True)
 class AotLaunch:

@@ -410,3 +410,13 @@ def test_runner_postprocessing_follows_the_model_rules(seeded, default_task):
                     assert torch.equal(getattr(g, name), value), f"{task} {name}, seed {seed}"
                 else:
                     assert getattr(g, name) == value, f"{task} {name}, seed {seed}"
+
+
+def test_the_onnx_path_imports_no_triton():
+    """Export, check, the target registry and the CLI import without Triton (only plugin_kernels needs it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import m2f.cli, m2f.export.onnx_export, m2f.export.check, m2f.export.targets as t; "
+            "t.names(); sys.exit('triton' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
