@@ -241,7 +241,7 @@ def run_parity(
         got = runner.run(x.numpy())
         run_s = time.perf_counter() - start
         got_np = {n: (g.astype(np.float32) if np.issubdtype(g.dtype, np.floating) else g) for n, g in got.items()}
-        results.append({**size.as_dict(), "seed": seed, "runtime": getattr(runner, "runtime", runner.name), "run_seconds": round(run_s, 3),
+        results.append({**size.as_dict(), "seed": seed, "runtime": getattr(runner, "runs_as", runner.name), "run_seconds": round(run_s, 3),
                         "unstable_draws_skipped": skipped, "outputs": compare_outputs(got_np, ref_np),
                         "semantic_agreement": semantic_agreement(got_np, ref_np)})
     return results

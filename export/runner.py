@@ -18,6 +18,7 @@ development machines (see export/README.md).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -45,7 +46,17 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-class TorchRunner:
+class ClosingRunner(contextlib.AbstractContextManager):
+    """``with runner:`` closes it at the end (every runner here derives from this)."""
+
+    def close(self) -> None:  # nothing to release unless a runner holds sessions or device memory
+        pass
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class TorchRunner(ClosingRunner):
     """A PyTorch m2f model as a Runner (float32 outputs on the host)."""
 
     output_names = RAW_OUTPUTS
@@ -62,15 +73,6 @@ class TorchRunner:
         with torch.inference_mode():
             out = self.model(torch.as_tensor(pixel_values).to(self.device))
         return {"pred_logits": out.pred_logits.float().cpu().numpy(), "pred_masks": out.pred_masks.float().cpu().numpy()}
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "TorchRunner":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 class RunnerModel:
@@ -121,7 +123,7 @@ class _DeviceBuffer:
             self.ptr = 0
 
 
-class TensorRTRunner:
+class TensorRTRunner(ClosingRunner):
     """One engine, one execution context, one CUDA stream; buffers grow to the largest shape seen."""
 
     def __init__(self, engine_path: str | Path, register_m2f_plugins: bool | None = None) -> None:
@@ -222,11 +224,6 @@ class TensorRTRunner:
             check_cuda(self.cudart.cudaStreamDestroy(self.stream))
             self.stream = None
 
-    def __enter__(self) -> "TensorRTRunner":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def postprocess_outputs(

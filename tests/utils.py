@@ -106,21 +106,27 @@ def full_manifest(kind: str = "onnx", batch: int = 1, height: int = 64, width: i
     return new_manifest(kind, batch=batch, height=height, width=width, **{**defaults, **fields})
 
 
-def tiny_model(seed: int) -> torch.nn.Module:
-    """A small ResNet Mask2Former (2 encoder layers, 4 decoder layers, 7 queries, 3 classes) with weights moved
-    off their init values (zero biases would hide layout mistakes) and some empty masks."""
-    import m2f
+def tiny_config(hidden_sizes=(16, 32, 32, 64), encoder_layers: int = 2, queries: int = 7, decoder_layers: int = 4):
+    """A small ResNet Mask2Former config (3 classes, 4 heads, 32 channels)."""
     from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
 
-    torch.manual_seed(seed)
-    config = Mask2FormerConfig(
-        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=(16, 32, 32, 64)),
-        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=2, num_heads=4, ffn_dim=64),
-        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=7, num_heads=4, ffn_dim=64,
-                                                     num_layers=4),
+    return Mask2FormerConfig(
+        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=tuple(hidden_sizes)),
+        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=encoder_layers, num_heads=4,
+                                         ffn_dim=64),
+        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=queries, num_heads=4, ffn_dim=64,
+                                                     num_layers=decoder_layers),
         num_classes=3,
     )
-    model = m2f.build_model(config, backend="torch").eval()
+
+
+def tiny_model(seed: int) -> torch.nn.Module:
+    """:func:`tiny_config`'s model with weights moved off their init values (zero biases would hide layout
+    mistakes) and some empty masks."""
+    import m2f
+
+    torch.manual_seed(seed)
+    model = m2f.build_model(tiny_config(), backend="torch").eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

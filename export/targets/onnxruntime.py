@@ -11,6 +11,7 @@ import numpy as np
 
 from m2f.errors import BackendUnavailableError, InputError
 
+from ..runner import ClosingRunner
 from . import Target, register
 
 CPU = ("CPUExecutionProvider",)
@@ -45,7 +46,7 @@ def ort_session(path: str | Path, providers: Sequence[str] = CPU, threads: int |
                      "arithmetic, rounded to the graph's type at every stored tensor)")
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(ClosingRunner):
     """An ONNX file in ONNX Runtime: NumPy in, the graph's outputs by name out."""
 
     def __init__(self, path: str | Path, threads: int | None = None, providers: Sequence[str] = CPU) -> None:
@@ -53,7 +54,7 @@ class OnnxRuntimeRunner:
         if not path.is_file():
             raise InputError(f"ONNX file {path} does not exist; export one with `m2f export onnx`")
         self.name = str(path)
-        self.session, self.runtime = ort_session(path, providers, threads)
+        self.session, self.runs_as = ort_session(path, providers, threads)
         inputs = self.session.get_inputs()
         if inputs[0].type == "tensor(bfloat16)":
             raise InputError(f"{path} takes a bfloat16 input, which NumPy cannot make; export it with float32 inputs "
@@ -71,12 +72,6 @@ class OnnxRuntimeRunner:
 
     def close(self) -> None:
         self.session = None
-
-    def __enter__(self) -> "OnnxRuntimeRunner":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 TARGET = register(Target(

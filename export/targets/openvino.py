@@ -16,6 +16,7 @@ import numpy as np
 
 from m2f.errors import BackendUnavailableError, InputError
 
+from ..runner import ClosingRunner
 from . import Target, check_precision, register
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -88,7 +89,7 @@ def _quantize(model: Any, manifest: Any, calib_dir: Path, limit: int) -> tuple[A
     return quantized, f"NNCF {nncf.__version__} post-training quantization, {len(batches)} calibration images"
 
 
-class OpenVINORunner:
+class OpenVINORunner(ClosingRunner):
     """An OpenVINO IR directory compiled for ``device`` ("CPU" by default): NumPy in, outputs by name out."""
 
     def __init__(self, path: str | Path, threads: int | None = None, device: str = "CPU") -> None:
@@ -119,12 +120,6 @@ class OpenVINORunner:
 
     def close(self) -> None:
         self.request = self.compiled = None
-
-    def __enter__(self) -> "OpenVINORunner":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def _add_cli(p: argparse.ArgumentParser) -> None:
