@@ -110,6 +110,7 @@ class OpenVINORunner(ClosingRunner):
         self.compiled = core.compile_model(core.read_model(str(path / XML)), device, config)
         self.request = self.compiled.create_infer_request()
         self.name = str(path)
+        self.runs_as = f"openvino ({device}{', float32 arithmetic' if 'INFERENCE_PRECISION_HINT' in config else ''})"
         self.output_names = tuple(o.get_any_name() for o in self.compiled.outputs)
         self.fixed_size = None if self.manifest.dynamic else (self.manifest.height, self.manifest.width)
 
