@@ -53,6 +53,7 @@ setup(
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnxslim>=0.1.40",
                  "onnxconverter-common>=1.14"],
         "tensorrt": ["tensorrt>=10.3", "cuda-python>=12.6"],
+        "openvino": ["openvino>=2024.4"],
         "serve": ["ray[serve]>=2.40", "python-multipart>=0.0.9"],  # multipart: starlette's form parser
         "video": ["av>=12"],  # `m2f predict clip.mp4`
         "test": [
@@ -64,6 +65,7 @@ setup(
             "onnxruntime>=1.18",
             "onnxscript>=0.2",
             "onnxslim>=0.1.40",
+            "openvino>=2024.4",
             "ray[serve]>=2.40",
             "python-multipart>=0.0.9",
             "av>=12",

@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from m2f.bench.common import BenchRow, bar_plot, environment, markdown_table, peak_memory_mb, time_fn, write_results
-from m2f.config import Mask2FormerConfig, ResNetConfig
+from m2f.backbones import backbone_spec
+from m2f.config import Mask2FormerConfig
 from m2f.errors import InputError
 from m2f.io import write_text_atomic
 
@@ -68,18 +69,7 @@ def hf_config_for(cfg: Mask2FormerConfig):
     from m2f.checkpoints.hf import config_from_hf
 
     bb, pd, td = cfg.backbone, cfg.pixel_decoder, cfg.transformer_decoder
-    if isinstance(bb, ResNetConfig):
-        backbone = transformers.ResNetConfig(
-            embedding_size=bb.stem_channels, hidden_sizes=list(bb.hidden_sizes), depths=list(bb.depths),
-            layer_type=bb.block, hidden_act="relu", downsample_in_first_stage=False,
-            downsample_in_bottleneck=bb.stride_in_1x1, out_features=HF_STAGES,
-        )
-    else:
-        backbone = transformers.SwinConfig(
-            image_size=bb.pretrain_img_size, patch_size=bb.patch_size, embed_dim=bb.embed_dim, depths=list(bb.depths),
-            num_heads=list(bb.num_heads), window_size=bb.window_size, mlp_ratio=bb.mlp_ratio, qkv_bias=bb.qkv_bias,
-            drop_path_rate=0.0, use_absolute_embeddings=bb.ape, out_features=HF_STAGES,
-        )
+    backbone = backbone_spec(bb).config_to_hf(bb, HF_STAGES)
     hf = transformers.Mask2FormerConfig(
         backbone_config=backbone, feature_size=pd.conv_dim, mask_feature_size=pd.mask_dim, hidden_dim=td.hidden_dim,
         encoder_layers=pd.num_encoder_layers, encoder_feedforward_dim=pd.ffn_dim, num_attention_heads=td.num_heads,
@@ -535,6 +525,52 @@ def _measure(row: BenchRow, runner: Runner, x_cpu: torch.Tensor, ref, device, cf
     finally:
         del fn
         _free(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exported models (``--onnx`` / ``--openvino`` / ``--engine``) against the PyTorch model they were exported from
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_exported(
+    model: torch.nn.Module,
+    runners: Sequence[tuple[str, Any]],  # (label, m2f.export.runner.Runner), raw outputs at one shared input size
+    case: str,
+    batch: int,
+    height: int,
+    width: int,
+    warmup_ms: float = 50.0,
+    rep_ms: float = 200.0,
+    seed: int | None = None,
+) -> ModelBenchResult:
+    """One run, one fresh input: PyTorch (``m2f-torch``, float32, CPU) and every runner, timed on the same input,
+    each with its rel_err and post-processing agreement against PyTorch."""
+    from m2f.export.runner import TorchRunner
+
+    seed = int.from_bytes(os.urandom(4), "little") % 2**31 if seed is None else seed
+    x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)).numpy()
+    result = ModelBenchResult(rows=[])
+    reference = None
+    for label, runner in (("m2f-torch", TorchRunner(model)), *runners):
+        row = BenchRow(suite="model", case=case, backend=label, dtype="float32", batch=batch, height=height,
+                       width=width, median_ms=None, p90_ms=None,  # type: ignore[arg-type]
+                       extra={"reference": "m2f-torch float32, same input", "seed": seed, "model": runner.name})
+        try:
+            out = runner.run(x)
+            logits, masks = torch.from_numpy(out["pred_logits"]).float(), torch.from_numpy(out["pred_masks"]).float()
+            if reference is None:
+                reference = (logits, masks)
+            row.rel_err = _finite(rel_err(logits, reference[0]))
+            row.extra["rel_err_masks"] = _finite(rel_err(masks, reference[1]))
+            row.extra.update(agreement(logits[0], masks[0], reference[0][0], reference[1][0],
+                                       model.config.thing_classes))
+            timing = time_fn(lambda: runner.run(x), warmup_ms=warmup_ms, rep_ms=rep_ms)
+            row.median_ms, row.p90_ms = timing.median_ms, timing.p90_ms
+            row.extra["images_per_s"] = batch / (timing.median_ms / 1e3)
+        except Exception as exc:  # noqa: BLE001 - recorded, the other runners still run
+            row.extra["error"] = f"{type(exc).__name__}: {_one_line(exc)}"
+        result.rows.append(row)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,38 +1,41 @@
-"""``m2f export check``: is an exported ONNX file valid, portable and faithful to the PyTorch model?
+"""``m2f export check``: is an exported model valid, portable and faithful to the PyTorch model?
 
-One JSON report with:
+One :class:`CheckReport` (JSON, versioned) per file. For an ONNX file:
 
 * ``checker``: onnx.checker (full check, with shape inference);
 * ``census``: op counts by (domain, op_type); dtypes: no DOUBLE tensors anywhere; no data-dependent-shape ops
   (NonZero, Compress, Unique, ...) that TensorRT handles badly or not at all;
-* ``tensorrt``: every op against the list TensorRT 10.x's ONNX parser imports (custom plugin nodes allowed and
-  listed), with the restrictions that apply;
-* ``plugins``: for plugin-mode graphs, each ``MultiscaleDeformableAttnPlugin_TRT`` node's inputs (ranks, dtypes,
-  order) against the plugin's interface; ``masked_attention_plugins`` likewise for ``m2f::masked_attention``
-  nodes (``--masked-attn plugin``), with the attributes TensorRT's parser reads;
+* ``targets``: for every export target with an op list (:mod:`m2f.export.targets`), the graph's ops against it
+  (m2f's plugin nodes allowed and listed), with the restrictions that apply; only the target the graph was
+  exported for (its manifest's) can fail the verdict;
+* ``plugins``: per fused op in plugin mode (:data:`m2f.export.plugins.PLUGINS`), each plugin node's inputs (ranks,
+  dtypes, order) and attributes against the plugin's interface;
 * ``parity``: ONNX Runtime against the PyTorch model (the checkpoint named by the manifest, or given) on fresh
   random inputs, at the export size and, for a dynamic graph, at another size and batch: relative error
   ``||ort - torch|| / ||torch||`` per float output, mismatch fraction per integer / bool output. Graphs with plugin
   nodes cannot run in ONNX Runtime (it has no such ops): they are checked structurally only, and the report says so;
 * ``verdict``: "pass" / "fail" with the reasons.
+
+For an artifact a target built (an OpenVINO directory, ...): its manifest, and parity of the target's runner
+against PyTorch as above.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from m2f.errors import InputError
 from m2f.io import write_json_atomic
 
-from . import tensorrt_onnx_ops
-from .manifest import load_onnx, read_manifest, sha256_file
-from .plugins import M2F_MASKED_ATTENTION, MASKED_ATTENTION_INPUTS, MSDA_INPUTS, TRT_MSDA
+from . import targets
+from .manifest import Manifest, artifact_stamp, load_onnx, read_manifest
+from .plugins import PLUGINS, PluginSpec, plugin_spec
 
 log = logging.getLogger("m2f.export")
 
@@ -40,6 +43,7 @@ log = logging.getLogger("m2f.export")
 # measured values: these leave ~5-10x headroom over them).
 FLOAT_RTOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2, "int8": 0.25}
 MIN_SEMANTIC_AGREEMENT = {"fp32": 0.999, "fp16": 0.99, "bf16": 0.97, "int8": 0.9}
+REPORT_FORMAT = "m2f-check-report/1"
 MAX_MISMATCH = 2e-3  # integer / bool outputs: fraction of elements allowed to differ (near-ties of argmax / > 0)
 DATA_DEPENDENT_OPS = {"NonZero", "Compress", "Unique", "SequenceConstruct", "SplitToSequence"}
 CONTROL_FLOW_OPS = {"If", "Loop", "Scan"}  # reported (TensorRT imports them), not failed
@@ -104,23 +108,6 @@ def double_tensors(model: Any) -> list[str]:
     return sorted(set(found))
 
 
-def tensorrt_support(census: dict[str, int], opset: int) -> dict[str, Any]:
-    """Ops of the graph against TensorRT's ONNX parser list; custom-domain nodes are plugins (allowed)."""
-    standard = {k: v for k, v in census.items() if "::" not in k}
-    plugins = {k: v for k, v in census.items() if "::" in k}
-    unsupported = sorted(k for k in standard if k not in tensorrt_onnx_ops.SUPPORTED)
-    restrictions = {k: tensorrt_onnx_ops.RESTRICTIONS[k] for k in standard if k in tensorrt_onnx_ops.RESTRICTIONS}
-    opset_ok = tensorrt_onnx_ops.OPSET_MIN <= opset <= tensorrt_onnx_ops.OPSET_MAX
-    return {
-        "tensorrt_version": tensorrt_onnx_ops.TENSORRT_VERSION,
-        "opset_supported": opset_ok,
-        "unsupported_ops": unsupported,
-        "plugin_ops": plugins,
-        "restrictions_to_mind": restrictions,
-        "ok": opset_ok and not unsupported,
-    }
-
-
 def _value_types(model: Any) -> dict[str, tuple[int, int | None]]:
     """name -> (elem_type, rank) for every typed tensor after ONNX shape inference (custom ops stay untyped)."""
     import onnx
@@ -138,87 +125,48 @@ def _value_types(model: Any) -> dict[str, tuple[int, int | None]]:
     return types
 
 
-def msda_plugin_nodes(model: Any) -> dict[str, Any]:
-    """Each TensorRT MSDA plugin node against the plugin's interface: 5 inputs in order, their ranks and dtypes,
-    one output, no attributes."""
-    import onnx
-
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
-    expected = [(4, float_types), (2, {onnx.TensorProto.INT32}), (1, {onnx.TensorProto.INT32}), (6, float_types),
-                (5, float_types)]
-    types = _value_types(model)
-    nodes, problems = [], []
-    for node in model.graph.node:
-        if node.op_type != TRT_MSDA.op_type:
-            continue
-        entry = {"name": node.name, "domain": node.domain, "inputs": list(node.input),
-                 "attributes": [a.name for a in node.attribute]}
-        if len(node.input) != len(MSDA_INPUTS) or len(node.output) != 1:
-            problems.append(f"{node.name}: {len(node.input)} inputs / {len(node.output)} outputs, expected 5 / 1")
-        if node.attribute:
-            problems.append(f"{node.name}: has attributes {entry['attributes']}; the plugin takes none")
-        for i, (name, (rank, dtypes)) in enumerate(zip(node.input, expected)):
-            elem, got_rank = types.get(name, (0, None))
-            if got_rank is not None and got_rank != rank:
-                problems.append(f"{node.name}: input {i} ({MSDA_INPUTS[i]}) has rank {got_rank}, expected {rank}")
-            if elem and elem not in dtypes:
-                problems.append(f"{node.name}: input {i} ({MSDA_INPUTS[i]}) has dtype "
-                                f"{onnx.TensorProto.DataType.Name(elem)}")
-        nodes.append(entry)
-    functions = [f.name for f in model.functions if f.name == TRT_MSDA.op_type]
-    if functions:  # the parser would import the function body instead of the plugin
-        problems.append(f"the model defines a local function named {TRT_MSDA.op_type}; TensorRT would inline it")
-    domains = {o.domain for o in model.opset_import}
-    if nodes and TRT_MSDA.domain not in domains:
-        problems.append(f"domain {TRT_MSDA.domain!r} of the plugin nodes is not in opset_import")
-    return {"op_type": TRT_MSDA.op_type, "count": len(nodes), "nodes": nodes, "problems": problems}
-
-
-def masked_attention_plugin_nodes(model: Any) -> dict[str, Any]:
-    """Each ``m2f::masked_attention`` node against the plugin's interface: inputs q, k, v (rank 4), mask logits
-    (rank 3), all one float dtype (the plugin's type combinations); one output; attributes plugin_namespace "m2f"
-    (how the parser finds the plugin) and aot 1 (TensorRT's ahead-of-time implementation)."""
+def plugin_nodes(spec: PluginSpec, model: Any) -> dict[str, Any]:
+    """Each plugin node of ``spec`` against its interface: the inputs in order with their ranks and dtypes (one
+    dtype for all when the plugin takes one), one output, the attributes TensorRT's parser reads."""
     import onnx
     from onnx import helper
 
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-    ranks = (4, 4, 4, 3)
+    node_spec = spec.node
+    names = node_spec.inputs
+    allowed = [{getattr(onnx.TensorProto, d) for d in rule.dtypes} for rule in spec.input_rules]
     types = _value_types(model)
-    plugin = M2F_MASKED_ATTENTION
     nodes, problems = [], []
     for node in model.graph.node:
-        if node.op_type != plugin.op_type:
+        if not node_spec.matches(node):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
-        entry = {"name": node.name, "domain": node.domain, "inputs": list(node.input), "attributes": attrs}
-        if node.domain != plugin.domain:
-            problems.append(f"{node.name}: domain {node.domain!r}, expected {plugin.domain!r}")
-        if len(node.input) != len(MASKED_ATTENTION_INPUTS) or len(node.output) != 1:
-            problems.append(f"{node.name}: {len(node.input)} inputs / {len(node.output)} outputs, expected 4 / 1")
-        if attrs != plugin.attributes:
-            problems.append(f"{node.name}: attributes {attrs}, expected {plugin.attributes}")
-        elems = set()
-        for i, (name, rank) in enumerate(zip(node.input, ranks)):
+        entry: dict[str, Any] = {"name": node.name, "domain": node.domain, "inputs": list(node.input),
+                                 "attributes": attrs}
+        if len(node.input) != len(names) or len(node.output) != len(node_spec.outputs):
+            problems.append(f"{node.name}: {len(node.input)} inputs / {len(node.output)} outputs, expected "
+                            f"{len(names)} / {len(node_spec.outputs)}")
+        if attrs != node_spec.attributes:
+            problems.append(f"{node.name}: attributes {attrs}, expected {node_spec.attributes or 'none'}")
+        floats = set()
+        for i, (name, rule, dtypes) in enumerate(zip(node.input, spec.input_rules, allowed)):
             elem, got_rank = types.get(name, (0, None))
-            if got_rank is not None and got_rank != rank:
-                problems.append(f"{node.name}: input {i} ({MASKED_ATTENTION_INPUTS[i]}) has rank {got_rank}, "
-                                f"expected {rank}")
-            if elem:
-                elems.add(elem)
-                if elem not in float_types:
-                    problems.append(f"{node.name}: input {i} ({MASKED_ATTENTION_INPUTS[i]}) has dtype "
-                                    f"{onnx.TensorProto.DataType.Name(elem)}")
-        if len(elems) > 1:
-            problems.append(f"{node.name}: inputs of dtypes {sorted(onnx.TensorProto.DataType.Name(e) for e in elems)};"
+            if got_rank is not None and got_rank != rule.rank:
+                problems.append(f"{node.name}: input {i} ({names[i]}) has rank {got_rank}, expected {rule.rank}")
+            if elem and elem not in dtypes:
+                problems.append(f"{node.name}: input {i} ({names[i]}) has dtype {onnx.TensorProto.DataType.Name(elem)}")
+            elif elem and "FLOAT" in rule.dtypes:
+                floats.add(elem)
+        if spec.one_dtype and len(floats) > 1:
+            problems.append(f"{node.name}: inputs of dtypes {sorted(onnx.TensorProto.DataType.Name(e) for e in floats)};"
                             " the plugin takes one dtype for all")
-        entry["dtype"] = onnx.TensorProto.DataType.Name(elems.pop()) if len(elems) == 1 else None
+        entry["dtype"] = onnx.TensorProto.DataType.Name(next(iter(floats))) if len(floats) == 1 else None
         nodes.append(entry)
-    if any(f.name == plugin.op_type for f in model.functions):  # the parser would import the function body instead
-        problems.append(f"the model defines a local function named {plugin.op_type}; TensorRT would inline it")
-    if nodes and plugin.domain not in {o.domain for o in model.opset_import}:
-        problems.append(f"domain {plugin.domain!r} of the masked-attention plugin nodes is not in opset_import")
-    return {"op_type": plugin.op_type, "count": len(nodes), "nodes": nodes, "problems": problems}
+    if any(f.name == node_spec.op_type for f in model.functions):  # the parser would import the function instead
+        problems.append(f"the model defines a local function named {node_spec.op_type}; TensorRT would inline it")
+    if nodes and node_spec.domain not in {o.domain for o in model.opset_import}:
+        problems.append(f"domain {node_spec.domain!r} of the {spec.name} plugin nodes is not in opset_import")
+    return {"op_type": node_spec.op_type, "count": len(nodes), "nodes": nodes, "problems": problems}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,27 +205,6 @@ def parity_ok(outputs: dict[str, Any], rtol: float) -> list[str]:
     return reasons
 
 
-def cpu_session(onnx_path: str | Path) -> tuple[Any, str]:
-    """An ONNX Runtime CPU session of the graph and how it runs: "onnxruntime", or for a low-precision graph whose
-    types the CPU build has no kernels for (bf16), "onnxruntime (emulated ...)": the same graph with float32
-    arithmetic and the rounding to the low-precision type at every stored tensor (precision.emulate_on_cpu)."""
-    import onnxruntime as ort
-
-    from .precision import emulate_on_cpu
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"]), "onnxruntime"
-    except Exception as exc:  # onnxruntime's NotImplemented for a type without CPU kernels
-        if "NOT_IMPLEMENTED" not in str(exc):
-            raise
-        emulated = emulate_on_cpu(load_onnx(Path(onnx_path)))
-        session = ort.InferenceSession(emulated.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session, ("onnxruntime (emulated: the CPU build has no kernel for some of the graph's types; float32 "
-                         "arithmetic, rounded to the graph's type at every stored tensor)")
-
-
 def semantic_agreement(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float | None:
     """Fraction of pixels (at mask resolution) whose semantic class (argmax of softmax(logits) . sigmoid(masks))
     agrees between the two sets of outputs; None without pred_logits / pred_masks."""
@@ -294,18 +221,15 @@ def semantic_agreement(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -
 
 
 def run_parity(
-    onnx_path: str | Path,
-    module: Any,  # the float32 torch export module (OnnxExportModule) in eval mode
+    runner: Any,  # an m2f.export.runner.Runner
+    module: Any,  # the torch export module (OnnxExportModule) in eval mode
     sizes: Sequence[CheckSize],
     output_names: Sequence[str],
     seed: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ONNX Runtime and PyTorch on the same fresh random inputs at each size."""
+    """Run ``runner`` and the float32 PyTorch module on the same fresh random inputs at each size."""
     import torch
 
-    session, runtime = cpu_session(onnx_path)
-    graph_input = session.get_inputs()[0]
-    input_dtype = {"tensor(float16)": np.float16, "tensor(bfloat16)": None}.get(graph_input.type, np.float32)
     generator = torch.Generator()
     seed = int(seed if seed is not None else torch.seed() % (2**31))
     generator.manual_seed(seed)
@@ -313,14 +237,11 @@ def run_parity(
     for size in sizes:
         x, ref, skipped = _stable_input(module, size, generator, torch.float32)
         ref_np = {n: t.detach().float().numpy() if t.is_floating_point() else t.numpy() for n, t in zip(output_names, ref)}
-        if input_dtype is None:
-            raise InputError(f"{onnx_path} takes a bfloat16 input, which numpy cannot make; export it with float32 "
-                             "inputs and outputs (the default)")
         start = time.perf_counter()
-        got = session.run(list(output_names), {graph_input.name: x.numpy().astype(input_dtype)})
-        ort_s = time.perf_counter() - start
-        got_np = {n: (g.astype(np.float32) if np.issubdtype(g.dtype, np.floating) else g) for n, g in zip(output_names, got)}
-        results.append({**size.as_dict(), "seed": seed, "runtime": runtime, "ort_seconds": round(ort_s, 3),
+        got = runner.run(x.numpy())
+        run_s = time.perf_counter() - start
+        got_np = {n: (g.astype(np.float32) if np.issubdtype(g.dtype, np.floating) else g) for n, g in got.items()}
+        results.append({**size.as_dict(), "seed": seed, "runtime": getattr(runner, "runs_as", runner.name), "run_seconds": round(run_s, 3),
                         "unstable_draws_skipped": skipped, "outputs": compare_outputs(got_np, ref_np),
                         "semantic_agreement": semantic_agreement(got_np, ref_np)})
     return results
@@ -368,6 +289,80 @@ def other_size(batch: int, height: int, width: int) -> CheckSize:
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CheckReport:
+    """What ``m2f export check`` found; written as JSON by :func:`write_report` only. ``structure`` holds the
+    ONNX-graph sections (checker, census, dtypes, ...; empty for other artifacts), ``targets`` the op support per
+    target, ``plugins`` the plugin-node checks per op in plugin mode."""
+
+    file: str
+    kind: str
+    target: str
+    sha256: str
+    manifest: Mapping[str, Any] | None
+    parity: Mapping[str, Any]
+    verdict: str
+    reasons: tuple[str, ...]
+    opset: int | None = None
+    structure: Mapping[str, Any] = field(default_factory=dict)
+    targets: Mapping[str, Any] = field(default_factory=dict)
+    plugins: Mapping[str, Any] = field(default_factory=dict)
+    format: str = REPORT_FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def write_report(path: str | Path, report: CheckReport) -> None:
+    write_json_atomic(path, report.to_json())
+
+
+def _manifest_summary(manifest: Manifest | None) -> dict[str, Any] | None:
+    if manifest is None:
+        return None
+    keys = ("kind", "target", "opset", "ops", "dtype", "precision", "dynamic", "batch", "height", "width",
+            "postprocess", "source")
+    data = manifest.to_json()
+    return {k: data[k] for k in keys}
+
+
+def check_model(
+    path: str | Path,
+    checkpoint: str | Path | None = None,
+    report: str | Path | None = None,
+    extra_sizes: Sequence[CheckSize] = (),
+    model: Any = None,
+    seed: int | None = None,
+    force: bool = False,
+) -> CheckReport:
+    """Check any exported model: an ONNX file (:func:`check_onnx`), or an artifact a target built (its runner
+    against PyTorch)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} not found; export a model with `m2f export`")
+    target = targets.for_artifact(path)
+    if target.artifact == "onnx":
+        return check_onnx(path, checkpoint, report, extra_sizes, model, seed, force)
+    if report is not None:
+        from m2f.io import check_can_write
+
+        check_can_write(report, force=force)
+    manifest = read_manifest(path, kind=target.artifact)
+    why = target.available()
+    reasons: list[str] = []
+    if why is not None:
+        parity: dict[str, Any] = {"skipped": f"{target.name} cannot run here: {why}"}
+    else:
+        with target.runner(path) as runner:
+            parity = _parity_section(path, manifest, checkpoint, model, extra_sizes, seed, reasons, runner)
+    out = CheckReport(file=str(path), kind=target.artifact, target=target.name,
+                      sha256=artifact_stamp(path)["sha256"], manifest=_manifest_summary(manifest), parity=parity,
+                      verdict="pass" if not reasons else "fail", reasons=tuple(reasons))
+    if report is not None:
+        write_report(report, out)
+    return out
+
+
 def check_onnx(
     onnx_path: str | Path,
     checkpoint: str | Path | None = None,
@@ -376,7 +371,7 @@ def check_onnx(
     model: Any = None,  # an already loaded torch model (skips loading the checkpoint)
     seed: int | None = None,
     force: bool = False,
-) -> dict[str, Any]:
+) -> CheckReport:
     """Check ``onnx_path``; write the JSON report to ``report`` when given; return the report.
 
     The PyTorch side is ``model`` (also accepted as the second positional argument) or the checkpoint at
@@ -398,94 +393,87 @@ def check_onnx(
         from m2f.io import check_can_write
 
         check_can_write(report, force=force)
-    manifest = read_manifest(onnx_path, required=checkpoint is None and model is None, kind="onnx") or {}
+    manifest = read_manifest(onnx_path, required=checkpoint is None and model is None, kind="onnx")
+    exported_for = manifest.target if manifest is not None else "onnxruntime"
     proto = load_onnx(onnx_path)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     census = op_census(proto)
     doubles = double_tensors(proto)
     data_dependent = sorted(k for k in census if k in DATA_DEPENDENT_OPS)
-    out: dict[str, Any] = {
-        "file": str(onnx_path),
-        "sha256": sha256_file(onnx_path),
-        "precision": manifest.get("precision", "fp32") if manifest else None,
-        "manifest": {k: manifest.get(k) for k in ("opset", "msda", "masked_attn", "dtype", "precision", "dynamic",
-                                                  "batch", "height", "width", "postprocess", "source")}
-        if manifest else None,
-        "opset": opset,
+    structure = {
         "checker": run_checker(proto),
         "census": census,
         "num_nodes": int(sum(census.values())),
         "double_tensors": doubles,
         "data_dependent_ops": data_dependent,
         "control_flow_ops": sorted(k for k in census if k in CONTROL_FLOW_OPS),
-        "tensorrt": tensorrt_support(census, opset),
     }
+    plugin_keys = frozenset(spec.node.key for spec in PLUGINS)
+    support = {t.name: t.support(census, opset, plugin_keys) for t in targets.all_targets() if t.ops is not None}
     reasons = []
-    if not out["checker"]["ok"]:
-        reasons.append(f"onnx.checker: {out['checker']['error'][:300]}")
+    if not structure["checker"]["ok"]:
+        reasons.append(f"onnx.checker: {structure['checker']['error'][:300]}")
     if doubles:
         reasons.append(f"float64 tensors in the graph: {doubles[:5]}")
     if data_dependent:
         reasons.append(f"data-dependent ops in the graph: {data_dependent}")
-    if out["tensorrt"]["unsupported_ops"]:
-        reasons.append(f"ops TensorRT's parser does not import: {out['tensorrt']['unsupported_ops']}")
+    if exported_for in support and support[exported_for]["unsupported_ops"]:
+        reasons.append(f"ops {exported_for} does not import: {support[exported_for]['unsupported_ops']}")
 
-    plugin_info = msda_plugin_nodes(proto)
-    masked_info = masked_attention_plugin_nodes(proto)
-    skipped_ops = []
-    if plugin_info["count"] > 0 or manifest.get("msda") == "plugin":
-        out["plugins"] = plugin_info
-        reasons.extend(plugin_info["problems"])
-        expected = manifest.get("expected_plugin_nodes")
-        if expected is not None and plugin_info["count"] != expected:
-            reasons.append(f"{plugin_info['count']} MSDA plugin nodes, expected {expected} (one per encoder layer)")
-        skipped_ops.append(TRT_MSDA.op_type)
-    if masked_info["count"] > 0 or manifest.get("masked_attn") == "plugin":
-        out["masked_attention_plugins"] = masked_info
-        reasons.extend(masked_info["problems"])
-        expected = manifest.get("expected_masked_attention_nodes")
-        if expected is not None and masked_info["count"] != expected:
-            reasons.append(f"{masked_info['count']} masked-attention plugin nodes, expected {expected} "
-                           "(one per decoder layer)")
-        skipped_ops.append(f"{M2F_MASKED_ATTENTION.domain}::{M2F_MASKED_ATTENTION.op_type}")
-    if skipped_ops:
-        out["parity"] = {"skipped": f"plugin-mode graph: ONNX Runtime has no {' / '.join(skipped_ops)} kernel, so "
-                                    "the graph was checked structurally only (checker, op census, plugin node "
-                                    "interface)"}
+    plugins: dict[str, Any] = {}
+    for spec in PLUGINS:
+        info = plugin_nodes(spec, proto)
+        record = manifest.ops.get(spec.name) if manifest is not None else None
+        if info["count"] == 0 and (record is None or record.mode != spec.plugin_mode):
+            continue
+        plugins[spec.name] = info
+        reasons.extend(info["problems"])
+        if record is not None and record.expected_nodes is not None and info["count"] != record.expected_nodes:
+            reasons.append(f"{info['count']} {spec.name} plugin nodes, expected {record.expected_nodes} "
+                           f"(one per {spec.what})")
+    if plugins:
+        skipped = " / ".join(plugin_spec(name).node.key for name in plugins)
+        parity: dict[str, Any] = {"skipped": f"plugin-mode graph: ONNX Runtime has no {skipped} kernel, so the graph "
+                                            "was checked structurally only (checker, op census, plugin node interface)"}
     else:
-        out["parity"] = _parity_section(onnx_path, manifest, checkpoint, model, extra_sizes, seed, reasons)
-    out["verdict"] = "pass" if not reasons else "fail"
-    out["reasons"] = reasons
+        from .targets.onnxruntime import OnnxRuntimeRunner
+
+        if manifest is None:
+            raise InputError(f"{onnx_path} has no manifest: the export size is unknown; re-export with `m2f export onnx`")
+        with OnnxRuntimeRunner(onnx_path) as runner:
+            parity = _parity_section(onnx_path, manifest, checkpoint, model, extra_sizes, seed, reasons, runner)
+    out = CheckReport(file=str(onnx_path), kind="onnx", target=exported_for,
+                      sha256=artifact_stamp(onnx_path)["sha256"], manifest=_manifest_summary(manifest),
+                      parity=parity, verdict="pass" if not reasons else "fail", reasons=tuple(reasons), opset=opset,
+                      structure=structure, targets=support, plugins=plugins)
     if report is not None:
-        write_json_atomic(report, out)
+        write_report(report, out)
     return out
 
 
-def _parity_section(onnx_path: Path, manifest: dict[str, Any], checkpoint: Any, model: Any,
-                    extra_sizes: Sequence[CheckSize], seed: int | None, reasons: list[str]) -> dict[str, Any]:
+def _parity_section(path: Path, manifest: Manifest, checkpoint: Any, model: Any, extra_sizes: Sequence[CheckSize],
+                    seed: int | None, reasons: list[str], runner: Any) -> dict[str, Any]:
     from .onnx_export import OnnxExportModule, load_checkpoint_model, torch_backend_copy
 
     if model is None:
-        source = checkpoint or (manifest.get("source") or {}).get("path")
+        source = checkpoint or (manifest.source or {}).get("path")
         if not source:
-            raise InputError(f"no checkpoint to compare {onnx_path} against: pass --checkpoint")
-        model = load_checkpoint_model(source, preset=(manifest.get("source") or {}).get("preset"))
-    else:  # the ONNX graph holds the standard ops: compare with them, whatever backend the model was built with
+            raise InputError(f"no checkpoint to compare {path} against: pass --checkpoint")
+        model = load_checkpoint_model(source, preset=(manifest.source or {}).get("preset"))
+    else:  # the graph holds the standard ops: compare with them, whatever backend the model was built with
         model = torch_backend_copy(model)
-    if not manifest:
-        raise InputError(f"{onnx_path} has no manifest: the export size is unknown; re-export with `m2f export onnx`")
-    precision = manifest.get("precision", "fp32")
+    precision = manifest.precision
     if precision not in FLOAT_RTOL:
-        raise InputError(f"{onnx_path}'s manifest names precision {precision!r}, not one of {', '.join(FLOAT_RTOL)}; "
+        raise InputError(f"{path}'s manifest names precision {precision!r}, not one of {', '.join(FLOAT_RTOL)}; "
                          "re-export with `m2f export onnx --precision ...`")
-    module = OnnxExportModule(model, postprocess=manifest.get("postprocess", "none"),
-                              topk=manifest.get("topk", 100)).eval().float()  # the reference is always float32
-    sizes = [CheckSize(manifest["batch"], manifest["height"], manifest["width"])]
-    if manifest.get("dynamic"):
-        sizes.append(other_size(manifest["batch"], manifest["height"], manifest["width"]))
+    module = OnnxExportModule(model, postprocess=manifest.postprocess,
+                              topk=manifest.topk or 100).eval().float()  # the reference is always float32
+    sizes = [CheckSize(manifest.batch, manifest.height, manifest.width)]
+    if manifest.dynamic:
+        sizes.append(other_size(manifest.batch, manifest.height, manifest.width))
     sizes.extend(extra_sizes)
-    names = [o["name"] for o in manifest["outputs"]]
-    runs = run_parity(onnx_path, module, sizes, names, seed=seed)
+    names = [o.name for o in manifest.outputs]
+    runs = run_parity(runner, module, sizes, names, seed=seed)
     rtol, min_agreement = FLOAT_RTOL[precision], MIN_SEMANTIC_AGREEMENT[precision]
     for run in runs:
         where = f"at {run['batch']}x3x{run['height']}x{run['width']}"

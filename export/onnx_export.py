@@ -19,7 +19,7 @@ Deformable attention:
 Masked attention:
 
 * ``masked_attn="standard"`` - the PyTorch reference (MatMul / Softmax / Where; no data-dependent indexing).
-* ``masked_attn="plugin"`` - one ``m2f::masked_attention`` node per masked cross-attention call (one per decoder
+* ``masked_attn="plugin"`` - one ``m2f::masked_attention_logits`` node per masked cross-attention call (one per decoder
   layer), which TensorRT's ONNX parser resolves to m2f's TensorRT Python plugin of the same name (see
   :mod:`m2f.export.plugins`): the cross-attention layers of the copy use the "triton" backend, whose custom op
   ``m2f::masked_attention_from_logits`` (traced through its fake kernel) is translated into the plugin node,
@@ -46,14 +46,12 @@ from m2f.errors import BackendUnavailableError, InputError
 from m2f.io import atomic_path, check_can_write
 from m2f.runtime import stage
 
-from .manifest import manifest_path, new_manifest, sha256_source, write_manifest
+from .manifest import Manifest, OpRecord, TensorInfo, manifest_path, sha256_source, write_manifest
+from .plugins import PLUGINS, PluginSpec, op_modes
 from .precision import apply_precision, validate_precision
-from .plugins import M2F_MASKED_ATTENTION, MASKED_ATTENTION_INPUTS, TRT_MSDA
 
 log = logging.getLogger("m2f.export")
 
-MSDA_MODES = ("decomposed", "plugin")
-MASKED_ATTN_MODES = ("standard", "plugin")
 POSTPROCESS_MODES = ("none", "semantic", "instance")
 MIN_OPSET = 18  # the dynamo exporter emits 18; onnx cannot convert the Mask2Former graph down (GridSample needs 16)
 MAX_OPSET = 24  # the newest TensorRT 10.x parses (and ONNX Runtime 1.2x runs)
@@ -65,7 +63,7 @@ MAX_DYNAMIC_BATCH = 64
 class ExportResult:
     path: Path
     manifest_path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     seconds: float
     simplified: bool = False
     notes: list[str] = field(default_factory=list)
@@ -129,125 +127,49 @@ class OnnxExportModule(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Plugin mode: the m2f::ms_deform_attn custom op -> TensorRT's plugin node
+# Plugin mode: each fused op's torch custom op -> its plugin node (m2f.export.plugins.PLUGINS)
 # ---------------------------------------------------------------------------------------------------
 
-_SCHEMA_REGISTERED = False
 
-
-def _register_plugin_schema() -> None:
+def _register_schema(spec: PluginSpec) -> None:
     """Declare the plugin node's signature to onnx (in this process) so the onnxscript translator can emit it."""
-    global _SCHEMA_REGISTERED
-    if _SCHEMA_REGISTERED:
-        return
     import onnx
-    from onnx.defs import OpSchema
 
-    param = OpSchema.FormalParameter
-    t, i = "T", "I"
-    schema = OpSchema(
-        TRT_MSDA.op_type, TRT_MSDA.domain, 1,
-        doc="TensorRT MultiscaleDeformableAttnPlugin_TRT (version 1): output [N, Lq, M, D]",
-        inputs=[param("value", t), param("spatial_shapes", i), param("level_start_index", i),
-                param("sampling_locations", t), param("attention_weights", t)],
-        outputs=[param("output", t)],
-        type_constraints=[(t, ["tensor(float)", "tensor(float16)"], "value dtype"), (i, ["tensor(int32)"], "int32")],
-    )
-    masked = M2F_MASKED_ATTENTION
-    attr = OpSchema.Attribute
-    masked_schema = OpSchema(
-        masked.op_type, masked.domain, 1,
-        doc="m2f TensorRT Python plugin m2f::masked_attention: q (B, Nq, H, D), k, v (B, Nk, H, D), mask logits "
-            "(B, Nq, Nk) (allowed where >= 0; a row with none attends everywhere) -> (B, Nq, H, D)",
-        inputs=[param(name, t) for name in MASKED_ATTENTION_INPUTS],
-        outputs=[param("output", t)],
-        type_constraints=[(t, ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "one float dtype")],
-        attributes=[attr("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=True),
-                    attr("aot", OpSchema.AttrType.INT, "1: TensorRT's ahead-of-time implementation", required=True)],
-    )
-    for s in (schema, masked_schema):
-        try:
-            onnx.defs.register_schema(s)
-        except Exception:  # already registered by an earlier import of another copy of this module
-            pass
-    _SCHEMA_REGISTERED = True
+    if onnx.defs.has(spec.node.op_type, spec.node.domain):
+        return
+    onnx.defs.register_schema(spec.schema())
 
 
-def _msda_translation() -> dict[Any, Any]:
-    """custom_translation_table entry: m2f::ms_deform_attn -> Cast(int32) x 2 -> plugin node -> Reshape (N, Lq, M*D)."""
-    import onnxscript
-    from onnxscript import ir
-    from onnxscript import opset18 as op
-
-    _register_plugin_schema()
-    trt_plugins = onnxscript.values.Opset(TRT_MSDA.domain, 1)
-
-    def ms_deform_attn_to_trt_plugin(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        out = getattr(trt_plugins, TRT_MSDA.op_type)(
-            value,
-            op.Cast(spatial_shapes, to=ir.DataType.INT32),
-            op.Cast(level_start_index, to=ir.DataType.INT32),
-            sampling_locations,
-            attention_weights,
-        )  # (N, Lq, M, D)
-        return op.Reshape(out, op.Constant(value_ints=[0, 0, -1]))  # (N, Lq, M * D)
-
-    return {torch.ops.m2f.ms_deform_attn.default: ms_deform_attn_to_trt_plugin}
-
-
-def _masked_attention_translation() -> dict[Any, Any]:
-    """custom_translation_table entry: m2f::masked_attention_from_logits -> the m2f::masked_attention plugin node,
-    between Transposes to / from its (B, N, H, D) layout (they cancel the graph's own head split / merge)."""
-    import onnxscript
-    from onnxscript import opset18 as op
-
-    _register_plugin_schema()
-    m2f_plugins = onnxscript.values.Opset(M2F_MASKED_ATTENTION.domain, 1)
-    attributes = M2F_MASKED_ATTENTION.attributes
-
-    def masked_attention_to_plugin(q, k, v, mask_logits):
-        to_bnhd = [0, 2, 1, 3]  # (B, H, N, D) <-> (B, N, H, D)
-        out = getattr(m2f_plugins, M2F_MASKED_ATTENTION.op_type)(
-            op.Transpose(q, perm=to_bnhd), op.Transpose(k, perm=to_bnhd), op.Transpose(v, perm=to_bnhd),
-            mask_logits, **attributes,
-        )  # (B, Nq, H, D)
-        # The custom op also returns the log-sum-exp (for its backward); the exported graph never reads it, so
-        # an empty stand-in fills its place and the optimizer removes it.
-        return op.Transpose(out, perm=to_bnhd), op.Constant(value_floats=[])
-
-    return {torch.ops.m2f.masked_attention_from_logits.default: masked_attention_to_plugin}
-
-
-def _require_custom_op(module: str, op_name: str, flag: str, kernel: str, fallback: str) -> None:
-    """Fail in one line if m2f.kernels' custom op ``m2f::op_name`` (needed by a plugin export mode) is missing."""
+def _require_custom_op(spec: PluginSpec) -> None:
+    """Fail in one line if m2f.kernels' custom op of ``spec``'s plugin mode is missing."""
     try:
-        importlib.import_module(module)
-        getattr(torch.ops.m2f, op_name).default  # noqa: B018
+        importlib.import_module(spec.kernel_module)
+        getattr(torch.ops.m2f, spec.torch_op).default  # noqa: B018
     except (ImportError, AttributeError, RuntimeError):
         raise BackendUnavailableError(
-            f"{flag} plugin needs the m2f::{op_name} custom op of m2f.kernels ({kernel}), which this build lacks; "
-            f"export with {flag} {fallback}"
+            f"{spec.flag} {spec.plugin_mode} needs the m2f::{spec.torch_op} custom op of m2f.kernels "
+            f"({spec.kernel_module}), which this build lacks; export with {spec.flag} {spec.modes[0]}"
         ) from None
 
 
-def _masked_attention_layers(model: nn.Module) -> list[nn.Module]:
-    from m2f.transformer_decoder import CrossAttentionLayer
-
-    return [m for m in model.modules() if isinstance(m, CrossAttentionLayer)]
-
-
-def _msda_modules(model: nn.Module) -> list[nn.Module]:
-    from m2f.pixel_decoder import MultiScaleDeformableAttention
-
-    return [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+def _switch_to_plugin(spec: PluginSpec, module: nn.Module) -> tuple[dict[Any, Any], int]:
+    """Switch ``spec``'s modules of the (copied) model to the "triton" backend, so torch.export traces its custom
+    op; returns the op's translation-table entry and how many plugin nodes the graph must hold."""
+    _require_custom_op(spec)
+    modules = spec.modules(module)
+    for m in modules:
+        m.backend = "triton"  # the model-level switch: the custom op appears in the trace
+    _register_schema(spec)
+    return {getattr(torch.ops.m2f, spec.torch_op).default: spec.translation()}, len(modules)
 
 
 def torch_backend_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose attention modules use the PyTorch reference ops, whatever backend it was built with:
     export traces (and ``check_onnx`` compares against) the standard ONNX forms, which need no GPU or Triton."""
     copied = copy.deepcopy(model)
-    for m in (*_msda_modules(copied), *_masked_attention_layers(copied)):
-        m.backend = "torch"
+    for spec in PLUGINS:
+        for m in spec.modules(copied):
+            m.backend = "torch"
     return copied
 
 
@@ -297,45 +219,64 @@ def _tracing_triton_op_on_cpu() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def validate_export_args(height: int, width: int, batch: int, opset: int, msda: str, postprocess: str,
-                         masked_attn: str = "standard") -> None:
-    if height < 32 or width < 32 or height % 32 or width % 32:
-        raise InputError(f"height and width must be positive multiples of 32, got {height}x{width}; "
-                         f"e.g. {max(32, -(-height // 32) * 32)}x{max(32, -(-width // 32) * 32)}")
+def validate_export_args(height: int, width: int, batch: int, opset: int, postprocess: str = "none",
+                         target: str = "onnxruntime", divisibility: int = 32, **modes: str | None) -> dict[str, str]:
+    """Check the export options; returns every op's mode (those given in ``modes`` by op name, the target's
+    defaults for the rest). ``divisibility``: the coarsest backbone stride (:func:`input_divisibility`)."""
+    from . import targets
+
+    d = divisibility
+    if height < d or width < d or height % d or width % d:
+        raise InputError(f"height and width must be positive multiples of {d}, got {height}x{width}; "
+                         f"e.g. {max(d, -(-height // d) * d)}x{max(d, -(-width // d) * d)}")
     if batch < 1:
         raise InputError(f"--batch must be >= 1, got {batch}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise InputError(f"opset {opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET} (the exporter emits opset 18 and cannot convert this graph lower; TensorRT 10.x parses up to 24)")
-    if msda not in MSDA_MODES:
-        raise InputError(f"--msda must be one of {', '.join(MSDA_MODES)}, got {msda!r}")
     if postprocess not in POSTPROCESS_MODES:
         raise InputError(f"--postprocess must be one of {', '.join(POSTPROCESS_MODES)}, got {postprocess!r}")
-    if masked_attn not in MASKED_ATTN_MODES:
-        raise InputError(f"--masked-attn must be one of {', '.join(MASKED_ATTN_MODES)}, got {masked_attn!r}")
+    unknown = sorted(set(modes) - {spec.name for spec in PLUGINS})
+    if unknown:
+        raise TypeError(f"unknown op(s) {', '.join(unknown)}")
+    defaults = targets.get(target).op_modes
+    chosen = op_modes(**{spec.name: modes.get(spec.name) or defaults.get(spec.name) for spec in PLUGINS})
+    for spec in PLUGINS:
+        if chosen[spec.name] not in spec.modes:
+            raise InputError(f"{spec.flag} must be one of {', '.join(spec.modes)}, got {chosen[spec.name]!r}")
+    return chosen
 
 
-def _dynamic_shapes(batch: int) -> dict[str, Any]:
+def input_divisibility(model: nn.Module) -> int:
+    """What input sides must be a multiple of: the coarsest stride of the model's backbone (32 for ResNet /
+    Swin), and at least the config's ``size_divisibility``."""
+    strides = getattr(getattr(model, "backbone", None), "out_strides", None) or {"res5": 32}
+    config = getattr(model, "config", None)
+    return max(max(strides.values()), getattr(config, "size_divisibility", 0) or 1)
+
+
+def _dynamic_shapes(divisibility: int) -> dict[str, Any]:
     from torch.export import Dim
 
     b = Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
-    h = Dim("height_32", min=2, max=MAX_DYNAMIC_SIDE // 32)
-    w = Dim("width_32", min=2, max=MAX_DYNAMIC_SIDE // 32)
-    return {"pixel_values": {0: b, 2: 32 * h, 3: 32 * w}}
+    h = Dim(f"height_{divisibility}", min=2, max=MAX_DYNAMIC_SIDE // divisibility)
+    w = Dim(f"width_{divisibility}", min=2, max=MAX_DYNAMIC_SIDE // divisibility)
+    return {"pixel_values": {0: b, 2: divisibility * h, 3: divisibility * w}}
 
 
-def _io_specs(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _io_specs(path: Path) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
     import onnx
     from onnx import helper
 
     proto = onnx.load(str(path), load_external_data=False)
 
-    def spec(vi: Any) -> dict[str, Any]:
+    def spec(vi: Any) -> TensorInfo:
         t = vi.type.tensor_type
-        shape = [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in t.shape.dim]
-        return {"name": vi.name, "dtype": str(helper.tensor_dtype_to_np_dtype(t.elem_type)), "shape": shape}
+        shape = tuple(d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in t.shape.dim)
+        return TensorInfo(vi.name, str(helper.tensor_dtype_to_np_dtype(t.elem_type)), shape)
 
     initializers = {i.name for i in proto.graph.initializer}
-    return [spec(v) for v in proto.graph.input if v.name not in initializers], [spec(v) for v in proto.graph.output]
+    return (tuple(spec(v) for v in proto.graph.input if v.name not in initializers),
+            tuple(spec(v) for v in proto.graph.output))
 
 
 def _slim(src: Path, dst: Path) -> bool:
@@ -357,14 +298,11 @@ def _slim(src: Path, dst: Path) -> bool:
 def _same_outputs(a: Path, b: Path, shape: tuple[int, int, int, int], rtol: float = 1e-5) -> bool:
     """Do two ONNX files agree in ONNX Runtime on one random input (used to accept a simplified graph)?"""
     import numpy as np
-    import onnxruntime as ort
+
+    from .targets.onnxruntime import OnnxRuntimeRunner
 
     x = np.random.default_rng().standard_normal(shape).astype(np.float32)
-    outs = []
-    for p in (a, b):
-        session = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-        inp = session.get_inputs()[0]
-        outs.append(session.run(None, {inp.name: x.astype(np.float16) if "16" in inp.type else x}))
+    outs = [list(OnnxRuntimeRunner(p).run(x).values()) for p in (a, b)]
     for ref, got in zip(*outs):
         if ref.shape != got.shape:
             return False
@@ -386,28 +324,32 @@ def to_onnx(
     dynamic: bool = False,
     precision: str = "fp32",
     calib: Any = None,  # precision.CalibrationSettings for int8
-    msda: str = "decomposed",
+    msda: str | None = None,
     postprocess: str = "none",
     opset: int = 18,
-    masked_attn: str = "standard",
+    masked_attn: str | None = None,
     topk: int | None = None,
     simplify: bool = True,
     optimize: bool = True,
     force: bool = False,
     source: dict[str, Any] | None = None,
+    target: str = "onnxruntime",
 ) -> ExportResult:
     """Export ``model`` (an m2f Mask2Former) to ``path`` with a manifest beside it.
 
     ``pixel_values`` is (batch, 3, height, width), normalised as for ``model(...)``. ``dynamic`` makes batch,
     height and width symbolic (height / width multiples of 32). ``msda`` / ``masked_attn`` choose standard ops or
-    one TensorRT plugin node per call for each attention op (module docstring). ``source`` ({"path", "sha256", "preset"}) is
-    recorded in the manifest. ``optimize`` runs the exporter's onnxscript optimizer (constant folding, dead-code
-    removal; most of the export time of a dynamic graph); ``simplify`` runs onnxslim after it. ``precision``
-    (fp32 / fp16 / bf16 / int8, :mod:`m2f.export.precision`) is applied to the float32 graph last; int8 calibrates
-    on ``calib`` and caches the ranges in ``PATH.calib.json``.
+    one TensorRT plugin node per call for each attention op (module docstring; None: the default of ``target``,
+    the runtime the graph is exported for, see :mod:`m2f.export.targets`). ``source`` ({"path", "sha256",
+    "preset"}) is recorded in the manifest. ``optimize`` runs the exporter's onnxscript optimizer (constant
+    folding, dead-code removal; most of the export time of a dynamic graph); ``simplify`` runs onnxslim after it.
+    ``precision`` (fp32 / fp16 / bf16 / int8, :mod:`m2f.export.precision`) is applied to the float32 graph last;
+    int8 calibrates on ``calib`` and caches the ranges in ``PATH.calib.json``.
     """
     start = time.perf_counter()
-    validate_export_args(height, width, batch, opset, msda, postprocess, masked_attn)
+    divisibility = input_divisibility(model)
+    modes = validate_export_args(height, width, batch, opset, postprocess, target, divisibility, msda=msda,
+                                 masked_attn=masked_attn)
     validate_precision(precision, calib.folder if calib is not None else None)
     path = Path(path)
     check_can_write(path, force=force)  # a manifest without its model is stale: the new one replaces it
@@ -417,30 +359,17 @@ def to_onnx(
 
     module = OnnxExportModule(torch_backend_copy(model), postprocess=postprocess, topk=topk).eval()
     translation: dict[Any, Any] = {}
-    expected_plugin_nodes = None
-    if msda == "plugin":
-        _require_custom_op("m2f.kernels.ms_deform_attn.op", "ms_deform_attn", "--msda", "Triton MSDA", "decomposed")
-        msda_modules = _msda_modules(module)
-        for m in msda_modules:
-            m.backend = "triton"  # the model-level switch: the custom op m2f::ms_deform_attn appears in the trace
-        translation.update(_msda_translation())
-        expected_plugin_nodes = len(msda_modules)
-    expected_masked_nodes = None
-    if masked_attn == "plugin":
-        _require_custom_op("m2f.kernels.masked_attention.op", "masked_attention_from_logits", "--masked-attn",
-                           "Triton masked attention", "standard")
-        layers = _masked_attention_layers(module)
-        for layer in layers:
-            layer.backend = "triton"  # the custom op m2f::masked_attention_from_logits appears in the trace
-        translation.update(_masked_attention_translation())
-        expected_masked_nodes = len(layers)
-    plugins_in_graph = msda == "plugin" or masked_attn == "plugin"
+    expected: dict[str, int] = {}  # plugin nodes each plugin-mode op must leave in the graph
+    for spec in PLUGINS:
+        if modes[spec.name] == spec.plugin_mode:
+            entry, expected[spec.name] = _switch_to_plugin(spec, module)
+            translation.update(entry)
     # torch.export specialises a dimension traced at size 1: trace a dynamic batch at >= 2.
     example = torch.randn(max(batch, 2) if dynamic else batch, 3, height, width)
     notes: list[str] = []
 
     with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
-        if plugins_in_graph:
+        if expected:
             stack.enter_context(_tracing_triton_op_on_cpu())
         stack.enter_context(_without_known_exporter_noise())
         raw = tmp.with_name(tmp.name + ".raw.onnx")
@@ -449,7 +378,7 @@ def to_onnx(
                 torch.onnx.export(
                     module, (example,), str(raw), dynamo=True, opset_version=opset,
                     input_names=["pixel_values"], output_names=list(module.output_names),
-                    dynamic_shapes=_dynamic_shapes(batch) if dynamic else None,
+                    dynamic_shapes=_dynamic_shapes(divisibility) if dynamic else None,
                     custom_translation_table=translation or None, external_data=False, verbose=False,
                     optimize=optimize,
                 )
@@ -459,8 +388,8 @@ def to_onnx(
                 with stage("simplifying the graph (onnxslim)"):
                     slimmed = _slim(raw, slim)
                 if slimmed:
-                    if plugins_in_graph:
-                        ok = _plugin_counts(slim) == (expected_plugin_nodes or 0, expected_masked_nodes or 0)
+                    if expected:
+                        ok = _plugin_counts(slim) == {name: expected.get(name, 0) for name in modes}
                     else:
                         ok = _same_outputs(raw, slim, (batch, 3, height, width))
                     if ok:
@@ -488,41 +417,33 @@ def to_onnx(
                 f"the exporter could not convert this graph to opset {opset} (it emits opset {written_opset}; "
                 f"onnx's version converter cannot rewrite its dynamic-axes ops); use --opset {written_opset}"
             )
-        plugin_nodes, masked_nodes = _plugin_counts(tmp)
-        if msda == "plugin" and plugin_nodes != expected_plugin_nodes:
-            raise RuntimeError(f"plugin export produced {plugin_nodes} {TRT_MSDA.op_type} nodes for "
-                               f"{expected_plugin_nodes} deformable-attention calls")
-        if masked_attn == "plugin" and masked_nodes != expected_masked_nodes:
-            raise RuntimeError(f"plugin export produced {masked_nodes} {M2F_MASKED_ATTENTION.op_type} nodes for "
-                               f"{expected_masked_nodes} masked-attention calls")
-        manifest = new_manifest(
-            "onnx",
-            file=path.name,
+        counts = _plugin_counts(tmp)
+        for spec in PLUGINS:
+            if spec.name in expected and counts[spec.name] != expected[spec.name]:
+                raise RuntimeError(f"plugin export produced {counts[spec.name]} {spec.node.op_type} nodes for "
+                                   f"{expected[spec.name]} {spec.what}s")
+        manifest = Manifest(
+            kind="onnx",
+            target=target,
             opset=opset,
-            exporter="torch.onnx.export(dynamo=True)",
             inputs=inputs,
             outputs=outputs,
             dynamic=dynamic,
-            dynamic_axes={"pixel_values": {"0": "batch", "2": "height (32 x n)", "3": "width (32 x n)"}} if dynamic else {},
             batch=batch, height=height, width=width,
-            dtype=inputs[0]["dtype"],
+            dtype=inputs[0].dtype,
             precision=precision,
             precision_details=precision_details,
-            msda=msda,
-            expected_plugin_nodes=expected_plugin_nodes,
-            plugin_nodes=plugin_nodes,
-            masked_attn=masked_attn,
-            expected_masked_attention_nodes=expected_masked_nodes,
-            masked_attention_nodes=masked_nodes,
+            ops={name: OpRecord(mode, counts[name], expected.get(name)) for name, mode in modes.items()},
             postprocess=postprocess,
             topk=topk if postprocess == "instance" else None,
-            optimized=optimize,
-            simplified=simplified,
-            pixel_mean=list(config.pixel_mean) if config is not None else None,
-            pixel_std=list(config.pixel_std) if config is not None else None,
+            pixel_mean=tuple(config.pixel_mean) if config is not None else None,
+            pixel_std=tuple(config.pixel_std) if config is not None else None,
             config=config.to_dict() if config is not None else None,
             source=source,
-            notes=notes,
+            notes=tuple(notes),
+            details={"exporter": "torch.onnx.export(dynamo=True)", "optimized": optimize, "simplified": simplified,
+                     "dynamic_axes": {"pixel_values": {"0": "batch", "2": f"height ({divisibility} x n)",
+                                                       "3": f"width ({divisibility} x n)"}} if dynamic else {}},
         )
     manifest = write_manifest(path, manifest)  # after the model is committed: it records the model's sha256
     return ExportResult(path, manifest_path(path), manifest, time.perf_counter() - start, simplified, notes)
@@ -535,15 +456,12 @@ def _opset_of(path: Path) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _plugin_counts(path: Path) -> tuple[int, int]:
-    """(MSDA plugin nodes, masked-attention plugin nodes) in the file."""
+def _plugin_counts(path: Path) -> dict[str, int]:
+    """Plugin nodes of each op spec in the file."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    msda = sum(1 for n in proto.graph.node if n.op_type == TRT_MSDA.op_type)
-    masked = sum(1 for n in proto.graph.node
-                 if (n.op_type, n.domain) == (M2F_MASKED_ATTENTION.op_type, M2F_MASKED_ATTENTION.domain))
-    return msda, masked
+    return {spec.name: spec.count(proto) for spec in PLUGINS}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -564,8 +482,9 @@ def load_checkpoint_model(checkpoint: str | Path, preset: str | None = None) -> 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, preset: str | None = None, **kwargs: Any) -> ExportResult:
     """Load ``checkpoint`` and export it; the manifest records its path, sha256 and preset."""
     validate_export_args(kwargs.get("height", 512), kwargs.get("width", 512), kwargs.get("batch", 1),
-                         kwargs.get("opset", 18), kwargs.get("msda", "decomposed"), kwargs.get("postprocess", "none"),
-                         kwargs.get("masked_attn", "standard"))
+                         kwargs.get("opset", 18), kwargs.get("postprocess", "none"),
+                         kwargs.get("target", "onnxruntime"),
+                         **{spec.name: kwargs.get(spec.name) for spec in PLUGINS})
     calib = kwargs.get("calib")
     validate_precision(kwargs.get("precision", "fp32"), calib.folder if calib is not None else None)
     check_can_write(output, force=kwargs.get("force", False))

@@ -1,35 +1,27 @@
-"""TensorRT plugins for Mask2Former's two attention ops, made from m2f's Triton kernels.
+"""m2f's fused ops as export plugins: one :class:`PluginSpec` per op, in :data:`PLUGINS`, which the ONNX export,
+``m2f export check`` and the TensorRT plugin registration loop over (adding an op = one spec here, its kernel
+entry in :mod:`m2f.export.plugin_kernels`; see CONTRIBUTING.md).
 
-Two layers, so that everything but the TensorRT calls is testable without TensorRT:
-
-* Plain data and math (no TensorRT): the ONNX node of each plugin (op type, domain, attributes, input order),
-  the output-shape rules (:func:`msda_output_shape`, :func:`masked_attention_output_shape`) written over any
-  dimension type (ints here, TensorRT's symbolic ``ShapeExpr`` inside the engine builder), the launch geometry,
-  and the PTX of the plugin kernels for a given GPU (:func:`compile_msda_plugin_kernel`,
-  :func:`compile_masked_attention_plugin_kernel`, no GPU needed).
-* :func:`register_tensorrt_plugins`: registers the plugins with ``tensorrt.plugin`` (TensorRT >= 10.7 Python
-  "quickly deployable plugins"): ``@trtp.register`` (shape / dtype description) and ``@trtp.aot_impl`` (kernel
-  name, PTX, launch grid, int32 scalar arguments). The PTX is embedded in the engine, so the engine runs the
-  Triton kernel with no Python at run time.
+Plain data and math only, so the ONNX path never imports triton: the ONNX node of each plugin (op type, domain,
+attributes, input order, input ranks / dtypes), the ONNX schema and translation of the torch custom op, the
+output-shape rule (written over any dimension type: ints here, TensorRT's symbolic ``ShapeExpr`` in the builder).
+The kernels (Triton, compiled ahead of time into a TensorRT engine) are named by ``kernel`` and loaded lazily.
 
 The ONNX graph from ``m2f export onnx --msda plugin`` uses TensorRT's own interface node
 (``MultiscaleDeformableAttnPlugin_TRT``, version "1", no attributes; inputs value [N,S,M,D], spatial_shapes [L,2]
 int32, level_start_index [L] int32, sampling_locations [N,Lq,M,L,P,2], attention_weights [N,Lq,M,L,P]; output
 [N,Lq,M,D]); ``m2f export tensorrt --plugins m2f`` retargets those nodes to the m2f plugin, which has the same
 inputs and output, before parsing. Masked attention has no TensorRT plugin to stand in for it: ``m2f export onnx
---masked-attn plugin`` writes the m2f node itself (op type ``masked_attention``, attribute ``plugin_namespace`` "m2f",
-so that the parser's plugin lookup (name = op type, version "1", namespace from the attribute) finds the registered
-``m2f::masked_attention``, and ``aot`` 1, which asks TensorRT for the ahead-of-time implementation).
-
-QDP calling convention for AOT kernels: tensor inputs (pointers) first, then the int32 scalars, then the outputs.
-The msda kernel of ``m2f.kernels`` takes the output pointer before its scalars, so :func:`msda_plugin_kernel`
-is a thin wrapper in that order that inlines it. The masked-attention plugin runs a kernel written for it
-(``m2f.kernels.masked_attention.plugin_kernel``: one launch, empty-row rule inside), already in that order.
+--masked-attn plugin`` writes the m2f node itself (op type ``masked_attention_logits``, attribute
+``plugin_namespace`` "m2f", so that the parser's plugin lookup (name = op type, version "1", namespace from the
+attribute) finds the registered ``m2f::masked_attention_logits``, and ``aot`` 1, which asks TensorRT for the
+ahead-of-time implementation). It takes mask logits in the (B, N, H, D) layout, unlike the torch op
+``m2f::masked_attention`` (bool mask, (B, H, N, D)), hence its own name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 # ---------------------------------------------------------------------------------------------------
 # ONNX nodes
@@ -46,6 +38,14 @@ class PluginNode:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     attributes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Its key in the op census of ``m2f export check``: "domain::op_type"."""
+        return f"{self.domain}::{self.op_type}"
+
+    def matches(self, node: Any) -> bool:
+        return (node.op_type, node.domain) == (self.op_type, self.domain)
 
     def retarget(self, node: Any) -> None:
         """Rewrite an ONNX NodeProto with the same inputs into this plugin's node (in place)."""
@@ -68,12 +68,12 @@ M2F_NAMESPACE = "m2f"
 M2F_MSDA = PluginNode(
     "ms_deform_attn", M2F_NAMESPACE, MSDA_INPUTS, ("output",), {"plugin_namespace": M2F_NAMESPACE, "aot": 1}
 )
-# m2f's Triton masked attention as "m2f::masked_attention": q (B, Nq, H, D), k, v (B, Nk, H, D), mask logits
-# (B, Nq, Nk) (allowed where >= 0); output (B, Nq, H, D). Tokens-major ("BNHD") as the projections produce them,
-# so that the graph needs no transpose around the plugin.
+# m2f's Triton masked attention as "m2f::masked_attention_logits": q (B, Nq, H, D), k, v (B, Nk, H, D), mask
+# logits (B, Nq, Nk) (allowed where >= 0); output (B, Nq, H, D). Tokens-major ("BNHD") as the projections produce
+# them, so that the graph needs no transpose around the plugin.
 MASKED_ATTENTION_INPUTS = ("q", "k", "v", "mask_logits")
 M2F_MASKED_ATTENTION = PluginNode(
-    "masked_attention", M2F_NAMESPACE, MASKED_ATTENTION_INPUTS, ("output",),
+    "masked_attention_logits", M2F_NAMESPACE, MASKED_ATTENTION_INPUTS, ("output",),
     {"plugin_namespace": M2F_NAMESPACE, "aot": 1},
 )
 
@@ -140,262 +140,184 @@ def masked_attention_output_shape(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Kernels (PTX for a target GPU, no GPU needed)
+# ONNX schemas and translations of the torch custom ops (onnxscript, imported when an export needs them)
 # ---------------------------------------------------------------------------------------------------
 
-# Fallback launch config when m2f.kernels does not publish one (AOT_CONFIGS): 64 queries x 8 warps compiled with
-# no spills on sm_90 / sm_87 for the first version of the kernel.
-MSDA_BLOCK_Q = 64
-MSDA_NUM_WARPS = 8
-TRITON_TYPES = {"float32": "fp32", "float16": "fp16"}
+FLOATS = ("tensor(float)", "tensor(float16)")
+FLOATS_BF16 = (*FLOATS, "tensor(bfloat16)")
 
 
-@dataclass(frozen=True)
-class MsdaLaunch:
-    """Grid and scalar arguments of one MSDA plugin launch, from the input dims (ints or ShapeExprs)."""
+def _msda_schema() -> Any:
+    from onnx.defs import OpSchema
 
-    grid: tuple[Any, Any, Any]
-    block: int
-    scalars: tuple[Any, Any, Any]  # num_keys S, num_queries Lq, num_heads M (the kernel's int32 arguments)
-
-
-def msda_launch(value: Sequence[Any], sampling_locations: Sequence[Any], cdiv: Any = None,
-                block_q: int = MSDA_BLOCK_Q, num_warps: int = MSDA_NUM_WARPS) -> MsdaLaunch:
-    """One program per (BLOCK_Q queries, batch x head), as the m2f kernel's own launcher."""
-    cdiv = cdiv or (lambda a, b: (a + b - 1) // b)
-    n, s, m, _ = value
-    q = sampling_locations[1]
-    return MsdaLaunch(grid=(cdiv(q, block_q), n * m, 1), block=num_warps * 32, scalars=(s, q, m))
-
-
-_msda_kernel: Any = None  # bound on first use: see msda_plugin_kernel()
-
-
-def msda_plugin_kernel() -> Any:
-    """The QDP-ordered MSDA kernel (inputs, scalars, output) as a JITFunction that inlines m2f's kernel.
-
-    Returned as a compilable JITFunction even under TRITON_INTERPRET=1: it is only ever compiled ahead of time.
-    """
-    global _msda_kernel
-    if _msda_kernel is None:
-        from m2f.kernels.aot import _as_jit_function
-        from m2f.kernels.ms_deform_attn.triton_kernels import ms_deform_attn_fwd_kernel
-
-        from . import _msda_plugin_jit
-
-        # Bound once: Triton refuses to recompile a kernel whose globals changed since its last compilation.
-        _msda_plugin_jit._msda_body = _as_jit_function(ms_deform_attn_fwd_kernel)
-        _msda_kernel = _as_jit_function(_msda_plugin_jit.msda_trt_plugin_kernel)
-    return _msda_kernel
-
-
-def msda_signature(dtype: str) -> dict[str, str]:
-    t = TRITON_TYPES[dtype]
-    return {
-        "value_ptr": f"*{t}", "shapes_ptr": "*i32", "starts_ptr": "*i32", "loc_ptr": f"*{t}", "attn_ptr": f"*{t}",
-        "num_keys": "i32", "num_queries": "i32", "num_heads": "i32", "out_ptr": f"*{t}",
-        "NUM_LEVELS": "constexpr", "NUM_POINTS": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr",
-        "ROW_ALIGNED": "constexpr", "BLOCK_Q": "constexpr",
-    }
-
-
-def msda_constexprs(num_levels: int, num_points: int, head_dim: int, dtype: str = "float32",
-                    block_q: int | None = None) -> dict[str, Any]:
-    """Compile-time parameters. ROW_ALIGNED (16-byte vector loads of each (key, head) row) holds when a row is a
-    multiple of 16 bytes: TensorRT's device buffers are 256-byte aligned, so every row then starts aligned."""
-    block_d = 1 << max(0, (head_dim - 1).bit_length())
-    itemsize = 2 if dtype == "float16" else 4
-    return {"NUM_LEVELS": num_levels, "NUM_POINTS": num_points, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
-            "ROW_ALIGNED": head_dim * itemsize % 16 == 0, "BLOCK_Q": block_q or msda_aot_config()[0]}
-
-
-def msda_aot_config() -> tuple[int, int]:
-    """(BLOCK_Q, num_warps) of the forward kernel's ahead-of-time config in m2f.kernels (checked there for
-    register spills on sm_90 / sm_87); the engine cannot autotune a Triton kernel."""
-    try:
-        from m2f.kernels.ms_deform_attn.triton_kernels import AOT_CONFIGS
-
-        return int(AOT_CONFIGS["fwd"]["BLOCK_Q"]), int(AOT_CONFIGS["fwd"]["num_warps"])
-    except (ImportError, KeyError):
-        return MSDA_BLOCK_Q, MSDA_NUM_WARPS
-
-
-def compile_msda_plugin_kernel(target: str, dtype: str = "float32", num_levels: int = 3, num_points: int = 4,
-                               head_dim: int = 32) -> Any:
-    """PTX (+ cubin and resources) of the plugin kernel for ``target`` ("sm_90", "sm_87") via m2f.kernels.aot."""
-    from m2f.kernels.aot import KernelSpec, compile_many
-
-    spec = KernelSpec(f"{__name__}:msda_plugin_kernel", msda_signature(dtype),
-                      msda_constexprs(num_levels, num_points, head_dim, dtype=dtype), target=target,
-                      num_warps=msda_aot_config()[1], num_stages=1)
-    return compile_many([spec])[0]
-
-
-# --- masked attention ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MaskedAttentionLaunch:
-    """Grid and scalar arguments of one masked-attention plugin launch, from the input dims (ints or ShapeExprs)."""
-
-    grid: tuple[Any, Any, Any]
-    block: int
-    scalars: tuple[Any, Any, Any]  # Nq, Nk, H (the kernel's int32 arguments)
-
-
-def masked_attention_launch(q: Sequence[Any], k: Sequence[Any], block_q: int, num_warps: int,
-                            cdiv: Any = None) -> MaskedAttentionLaunch:
-    """One program per (batch x head, BLOCK_Q queries), heads fastest (q (B, Nq, H, D), k (B, Nk, H, D))."""
-    from m2f.kernels.masked_attention.plugin_kernel import plugin_grid
-
-    batch, n_q, heads, _ = q
-    return MaskedAttentionLaunch(grid=plugin_grid(batch, heads, n_q, block_q, cdiv=cdiv), block=num_warps * 32,
-                                 scalars=(n_q, k[1], heads))
-
-
-def masked_attention_kernel_spec(dtype: str, head_dim: int, mask_dtype: str | None = None) -> dict[str, Any]:
-    """Everything an ahead-of-time build of the plugin kernel needs: fn, signature, constexprs, warps, stages.
-
-    Returned as a compilable JITFunction even under TRITON_INTERPRET=1: it is only ever compiled ahead of time."""
-    from m2f.kernels.aot import _as_jit_function
-    from m2f.kernels.masked_attention.plugin_kernel import (
-        masked_attention_plugin_kernel,
-        plugin_constexprs,
-        plugin_signature,
-        plugin_tile,
+    param = OpSchema.FormalParameter
+    return OpSchema(
+        TRT_MSDA.op_type, TRT_MSDA.domain, 1,
+        doc="TensorRT MultiscaleDeformableAttnPlugin_TRT (version 1): output [N, Lq, M, D]",
+        inputs=[param("value", "T"), param("spatial_shapes", "I"), param("level_start_index", "I"),
+                param("sampling_locations", "T"), param("attention_weights", "T")],
+        outputs=[param("output", "T")],
+        type_constraints=[("T", list(FLOATS), "value dtype"), ("I", ["tensor(int32)"], "int32")],
     )
 
-    tile = plugin_tile(dtype)
-    return {"fn": _as_jit_function(masked_attention_plugin_kernel), "signature": plugin_signature(dtype, mask_dtype),
-            "constexprs": plugin_constexprs(head_dim, dtype, tile), "num_warps": tile.num_warps,
-            "num_stages": tile.num_stages, "block_q": tile.block_q}
+
+def _masked_attention_schema() -> Any:
+    from onnx.defs import OpSchema
+
+    param, attr = OpSchema.FormalParameter, OpSchema.Attribute
+    node = M2F_MASKED_ATTENTION
+    return OpSchema(
+        node.op_type, node.domain, 1,
+        doc=f"m2f TensorRT Python plugin {node.key}: q (B, Nq, H, D), k, v (B, Nk, H, D), mask logits (B, Nq, Nk) "
+            "(allowed where >= 0; a row with none attends everywhere) -> (B, Nq, H, D)",
+        inputs=[param(name, "T") for name in MASKED_ATTENTION_INPUTS],
+        outputs=[param("output", "T")],
+        type_constraints=[("T", list(FLOATS_BF16), "one float dtype")],
+        attributes=[attr("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=True),
+                    attr("aot", OpSchema.AttrType.INT, "1: TensorRT's ahead-of-time implementation", required=True)],
+    )
 
 
-def compile_masked_attention_plugin_kernel(target: str, dtype: str = "float32", head_dim: int = 32) -> Any:
-    """PTX (+ cubin and resources) of the masked-attention plugin kernel for ``target`` ("sm_90", "sm_87")."""
-    from m2f.kernels.aot import KernelSpec, compile_many
+def _msda_translation() -> Callable[..., Any]:
+    """m2f::ms_deform_attn -> Cast(int32) x 2 -> plugin node -> Reshape (N, Lq, M*D)."""
+    import onnxscript
+    from onnxscript import ir
+    from onnxscript import opset18 as op
 
-    spec = masked_attention_kernel_spec(dtype, head_dim)
-    return compile_many([KernelSpec(spec["fn"], spec["signature"], spec["constexprs"], target=target,
-                                    num_warps=spec["num_warps"], num_stages=spec["num_stages"])])[0]
+    trt_plugins = onnxscript.values.Opset(TRT_MSDA.domain, 1)
+
+    def ms_deform_attn_to_trt_plugin(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        out = getattr(trt_plugins, TRT_MSDA.op_type)(
+            value,
+            op.Cast(spatial_shapes, to=ir.DataType.INT32),
+            op.Cast(level_start_index, to=ir.DataType.INT32),
+            sampling_locations,
+            attention_weights,
+        )  # (N, Lq, M, D)
+        return op.Reshape(out, op.Constant(value_ints=[0, 0, -1]))  # (N, Lq, M * D)
+
+    return ms_deform_attn_to_trt_plugin
+
+
+def _masked_attention_translation() -> Callable[..., Any]:
+    """m2f::masked_attention_from_logits -> the plugin node, between Transposes to / from its (B, N, H, D) layout
+    (they cancel the graph's own head split / merge)."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    m2f_plugins = onnxscript.values.Opset(M2F_MASKED_ATTENTION.domain, 1)
+    attributes = M2F_MASKED_ATTENTION.attributes
+
+    def masked_attention_to_plugin(q, k, v, mask_logits):
+        to_bnhd = [0, 2, 1, 3]  # (B, H, N, D) <-> (B, N, H, D)
+        out = getattr(m2f_plugins, M2F_MASKED_ATTENTION.op_type)(
+            op.Transpose(q, perm=to_bnhd), op.Transpose(k, perm=to_bnhd), op.Transpose(v, perm=to_bnhd),
+            mask_logits, **attributes,
+        )  # (B, Nq, H, D)
+        # The custom op also returns the log-sum-exp (for its backward); the exported graph never reads it, so
+        # an empty stand-in fills its place and the optimizer removes it.
+        return op.Transpose(out, perm=to_bnhd), op.Constant(value_floats=[])
+
+    return masked_attention_to_plugin
+
+
+def _msda_modules(model: Any) -> list[Any]:
+    from m2f.pixel_decoder import MultiScaleDeformableAttention
+
+    return [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+
+
+def _masked_attention_layers(model: Any) -> list[Any]:
+    from m2f.transformer_decoder import CrossAttentionLayer
+
+    return [m for m in model.modules() if isinstance(m, CrossAttentionLayer)]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Registration with tensorrt.plugin (TensorRT >= 10.7)
+# The specs
 # ---------------------------------------------------------------------------------------------------
 
-_REGISTERED = False
+
+@dataclass(frozen=True)
+class InputRule:
+    """What the plugin accepts on one input: its rank and ONNX element types (TensorProto names)."""
+
+    rank: int
+    dtypes: tuple[str, ...]
 
 
-def _const(expr: Any, what: str, plugin: str = "MSDA") -> int:
-    """A ShapeExpr that must be a build-time constant (levels, points, head dim are fixed by the architecture)."""
-    if isinstance(expr, int):
-        return expr
-    if not getattr(expr, "is_constant", False):
-        raise ValueError(f"{plugin} plugin: {what} must be static in the ONNX graph")
-    return int(expr.constant_value)
+@dataclass(frozen=True)
+class PluginSpec:
+    """One fused op, as every export stage sees it.
+
+    ``name`` is its manifest / CLI key (``--msda``), ``modes`` its (reference, plugin) export modes. In plugin
+    mode the export switches ``modules(model)`` to the "triton" backend, so torch.export traces the custom op
+    ``torch.ops.m2f.<torch_op>`` (registered by importing ``kernel_module``), which ``translation()`` turns into
+    ``node`` (declared to onnx by ``schema()``). ``check`` holds each node to ``input_rules`` (+ one dtype for
+    all float inputs when ``one_dtype``) and ``node.attributes``. TensorRT runs ``trt_node`` (``node`` is
+    retargeted to it when they differ), whose output dims come from ``output_shape`` and whose kernel is
+    ``kernel`` ("module:function" returning an :class:`m2f.export.plugin_kernels.AotLaunch`).
+    """
+
+    name: str
+    modes: tuple[str, str]
+    what: str  # what one plugin node stands for, for messages: "deformable-attention call (one per encoder layer)"
+    node: PluginNode
+    trt_node: PluginNode
+    torch_op: str
+    kernel_module: str
+    modules: Callable[[Any], list[Any]]
+    schema: Callable[[], Any]
+    translation: Callable[[], Callable[..., Any]]
+    input_rules: tuple[InputRule, ...]
+    one_dtype: bool
+    output_shape: Callable[..., tuple[Any, ...]]
+    trt_formats: str  # TensorRT AutoTuneCombination type string: inputs then output, "|" alternatives by position
+    kernel: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def plugin_mode(self) -> str:
+        return self.modes[1]
+
+    def count(self, model: Any) -> int:
+        """Its plugin nodes in an ONNX ModelProto's main graph."""
+        return sum(1 for n in model.graph.node if self.node.matches(n))
 
 
-def register_tensorrt_plugins() -> None:
-    """Register ``m2f::ms_deform_attn`` and ``m2f::masked_attention`` with TensorRT's Python plugin registry
-    (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from ._trt import import_tensorrt, import_tensorrt_plugin
+_F, _F16, _BF16, _I32 = "FLOAT", "FLOAT16", "BFLOAT16", "INT32"
 
-    trt = import_tensorrt()
-    trtp = import_tensorrt_plugin()
-    plugin_id = f"{M2F_NAMESPACE}::{M2F_MSDA.op_type}"
+MSDA = PluginSpec(
+    name="msda", modes=("decomposed", "plugin"), what="deformable-attention call (one per encoder layer)",
+    node=TRT_MSDA, trt_node=M2F_MSDA, torch_op="ms_deform_attn", kernel_module="m2f.kernels.ms_deform_attn.op",
+    modules=_msda_modules, schema=_msda_schema, translation=_msda_translation,
+    input_rules=(InputRule(4, (_F, _F16)), InputRule(2, (_I32,)), InputRule(1, (_I32,)), InputRule(6, (_F, _F16)),
+                 InputRule(5, (_F, _F16))),
+    one_dtype=False, output_shape=msda_output_shape,
+    trt_formats="FP32|FP16, INT32, INT32, FP32|FP16, FP32|FP16, FP32|FP16",
+    kernel="m2f.export.plugin_kernels:msda_aot",
+)
+MASKED_ATTN = PluginSpec(
+    name="masked_attn", modes=("standard", "plugin"), what="masked-attention call (one per decoder layer)",
+    node=M2F_MASKED_ATTENTION, trt_node=M2F_MASKED_ATTENTION, torch_op="masked_attention_from_logits",
+    kernel_module="m2f.kernels.masked_attention.op", modules=_masked_attention_layers,
+    schema=_masked_attention_schema, translation=_masked_attention_translation,
+    input_rules=tuple(InputRule(rank, (_F, _F16, _BF16)) for rank in (4, 4, 4, 3)),
+    one_dtype=True, output_shape=masked_attention_output_shape,
+    trt_formats=", ".join(["FP32|FP16|BF16"] * 5),
+    kernel="m2f.export.plugin_kernels:masked_attention_aot",
+)
 
-    @trtp.register(plugin_id)
-    def _msda_desc(value: trtp.TensorDesc, spatial_shapes: trtp.TensorDesc, level_start_index: trtp.TensorDesc,
-                   sampling_locations: trtp.TensorDesc, attention_weights: trtp.TensorDesc) -> trtp.TensorDesc:
-        dims = msda_output_shape(
-            [value.shape_expr[i] for i in range(4)], [spatial_shapes.shape_expr[i] for i in range(2)],
-            [level_start_index.shape_expr[0]], [sampling_locations.shape_expr[i] for i in range(6)],
-            [attention_weights.shape_expr[i] for i in range(5)],
-        )
-        return trtp.from_shape_expr(dims, dtype=value.dtype)
-
-    @trtp.autotune(plugin_id)
-    def _msda_formats(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, outputs):
-        # positions: value, shapes, starts, locations, weights, output ("|" alternatives pair up by position)
-        return [trtp.AutoTuneCombination("FP32|FP16, INT32, INT32, FP32|FP16, FP32|FP16, FP32|FP16", "LINEAR")]
-
-    @trtp.aot_impl(plugin_id)
-    def _msda_aot(value: trtp.TensorDesc, spatial_shapes: trtp.TensorDesc, level_start_index: trtp.TensorDesc,
-                  sampling_locations: trtp.TensorDesc, attention_weights: trtp.TensorDesc,
-                  outputs: tuple, tactic: int):
-        import triton
-        from triton.backends.compiler import GPUTarget
-
-        dtype = "float16" if value.dtype == trt.float16 else "float32"
-        loc = sampling_locations.shape_expr
-        constexprs = msda_constexprs(_const(loc[3], "levels"), _const(loc[4], "points"),
-                                     _const(value.shape_expr[3], "head dim"), dtype=dtype)
-        block_q, num_warps = msda_aot_config()
-        major, minor = _device_capability()
-        src = triton.compiler.ASTSource(fn=msda_plugin_kernel(), signature=msda_signature(dtype), constexprs=constexprs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", major * 10 + minor, 32),
-                                options={"num_warps": num_warps, "num_stages": 1})
-        launch = msda_launch([value.shape_expr[i] for i in range(4)], [loc[i] for i in range(6)], cdiv=trtp.cdiv,
-                             block_q=block_q, num_warps=num_warps)
-        params = trtp.KernelLaunchParams()
-        params.grid_x, params.grid_y = launch.grid[0], launch.grid[1]
-        params.block_x = launch.block
-        params.shared_mem = kernel.metadata.shared
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in launch.scalars])
-        return kernel.metadata.name.encode(), kernel.asm["ptx"].encode(), params, extra
-
-    masked_id = f"{M2F_NAMESPACE}::{M2F_MASKED_ATTENTION.op_type}"
-    dtype_names = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
-
-    @trtp.register(masked_id)
-    def _masked_attention_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
-                               mask_logits: trtp.TensorDesc) -> trtp.TensorDesc:
-        dims = masked_attention_output_shape(
-            [q.shape_expr[i] for i in range(4)], [k.shape_expr[i] for i in range(4)],
-            [v.shape_expr[i] for i in range(4)], [mask_logits.shape_expr[i] for i in range(3)],
-        )
-        return trtp.from_shape_expr(dims, dtype=q.dtype)
-
-    @trtp.autotune(masked_id)
-    def _masked_attention_formats(q, k, v, mask_logits, outputs):
-        # positions: q, k, v, mask logits, output: one dtype for all ("|" alternatives pair up by position)
-        return [trtp.AutoTuneCombination("FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16, "
-                                         "FP32|FP16|BF16", "LINEAR")]
-
-    @trtp.aot_impl(masked_id)
-    def _masked_attention_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
-                              mask_logits: trtp.TensorDesc, outputs: tuple, tactic: int):
-        import triton
-        from triton.backends.compiler import GPUTarget
-
-        head_dim = _const(q.shape_expr[3], "head dim", plugin="masked attention")
-        spec = masked_attention_kernel_spec(dtype_names[q.dtype], head_dim, mask_dtype=dtype_names[mask_logits.dtype])
-        major, minor = _device_capability()
-        src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
-        kernel = triton.compile(src, target=GPUTarget("cuda", major * 10 + minor, 32),
-                                options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
-        launch = masked_attention_launch([q.shape_expr[i] for i in range(4)], [k.shape_expr[i] for i in range(4)],
-                                         block_q=spec["block_q"], num_warps=spec["num_warps"], cdiv=trtp.cdiv)
-        params = trtp.KernelLaunchParams()
-        params.grid_x, params.grid_y = launch.grid[0], launch.grid[1]
-        params.block_x = launch.block
-        params.shared_mem = kernel.metadata.shared
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in launch.scalars])
-        return kernel.metadata.name.encode(), kernel.asm["ptx"].encode(), params, extra
-
-    _REGISTERED = True
+PLUGINS: tuple[PluginSpec, ...] = (MSDA, MASKED_ATTN)
 
 
-def _device_capability() -> tuple[int, int]:
-    """Compute capability of GPU 0 (the engine is built for the GPU it is built on)."""
-    from ._trt import check_cuda, import_cudart
+def plugin_spec(name: str) -> PluginSpec:
+    return next(spec for spec in PLUGINS if spec.name == name)
 
-    cudart = import_cudart()
-    major = check_cuda(cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, 0))
-    minor = check_cuda(cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, 0))
-    return int(major), int(minor)
 
+def op_modes(**given: str | None) -> dict[str, str]:
+    """Every op's mode: the ones given (by name, None = default), the reference mode for the rest."""
+    return {spec.name: given.get(spec.name) or spec.modes[0] for spec in PLUGINS}

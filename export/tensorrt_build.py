@@ -255,7 +255,7 @@ def build_engine(
     m2f_nodes = sum(1 for n in model.graph.node if n.domain == "m2f")
     if m2f_nodes:  # retargeted MSDA nodes and / or masked-attention plugin nodes
         from ._trt import import_tensorrt_plugin
-        from .plugins import register_tensorrt_plugins
+        from .plugin_kernels import register_tensorrt_plugins
 
         import_tensorrt_plugin()  # one line naming the way out on TensorRT < 10.9, before any work
     logger = trt.Logger(trt.Logger.WARNING)
@@ -306,8 +306,8 @@ def build_engine(
         tensorrt_version=trt.__version__,
         msda_plugin_version=msda_version,
         plugins=plugins if retargeted or msda_version else "none",
-        msda=manifest.get("msda"),
-        masked_attn=manifest.get("masked_attn", "standard"),
+        ops=manifest.ops,
+        target="tensorrt",
         m2f_plugin_nodes=m2f_nodes,
         profile={"min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)},
         max_batch=profile.max[0],

@@ -8,6 +8,8 @@ defaults "1" / ""), which is how custom nodes such as ``MultiscaleDeformableAttn
 """
 from __future__ import annotations
 
+from .targets import OpSupport
+
 TENSORRT_VERSION = "10.15"
 OPSET_MIN, OPSET_MAX = 9, 24
 
@@ -65,3 +67,6 @@ RESTRICTIONS: dict[str, str] = {
     "TopK": "sorted must be 1; K must be < 3840",
     "Unsqueeze": "axes must resolve to a constant",
 }
+
+SUPPORT = OpSupport(f"onnx-tensorrt docs/operators.md for TensorRT {TENSORRT_VERSION}", SUPPORTED, OPSET_MIN, OPSET_MAX,
+                    RESTRICTIONS)

@@ -1,4 +1,5 @@
-"""A model repository for NVIDIA Triton Inference Server from an exported ONNX model or TensorRT engine.
+"""A model repository for NVIDIA Triton Inference Server from an exported model whose target Triton serves
+(:attr:`m2f.export.targets.Target.triton_platform`: ONNX Runtime, TensorRT).
 
 Layout (Triton's model repository convention)::
 
@@ -20,6 +21,7 @@ from typing import Any, Sequence
 from m2f.errors import InputError
 from m2f.io import atomic_dir, check_can_write
 
+from . import targets
 from .manifest import load_onnx, read_manifest
 
 TRITON_DTYPES = {
@@ -32,8 +34,6 @@ TRITON_DTYPES = {
     "uint8": "TYPE_UINT8",
     "bool": "TYPE_BOOL",
 }
-PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".engine": ("tensorrt_plan", "model.plan"),
-             ".plan": ("tensorrt_plan", "model.plan")}
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,6 @@ class TensorSpec:
     name: str
     dtype: str  # numpy-style name: "float32", "int64", ...
     shape: tuple[int | str, ...]  # a str (or -1) is a dynamic axis
-
-
-def _spec(d: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(d["name"], d["dtype"], tuple(d["shape"]))
 
 
 def _is_dynamic(dim: int | str) -> bool:
@@ -113,16 +109,17 @@ def write_triton_repo(
     Triton runs the model's instances, ``gpu`` or ``cpu`` (ONNX Runtime only; a TensorRT plan needs a GPU)."""
     model_path = Path(model_path)
     if not model_path.is_file():
-        raise InputError(f"model file {model_path} not found; pass an exported .onnx, .engine or .plan file")
-    suffix = model_path.suffix.lower()
-    if suffix not in PLATFORMS:
-        raise InputError(f"{model_path} is neither .onnx nor .engine / .plan; pass a file written by `m2f export`")
+        raise InputError(f"model file {model_path} not found; pass a model file written by `m2f export`")
+    target = targets.for_artifact(model_path)
+    if target.triton_platform is None:
+        servable = ", ".join(s for t in targets.all_targets() if t.triton_platform for s in t.suffixes)
+        raise InputError(f"Triton Inference Server cannot serve a {target.name} model ({model_path}); pass {servable}")
     if max_batch < 1:
         raise InputError(f"--max-batch must be >= 1, got {max_batch}")
     name = name or model_path.stem
     if not name.replace("_", "").replace("-", "").isalnum():
         raise InputError(f"model name {name!r} must be letters, digits, '-' or '_'")
-    platform, filename = PLATFORMS[suffix]
+    platform, filename = target.triton_platform
     check_instance_kind(instance_kind, platform)
 
     inputs, outputs, max_batch_size = model_io(model_path, max_batch)
@@ -149,14 +146,15 @@ def check_instance_kind(instance_kind: str, platform: str) -> None:
 
 
 def model_io(model_path: Path, max_batch: int) -> tuple[list[TensorSpec], list[TensorSpec], int]:
-    """(inputs, outputs, max_batch_size) of an exported model: from its manifest (for an ONNX file without one,
-    from the graph); max_batch_size is 0 for a fixed batch (Triton must not batch requests), else ``max_batch``
-    capped at an engine's optimisation profile."""
-    suffix = model_path.suffix.lower()
-    manifest = read_manifest(model_path, required=suffix != ".onnx", kind="onnx" if suffix == ".onnx" else "tensorrt")
+    """(inputs, outputs, max_batch_size) of an exported model: from its manifest (an ONNX file may come without one:
+    then from the graph; a built artifact may not); max_batch_size is 0 for a fixed batch (Triton must not batch
+    requests), else ``max_batch`` capped at an engine's optimisation profile."""
+    target = targets.for_artifact(model_path)
+    manifest = read_manifest(model_path, required=target.artifact != "onnx", kind=target.artifact)
     if manifest is not None:
-        inputs, outputs = [_spec(d) for d in manifest["inputs"]], [_spec(d) for d in manifest["outputs"]]
-        batch_limit = manifest.get("max_batch")  # engines: the optimisation profile's max batch
+        inputs = [TensorSpec(t.name, t.dtype, t.shape) for t in manifest.inputs]
+        outputs = [TensorSpec(t.name, t.dtype, t.shape) for t in manifest.outputs]
+        batch_limit = manifest.details.get("max_batch")  # engines: the optimisation profile's max batch
     else:
         inputs, outputs = _onnx_io(model_path)
         batch_limit = None

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import TASKS, PostProcessConfig
+from .config import TASKS, Mask2FormerConfig, PostProcessConfig
 from .errors import InputError
 
 Size = tuple[int, int]
@@ -367,27 +367,39 @@ def _panoptic_one(
     return PanopticResult(segmentation=segmentation, segments=segments)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# everything from the model's config
-# ---------------------------------------------------------------------------------------------------------------
+def postprocess_task(
+    task: str,
+    pred_logits: torch.Tensor,
+    pred_masks: torch.Tensor,
+    image_sizes: Sequence[Size],
+    original_sizes: Sequence[Size],
+    padded_size: Size,
+    config: Mask2FormerConfig,
+) -> list[SemanticResult] | list[InstanceResult] | list[PanopticResult]:
+    """``task``'s results for a batch, with the model's rules and thresholds from ``config``: the one dispatcher
+    of ``m2f predict``, ``m2f eval``, ``m2f bench model`` and the exported-model runners, whatever ran the network.
+
+    Official rules: semantic-only models infer before resizing to the original size; models trained for panoptic
+    report only thing classes as instances."""
+    args = (pred_logits, pred_masks, image_sizes, original_sizes, padded_size)
+    thresholds = config.postprocess
+    if task == "panoptic":
+        return panoptic(*args, thing_classes=config.thing_classes,
+                        object_mask_threshold=thresholds.object_mask_threshold,
+                        overlap_threshold=thresholds.overlap_threshold)
+    if task == "instance":
+        things = config.thing_classes if config.default_task == "panoptic" else None
+        return instance(*args, topk=thresholds.instance_topk, thing_classes=things)
+    if task == "semantic":
+        return semantic(*args, postprocess_before_inference=config.default_task != "semantic")
+    raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
 
 
 def run(outputs, batch, config, task: str | None = None) -> list[SemanticResult] | list[InstanceResult] | list[PanopticResult]:
     """Post-process ``outputs`` (a :class:`m2f.Mask2FormerOutput`) of ``batch`` (from :func:`m2f.preprocess.preprocess`)
     for ``task`` (default: ``config.default_task``) with every setting taken from ``config`` (a
-    :class:`m2f.Mask2FormerConfig`, e.g. ``model.config``): its ``postprocess`` thresholds and top-k, its thing
-    classes, and the official per-task rules (semantic models infer before resizing; panoptic models keep only
-    thing classes as instances). ``model.post_process(outputs, batch)`` is the same call.
+    :class:`m2f.Mask2FormerConfig`, e.g. ``model.config``), by :func:`postprocess_task`.
+    ``model.post_process(outputs, batch)`` is the same call.
     """
-    task = task or config.default_task
-    if task not in TASKS:
-        raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    args = (outputs.pred_logits, outputs.pred_masks, batch.image_sizes, batch.original_sizes, batch.padded_size)
-    settings = config.postprocess
-    if task == "panoptic":
-        return panoptic(*args, thing_classes=config.thing_classes, object_mask_threshold=settings.object_mask_threshold,
-                        overlap_threshold=settings.overlap_threshold)
-    if task == "semantic":
-        return semantic(*args, postprocess_before_inference=config.default_task != "semantic")
-    things = config.thing_classes if config.default_task == "panoptic" else None
-    return instance(*args, topk=settings.instance_topk, thing_classes=things)
+    return postprocess_task(task or config.default_task, outputs.pred_logits, outputs.pred_masks, batch.image_sizes,
+                            batch.original_sizes, batch.padded_size, config)

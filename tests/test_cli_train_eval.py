@@ -163,8 +163,9 @@ def test_eval_onnx_against_pytorch(tmp_path, synth, rng):
     import torch
 
     from m2f.checkpoints import save_pretrained
-    from m2f.evaluation.evaluate import OnnxPredictor, TorchPredictor
+    from m2f.evaluation.evaluate import RunnerPredictor, TorchPredictor
     from m2f.export import to_onnx
+    from m2f.export.runner import open_runner
     from m2f.model import build_model
     from tests.test_train import tiny_config
     from tests.utils import rel_err
@@ -175,7 +176,7 @@ def test_eval_onnx_against_pytorch(tmp_path, synth, rng):
     onnx_path = tmp_path / "onnx" / "model.onnx"
     to_onnx(model, onnx_path, height=64, width=64, optimize=False, simplify=False)
     pixel_values = torch.randn(1, 3, 64, 64, generator=rng)
-    got = OnnxPredictor(onnx_path, model.config)(pixel_values)
+    got = RunnerPredictor(open_runner(onnx_path), model.config)(pixel_values)
     ref = TorchPredictor(model, model.config)(pixel_values)
     assert rel_err(got[0], ref[0]) < 1e-4 and rel_err(got[1], ref[1]) < 1e-4, f"seed {rng.seed_value}"
     metrics = tmp_path / "onnx_vs_torch.json"

@@ -56,7 +56,7 @@ def test_unsupported_opset(tmp_path, capsys, opset):
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--msda", "fused", "--msda"), ("--postprocess", "panoptic", "--postprocess"),
-                                               ("--target", "openvino", "--target"), ("--batch", "0", "--batch")])
+                                               ("--target", "tflite", "--target"), ("--batch", "0", "--batch")])
 def test_bad_choices(tmp_path, capsys, flag, value, needle):
     code, _, err = _run(capsys, ["export", "onnx", "--checkpoint", str(tmp_path / "c"), "--output",
                                  str(tmp_path / "m.onnx"), flag, value])

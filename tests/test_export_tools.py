@@ -16,14 +16,16 @@ import torch.nn.functional as F
 from m2f.errors import BackendUnavailableError, InputError
 from m2f.export import postprocess_numpy as pp
 from m2f.export import tensorrt_onnx_ops
-from m2f.export.check import double_tensors, msda_plugin_nodes, op_census, tensorrt_support
+from m2f.export import targets
+from m2f.export.check import double_tensors, op_census, plugin_nodes
 from m2f.export.manifest import manifest_path, read_manifest, write_manifest
 from m2f.export.plugins import (
     M2F_MSDA,
+    MSDA,
     MSDA_INPUTS,
+    PLUGINS,
     TRT_MSDA,
     masked_attention_output_shape,
-    msda_launch,
     msda_output_shape,
 )
 from m2f.export.tensorrt_build import default_profile, parse_shape, retarget_msda_nodes
@@ -56,13 +58,18 @@ def test_tensorrt_op_list_is_consistent():
 
 
 def test_tensorrt_support_flags_unsupported_ops_and_allows_plugins():
+    trt = targets.get("tensorrt")
+    plugin_keys = frozenset(spec.node.key for spec in PLUGINS)
     census = {"Conv": 3, "GridSample": 6, "Unique": 1, "trt.plugins::MultiscaleDeformableAttnPlugin_TRT": 6}
-    out = tensorrt_support(census, opset=17)
+    out = trt.support(census, 17, plugin_keys)
     assert out["unsupported_ops"] == ["Unique"] and not out["ok"]
     assert out["plugin_ops"] == {"trt.plugins::MultiscaleDeformableAttnPlugin_TRT": 6}
     assert "GridSample" in out["restrictions_to_mind"]
-    assert tensorrt_support({"Conv": 1}, opset=17)["ok"]
-    assert not tensorrt_support({"Conv": 1}, opset=25)["opset_supported"]
+    assert trt.support({"Conv": 1}, 17, plugin_keys)["ok"]
+    assert not trt.support({"Conv": 1}, 25, plugin_keys)["opset_supported"]
+    # a custom node that is no m2f plugin is an op TensorRT cannot import
+    assert trt.support({"x::Foo": 1}, 17, plugin_keys)["unsupported_ops"] == ["x::Foo"]
+    assert targets.get("onnxruntime").ops is None and targets.get("openvino").ops is None
 
 
 def _msda_graph(n_nodes: int = 2, attributes: dict | None = None, shapes_dtype=TensorProto.INT32) -> onnx.ModelProto:
@@ -86,12 +93,12 @@ def _msda_graph(n_nodes: int = 2, attributes: dict | None = None, shapes_dtype=T
 def test_msda_plugin_node_checks():
     model = _msda_graph(3)
     onnx.checker.check_model(model, full_check=True)
-    info = msda_plugin_nodes(model)
+    info = plugin_nodes(MSDA, model)
     assert info["count"] == 3 and info["problems"] == []
     assert op_census(model) == {"trt.plugins::MultiscaleDeformableAttnPlugin_TRT": 3}
     # an attribute, or int64 spatial shapes, break the plugin's interface
-    assert any("attributes" in p for p in msda_plugin_nodes(_msda_graph(1, {"foo": 1}))["problems"])
-    assert any("spatial_shapes" in p for p in msda_plugin_nodes(_msda_graph(1, shapes_dtype=TensorProto.INT64))["problems"])
+    assert any("attributes" in p for p in plugin_nodes(MSDA, _msda_graph(1, {"foo": 1}))["problems"])
+    assert any("spatial_shapes" in p for p in plugin_nodes(MSDA, _msda_graph(1, shapes_dtype=TensorProto.INT64))["problems"])
 
 
 def test_double_tensors_found():
@@ -141,18 +148,24 @@ def test_masked_attention_output_shape_rules():
 
 
 def test_msda_launch_geometry():
-    launch = msda_launch((2, 5376, 8, 32), (2, 5376, 8, 3, 4, 2), block_q=64, num_warps=8)
-    assert launch.grid == (84, 16, 1) and launch.block == 256 and launch.scalars == (5376, 5376, 8)
+    from m2f.export.plugin_kernels import aot_launch
+    from m2f.kernels.ms_deform_attn.triton_kernels import AOT_CONFIGS
+
+    dims = [[2, 5376, 8, 32], [3, 2], [3], [2, 5376, 8, 3, 4, 2], [2, 5376, 8, 3, 4]]
+    launch = aot_launch(MSDA, dims, ["float32", "int32", "int32", "float32", "float32"])
+    block_q, num_warps = AOT_CONFIGS["fwd"]["BLOCK_Q"], AOT_CONFIGS["fwd"]["num_warps"]
+    assert launch.grid == (-(-5376 // block_q), 16, 1) and launch.block == 32 * num_warps
+    assert launch.scalars == (5376, 5376, 8) and launch.kernel.constexprs["BLOCK_Q"] == block_q
 
 
 @pytest.mark.skipif(importlib.util.find_spec("m2f.kernels.ms_deform_attn.triton_kernels") is None,
                     reason="the Triton MSDA kernel (msda branch) is not in this build")
 @pytest.mark.parametrize("target", ["sm_90", "sm_87"])
 def test_msda_plugin_kernel_compiles_to_ptx(target):
-    from m2f.export.plugins import compile_msda_plugin_kernel
+    from m2f.export.plugin_kernels import compile_plugin_kernel
 
     for dtype in ("float32", "float16"):
-        kernel = compile_msda_plugin_kernel(target, dtype)
+        kernel = compile_plugin_kernel(MSDA, target, dtype)
         entry = re.search(r"\.entry\s+(\w+)\((.*?)\)", kernel.ptx, re.S)
         assert entry is not None and entry.group(1) == kernel.name == "msda_trt_plugin_kernel"
         # QDP order: 5 input pointers, 3 int32 scalars, the output pointer (+ Triton's trailing scratch pointers)
@@ -265,8 +278,10 @@ def test_manifest_roundtrip(tmp_path):
     assert manifest_path(f) == tmp_path / "a.onnx.json"
     write_manifest(f, full_manifest("onnx", opset=17))
     m = read_manifest(f, kind="onnx")
-    assert m["opset"] == 17 and m["versions"]["torch"] and m["created"].endswith("+00:00")
-    assert m["artifact"] == {"size": 1, "sha256": hashlib.sha256(b"x").hexdigest()}
+    assert m.opset == 17 and m.versions["torch"] and m.created.endswith("+00:00")
+    assert m.artifact == {"size": 1, "sha256": hashlib.sha256(b"x").hexdigest()}
+    assert m.op_mode("msda") == "decomposed" and m.precision == "fp32" and m.target == "onnxruntime"
+    assert read_manifest(f) == m  # frozen, and what is read is what was written
     (tmp_path / "b.onnx.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(InputError, match="not an m2f export manifest"):
         read_manifest(tmp_path / "b.onnx")
@@ -355,34 +370,53 @@ def test_panoptic_semantic_instance_match_torch(seeded):
 
 @pytest.mark.skipif(importlib.util.find_spec("m2f.postprocess") is None,
                     reason="m2f.postprocess (postprocess branch) is not in this build")
-def test_numpy_postprocess_equals_m2f_postprocess(seeded):
-    """The runner's NumPy post-processing against the library's PyTorch one, on a batch with padding and resize."""
-    from m2f import postprocess as tp
-    from m2f.export.runner import postprocess_outputs
+def _dispatch_case(rng: torch.Generator, default_task: str):
+    """Raw outputs of a batch with padding and resize, and a 4-class config trained for ``default_task``."""
+    from m2f.config import Mask2FormerConfig, PostProcessConfig
 
-    rng, seed = seeded
     B, Q, K = 2, 9, 4
     logits = torch.randn(B, Q, K + 1, generator=rng) * 4
     logits[:, :, 1] += 5  # confident queries so that panoptic segments survive the 0.8 threshold
     masks = torch.randn(B, Q, 16, 24, generator=rng) * 3  # padded input 64 x 96
-    image_sizes, original_sizes = [(60, 90), (64, 80)], [(120, 180), (50, 70)]
-    config = {"thing_classes": [1, 3], "default_task": "panoptic",
-              "postprocess": {"instance_topk": 10, "object_mask_threshold": 0.8, "overlap_threshold": 0.8}}
-    args = (logits.numpy(), masks.numpy(), (64, 96))
-    sem = postprocess_outputs(*args, "semantic", config, image_sizes, original_sizes)
-    inst = postprocess_outputs(*args, "instance", config, image_sizes, original_sizes)
-    pan = postprocess_outputs(*args, "panoptic", config, image_sizes, original_sizes)
-    t_sem = tp.semantic(logits, masks, image_sizes, original_sizes, (64, 96))
-    t_inst = tp.instance(logits, masks, image_sizes, original_sizes, (64, 96), topk=10, thing_classes=[1, 3])
-    t_pan = tp.panoptic(logits, masks, image_sizes, original_sizes, (64, 96), thing_classes=[1, 3])
-    for i in range(B):
-        assert np.allclose(sem[i], t_sem[i].probabilities.numpy(), atol=1e-5), f"seed {seed}"
-        assert np.array_equal(sem[i].argmax(0), t_sem[i].labels.numpy()), f"seed {seed}"
-        assert np.array_equal(inst[i].labels, t_inst[i].labels.numpy()), f"seed {seed}"
-        assert np.array_equal(inst[i].query_indices, t_inst[i].query_indices.numpy()), f"seed {seed}"
-        assert np.allclose(inst[i].scores, t_inst[i].scores.numpy(), rtol=1e-5, atol=1e-7), f"seed {seed}"
-        assert np.array_equal(inst[i].masks, t_inst[i].masks.numpy()), f"seed {seed}"
-        assert np.array_equal(pan[i].segmentation, t_pan[i].segmentation.numpy()), f"seed {seed}"
-        assert [(s["id"], s["category_id"], s["isthing"]) for s in pan[i].segments] == \
-            [(s.id, s.label, s.is_thing) for s in t_pan[i].segments], f"seed {seed}"
+    config = Mask2FormerConfig(num_classes=K, thing_classes=(1, 3), default_task=default_task,
+                               postprocess=PostProcessConfig(instance_topk=10))
+    return logits, masks, [(60, 90), (64, 80)], [(120, 180), (50, 70)], config
 
+
+@pytest.mark.parametrize("default_task", ["panoptic", "semantic"])
+def test_runner_postprocessing_follows_the_model_rules(seeded, default_task):
+    """Exported-model runners post-process as `m2f predict` does on PyTorch outputs: semantic-only models infer
+    before resizing (the runner used to resize first, whatever the model), thresholds and thing classes come from
+    the config."""
+    from m2f import postprocess as tp
+    from m2f.export.runner import postprocess_outputs
+
+    rng, seed = seeded
+    logits, masks, image_sizes, original_sizes, config = _dispatch_case(rng, default_task)
+    args = (logits, masks, image_sizes, original_sizes, (64, 96))
+    semantic_only = default_task == "semantic"
+    things = (1, 3) if not semantic_only else None
+    expected = {
+        "semantic": tp.semantic(*args, postprocess_before_inference=not semantic_only),
+        "instance": tp.instance(*args, topk=10, thing_classes=things),
+        "panoptic": tp.panoptic(*args, thing_classes=(1, 3)),
+    }
+    for task, want in expected.items():
+        got = postprocess_outputs(logits.numpy(), masks.numpy(), (64, 96), task, config.to_dict(), image_sizes,
+                                  original_sizes)
+        for g, w in zip(got, want):
+            for name, value in vars(w).items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(getattr(g, name), value), f"{task} {name}, seed {seed}"
+                else:
+                    assert getattr(g, name) == value, f"{task} {name}, seed {seed}"
+
+
+def test_the_onnx_path_imports_no_triton():
+    """Export, check, the target registry and the CLI import without Triton (only plugin_kernels needs it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import m2f.cli, m2f.export.onnx_export, m2f.export.check, m2f.export.targets as t; "
+            "t.names(); sys.exit('triton' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -15,14 +15,14 @@ import torch
 
 from m2f.errors import InputError
 from m2f.export.plugins import (
+    MASKED_ATTN,
     M2F_MASKED_ATTENTION,
     MASKED_ATTENTION_INPUTS,
-    masked_attention_launch,
     masked_attention_output_shape,
 )
 from m2f.kernels.masked_attention.naive import masked_attention_from_logits_torch
 from m2f.kernels.masked_attention.plugin_kernel import masked_attention_plugin
-from tests.utils import fresh_seed, poisoned_like, rel_err
+from tests.utils import poisoned_like, rel_err, save_tiny_checkpoint
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -109,10 +109,10 @@ def test_plugin_launcher_rejects_wrong_layout():
 
 @pytest.mark.parametrize("target", ["sm_90", "sm_87"])
 def test_plugin_kernel_compiles_to_ptx_without_spills(target):
-    from m2f.export.plugins import compile_masked_attention_plugin_kernel
+    from m2f.export.plugin_kernels import compile_plugin_kernel
 
     for dtype in ("float32", "float16", "bfloat16"):
-        kernel = compile_masked_attention_plugin_kernel(target, dtype, head_dim=32)
+        kernel = compile_plugin_kernel(MASKED_ATTN, target, dtype, head_dim=32)
         print(f"{dtype:8s} {kernel.summary()}")
         entry = re.search(r"\.entry\s+(\w+)\((.*?)\)", kernel.ptx, re.S)
         assert entry is not None and entry.group(1) == kernel.name == "masked_attention_plugin_kernel"
@@ -135,10 +135,16 @@ def test_masked_attention_shape_rules_and_launch():
                        ((kv, kv, mask[:2]), "ranks")]:
         with pytest.raises(ValueError, match=match):
             masked_attention_output_shape(q, *bad)
-    launch = masked_attention_launch(q, kv, block_q=32, num_warps=4)
-    assert launch.grid == (16, 4, 1) and launch.block == 128 and launch.scalars == (100, 1024, 8)
+    from m2f.export.plugin_kernels import aot_launch
+    from m2f.kernels.masked_attention.plugin_kernel import plugin_tile
+
+    launch = aot_launch(MASKED_ATTN, [q, kv, kv, mask], ["float32"] * 4)
+    tile = plugin_tile("float32")
+    assert launch.grid == (16, -(-100 // tile.block_q), 1) and launch.block == 32 * tile.num_warps
+    assert launch.scalars == (100, 1024, 8) and launch.kernel.num_stages == tile.num_stages
     assert M2F_MASKED_ATTENTION.attributes == {"plugin_namespace": "m2f", "aot": 1}
-    assert (M2F_MASKED_ATTENTION.op_type, M2F_MASKED_ATTENTION.domain) == ("masked_attention", "m2f")
+    # not "masked_attention": that is the torch op of a bool mask in (B, H, N, D)
+    assert (M2F_MASKED_ATTENTION.op_type, M2F_MASKED_ATTENTION.domain) == ("masked_attention_logits", "m2f")
     assert MASKED_ATTENTION_INPUTS == ("q", "k", "v", "mask_logits")
 
 
@@ -149,21 +155,21 @@ def _masked_graph(attributes: dict | None = None, mask_dtype=TensorProto.FLOAT, 
               helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 24, 4, 8]),
               helper.make_tensor_value_info("mask_logits", mask_dtype, [1, 6, 24])]
     attrs = M2F_MASKED_ATTENTION.attributes if attributes is None else attributes
-    node = helper.make_node("masked_attention", ["q", "k", "v", "mask_logits"], ["out"], name="ma", domain="m2f",
+    node = helper.make_node(M2F_MASKED_ATTENTION.op_type, ["q", "k", "v", "mask_logits"], ["out"], name="ma", domain="m2f",
                             **attrs)
     graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("m2f", 1)])
 
 
 def test_masked_attention_node_checks():
-    from m2f.export.check import masked_attention_plugin_nodes
+    from m2f.export.check import plugin_nodes
 
-    info = masked_attention_plugin_nodes(_masked_graph())
+    info = plugin_nodes(MASKED_ATTN, _masked_graph())
     assert info["count"] == 1 and info["problems"] == [] and info["nodes"][0]["dtype"] == "FLOAT"
-    assert any("attributes" in p for p in masked_attention_plugin_nodes(_masked_graph({"aot": 1}))["problems"])
+    assert any("attributes" in p for p in plugin_nodes(MASKED_ATTN, _masked_graph({"aot": 1}))["problems"])
     assert any("one dtype" in p for p in
-               masked_attention_plugin_nodes(_masked_graph(mask_dtype=TensorProto.FLOAT16))["problems"])
-    assert any("rank 3, expected 4" in p for p in masked_attention_plugin_nodes(_masked_graph(q_rank=3))["problems"])
+               plugin_nodes(MASKED_ATTN, _masked_graph(mask_dtype=TensorProto.FLOAT16))["problems"])
+    assert any("rank 3, expected 4" in p for p in plugin_nodes(MASKED_ATTN, _masked_graph(q_rank=3))["problems"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,34 +180,9 @@ HEIGHT, WIDTH = 64, 96  # levels 1/32, 1/16, 1/8: 2x3, 4x6, 8x12 keys
 LEVEL_KEYS = (6, 24, 96)
 
 
-def _tiny_model(seed: int) -> torch.nn.Module:
-    import m2f
-    from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
-
-    torch.manual_seed(seed)
-    config = Mask2FormerConfig(
-        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=(16, 32, 32, 64)),
-        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=2, num_heads=4, ffn_dim=64),
-        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=7, num_heads=4, ffn_dim=64,
-                                                     num_layers=4),
-        num_classes=3,
-    )
-    model = m2f.build_model(config, backend="torch").eval()
-    with torch.no_grad():  # off the init values (zero biases would hide layout mistakes); some empty masks
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        model.transformer_decoder.mask_embed.layers[-1].bias[0] -= 2.0
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    import m2f
-
-    seed = fresh_seed("tiny_checkpoint")
-    path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    m2f.save_pretrained(_tiny_model(seed), path)
-    return path, seed
+    return save_tiny_checkpoint(tmp_path_factory, "tiny_checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -223,9 +204,9 @@ def test_tensorrt_target_graph_has_one_plugin_node_per_attention_call(tensorrt_t
 
     path, seed = tensorrt_target_export
     manifest = json.loads(path.with_name(path.name + ".json").read_text())
-    assert (manifest["msda"], manifest["masked_attn"]) == ("plugin", "plugin")
-    assert manifest["masked_attention_nodes"] == manifest["expected_masked_attention_nodes"] == 4
-    assert manifest["plugin_nodes"] == manifest["expected_plugin_nodes"] == 2
+    assert manifest["target"] == "tensorrt"
+    assert manifest["ops"] == {"msda": {"mode": "plugin", "nodes": 2, "expected_nodes": 2},  # one per encoder layer
+                               "masked_attn": {"mode": "plugin", "nodes": 4, "expected_nodes": 4}}  # decoder layer
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     msda = [n for n in proto.graph.node if n.op_type == TRT_MSDA.op_type]
@@ -248,7 +229,7 @@ def test_tensorrt_target_graph_has_one_plugin_node_per_attention_call(tensorrt_t
     code = main(["export", "check", str(path)])
     printed = capsys.readouterr().out
     assert code == 0 and "2 MultiscaleDeformableAttnPlugin_TRT nodes" in printed and \
-        "4 masked_attention nodes" in printed, printed
+        "4 masked_attention_logits nodes" in printed, printed
 
 
 def _static_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, list[int]]]:
@@ -267,12 +248,13 @@ def test_check_report_lists_both_plugin_kinds(tensorrt_target_export, tmp_path):
 
     path, _ = tensorrt_target_export
     report = check_onnx(path, report=tmp_path / "report.json")
-    assert report["verdict"] == "pass", report["reasons"]
-    assert report["masked_attention_plugins"]["count"] == 4 and report["masked_attention_plugins"]["problems"] == []
-    assert report["plugins"]["count"] == 2 and report["plugins"]["problems"] == []
-    assert report["tensorrt"]["plugin_ops"] == {"m2f::masked_attention": 4,
-                                                "trt.plugins::MultiscaleDeformableAttnPlugin_TRT": 2}
-    assert "m2f::masked_attention" in report["parity"]["skipped"] and report["manifest"]["masked_attn"] == "plugin"
+    assert report.verdict == "pass", report.reasons
+    assert report.plugins["masked_attn"]["count"] == 4 and report.plugins["masked_attn"]["problems"] == []
+    assert report.plugins["msda"]["count"] == 2 and report.plugins["msda"]["problems"] == []
+    assert report.targets["tensorrt"]["plugin_ops"] == {"m2f::masked_attention_logits": 4,
+                                                       "trt.plugins::MultiscaleDeformableAttnPlugin_TRT": 2}
+    assert "m2f::masked_attention_logits" in report.parity["skipped"]
+    assert report.manifest["ops"]["masked_attn"]["mode"] == "plugin" and report.target == "tensorrt"
     assert json.loads((tmp_path / "report.json").read_text())["verdict"] == "pass"
 
 
@@ -303,7 +285,7 @@ def _reference_function() -> onnx.FunctionProto:
         helper.make_node("MatMul", ["p", "vt"], ["o"]),  # (B, H, Nq, D)
         helper.make_node("Transpose", ["o"], ["output"], perm=[0, 2, 1, 3]),  # (B, Nq, H, D)
     ]
-    return helper.make_function("m2f", "masked_attention", list(MASKED_ATTENTION_INPUTS), ["output"], nodes,
+    return helper.make_function("m2f", M2F_MASKED_ATTENTION.op_type, list(MASKED_ATTENTION_INPUTS), ["output"], nodes,
                                 [helper.make_opsetid("", 18)], attributes=["plugin_namespace", "aot"])
 
 
@@ -316,19 +298,21 @@ def test_plugin_graph_computes_the_model_in_onnxruntime(tiny_checkpoint, tmp_pat
     from m2f.export import to_onnx
     from m2f.export.check import CheckSize, run_parity
     from m2f.export.onnx_export import OnnxExportModule
+    from m2f.export.targets.onnxruntime import OnnxRuntimeRunner
 
     ckpt, seed = tiny_checkpoint
     model = m2f.from_pretrained(str(ckpt), backend="torch", device="cpu").eval()
     path = tmp_path / "masked_plugin.onnx"
     result = to_onnx(model, path, height=HEIGHT, width=WIDTH, msda="decomposed", masked_attn="plugin")
-    assert result.manifest["masked_attention_nodes"] == 4 and result.manifest["msda"] == "decomposed"
+    assert result.manifest.ops["masked_attn"].nodes == 4 and result.manifest.op_mode("msda") == "decomposed"
     proto = onnx.load(str(path))
-    assert sum(n.op_type == "masked_attention" for n in proto.graph.node) == 4
+    assert sum(n.op_type == M2F_MASKED_ATTENTION.op_type for n in proto.graph.node) == 4
     proto.functions.append(_reference_function())
     with_reference = tmp_path / "with_reference.onnx"
     onnx.save(proto, with_reference)
     module = OnnxExportModule(model).eval()
-    runs = run_parity(with_reference, module, [CheckSize(1, HEIGHT, WIDTH)], ["pred_logits", "pred_masks"])
+    runs = run_parity(OnnxRuntimeRunner(with_reference), module, [CheckSize(1, HEIGHT, WIDTH)],
+                      ["pred_logits", "pred_masks"])
     for name, entry in runs[0]["outputs"].items():
         print(f"{name}: rel_err {entry['rel_err']:.2e} (unstable draws skipped: {runs[0]['unstable_draws_skipped']})")
         assert entry["finite"] and entry["rel_err"] <= 1e-4, (name, entry, f"model seed {seed}", runs[0]["seed"])
@@ -341,10 +325,11 @@ def test_plugin_graph_computes_the_model_in_onnxruntime(tiny_checkpoint, tmp_pat
 
 def test_cli_masked_attn_flag(tmp_path, capsys):
     from m2f.cli import main
-    from m2f.cli.export import MASKED_ATTN_DEFAULT_FOR_TARGET
+    from m2f.export import targets
     from m2f.export.onnx_export import validate_export_args
 
-    assert MASKED_ATTN_DEFAULT_FOR_TARGET == {"onnxruntime": "standard", "tensorrt": "plugin"}
+    assert {t.name: t.op_modes["masked_attn"] for t in targets.all_targets()} == {
+        "onnxruntime": "standard", "tensorrt": "plugin", "openvino": "standard"}
     code = main(["export", "onnx", "--checkpoint", str(tmp_path / "c"), "--output", str(tmp_path / "m.onnx"),
                  "--masked-attn", "fused"])
     err = capsys.readouterr().err
@@ -352,8 +337,10 @@ def test_cli_masked_attn_flag(tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("m2f: error: ") and "--masked-attn" in lines[0], err
     assert "'standard', 'plugin'" in lines[0] and list(tmp_path.iterdir()) == []
     with pytest.raises(InputError, match="--masked-attn"):
-        validate_export_args(64, 64, 1, 18, "decomposed", "none", masked_attn="Plugin")
-    validate_export_args(64, 64, 1, 18, "decomposed", "none", masked_attn="plugin")
+        validate_export_args(64, 64, 1, 18, "none", masked_attn="Plugin")
+    assert validate_export_args(64, 64, 1, 18, "none", masked_attn="plugin") == {"msda": "decomposed",
+                                                                                 "masked_attn": "plugin"}
+    assert validate_export_args(64, 64, 1, 18, "none", "tensorrt") == {"msda": "plugin", "masked_attn": "plugin"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,7 +364,7 @@ def test_tensorrt_engine_with_masked_attention_plugin(tiny_checkpoint, precision
     engine = build_engine(plugin, tmp_path / "p.engine", precision=precision, min_shape=(1, 3, 64, 64),
                           opt_shape=(1, 3, HEIGHT, WIDTH), max_shape=(2, 3, 128, 128))
     manifest = json.loads(Path(str(engine) + ".json").read_text())
-    assert manifest["masked_attn"] == "plugin" and manifest["m2f_plugin_nodes"] == 6
+    assert manifest["ops"]["masked_attn"]["mode"] == "plugin" and manifest["m2f_plugin_nodes"] == 6
     session = ort.InferenceSession(str(standard), providers=["CPUExecutionProvider"])
     with TensorRTRunner(engine) as runner:
         for shape in ((1, 3, HEIGHT, WIDTH), (2, 3, 128, 96)):
@@ -393,7 +380,7 @@ def test_registration_without_tensorrt_is_a_clear_error(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # absent, even where TensorRT (or only its stubs) is installed
     from m2f.errors import BackendUnavailableError
-    from m2f.export.plugins import register_tensorrt_plugins
+    from m2f.export.plugin_kernels import register_tensorrt_plugins
 
     with pytest.raises(BackendUnavailableError, match="TensorRT"):
         register_tensorrt_plugins()

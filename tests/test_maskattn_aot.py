@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m2f.kernels.aot import KernelSpec, compile_many
+from m2f.kernels.aot import compile_many
 from m2f.kernels.masked_attention import triton_kernels as tk
 
 pytest.importorskip("triton")
@@ -19,11 +19,9 @@ CASES = [("sm_90", torch.bfloat16, torch.float32), ("sm_90", torch.float32, torc
 def test_every_kernel_compiles_for_sm90_and_sm87():
     keys, specs = [], []
     for target, dtype, mask_dtype in CASES:
-        for s in tk.aot_specs(dtype, mask_dtype, head_dim=32):
-            keys.append((s["name"], target, str(dtype).replace("torch.", ""), str(mask_dtype).replace("torch.", "")))
-            specs.append(KernelSpec(s["fn"], s["signature"], s["constexprs"], target=target,
-                                    num_warps=s["num_warps"], num_stages=s["num_stages"],
-                                    divisible_by_16=tuple(s["divisible"])))
+        for name, spec in tk.aot_specs(dtype, mask_dtype, head_dim=32).items():
+            keys.append((name, target, str(dtype).replace("torch.", ""), str(mask_dtype).replace("torch.", "")))
+            specs.append(spec.for_target(target))
     built = compile_many(specs)
     print()
     for (name, target, dtype, mask), k in zip(keys, built):

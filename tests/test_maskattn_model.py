@@ -7,7 +7,7 @@ import torch
 from m2f.config import TransformerDecoderConfig
 from m2f.transformer_decoder import MultiScaleMaskedTransformerDecoder
 from tests.test_pixel_decoder import perturb_
-from tests.utils import rel_err
+from tests.utils import rel_err, tiny_config
 
 # The kernels run on the GPU where there is one, else in the interpreter on the CPU (tests/conftest.py).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,16 +82,9 @@ def tiny_model_pair(gen: torch.Generator):
     """A tiny random Mask2Former built with backend "torch" and the same weights with backend "triton" (both
     attention kernels: deformable attention in the pixel decoder, masked attention in the transformer decoder)."""
     import m2f
-    from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig
 
     torch.manual_seed(gen.seed_value)
-    config = Mask2FormerConfig(
-        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=(32, 32, 64, 64)),
-        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=1, num_heads=4, ffn_dim=64),
-        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=6, num_heads=4, ffn_dim=64,
-                                                     num_layers=3),
-        num_classes=3,
-    )
+    config = tiny_config(hidden_sizes=(32, 32, 64, 64), encoder_layers=1, queries=6, decoder_layers=3)
     ref = m2f.build_model(config, backend="torch").eval()
     perturb_(ref, gen)
     attn = ref.pixel_decoder.transformer.encoder.layers[0].self_attn

@@ -304,14 +304,14 @@ def _producer(path: Path) -> str:
 
 def _assert_pair_refused(path: Path, capsys, needle: str) -> None:
     """Every manifest reader refuses the pair in one line: check, triton-repo, tensorrt build, eval."""
-    from m2f.cli.eval import _onnx_config
+    from m2f.cli.exported import exported_config
     from m2f.export.tensorrt_build import build_engine
 
     for argv in (["export", "check", str(path)],
                  ["export", "triton-repo", "--model", str(path), "--output", str(path.parent / "repo")]):
         code, err = _cli(capsys, argv)
         _assert_one_line_error(code, err, needle, "re-export")
-    for read in (lambda: build_engine(path, path.with_suffix(".engine")), lambda: _onnx_config(path, None)):
+    for read in (lambda: build_engine(path, path.with_suffix(".engine")), lambda: exported_config(path, None)):
         with pytest.raises(InputError, match=needle):
             read()
     assert not (path.parent / "repo").exists() and not path.with_suffix(".engine").exists()
@@ -322,8 +322,8 @@ def test_manifest_records_the_model_and_check_accepts_the_pair(tmp_path, export)
     result = export(path, "first")
     manifest = json.loads(manifest_path(path).read_text())
     assert manifest["format"] == MANIFEST_FORMAT and manifest["artifact"]["size"] == path.stat().st_size
-    assert result.manifest["artifact"] == manifest["artifact"] and len(manifest["artifact"]["sha256"]) == 64
-    assert read_manifest(path, kind="onnx")["artifact"] == manifest["artifact"]
+    assert result.manifest.artifact == manifest["artifact"] and len(manifest["artifact"]["sha256"]) == 64
+    assert read_manifest(path, kind="onnx").artifact == manifest["artifact"]
     assert _tree(tmp_path) == {"m.onnx", "m.onnx.json"}
 
 

@@ -5,6 +5,7 @@ import hashlib
 import os
 import re
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -86,13 +87,14 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 
 
-def full_manifest(kind: str = "onnx", batch: int = 1, height: int = 64, width: int = 64, **fields) -> dict:
+def full_manifest(kind: str = "onnx", batch: int = 1, height: int = 64, width: int = 64, **fields):
     """An export manifest with every field its readers check (as `m2f export` writes it), ``fields`` overriding;
     ``write_manifest`` adds the model's checksum."""
     from m2f.export.manifest import new_manifest
 
     per_kind = {
-        "onnx": {"opset": 18, "dtype": "float32", "msda": "decomposed", "masked_attn": "standard", "postprocess": "none"},
+        "onnx": {"opset": 18, "ops": {"msda": {"mode": "decomposed", "nodes": 0, "expected_nodes": None},
+                                      "masked_attn": {"mode": "standard", "nodes": 0, "expected_nodes": None}}},
         "tensorrt": {"max_batch": batch, "precision": "fp16", "plugins": "none"},
     }[kind]
     defaults = {
@@ -102,6 +104,44 @@ def full_manifest(kind: str = "onnx", batch: int = 1, height: int = 64, width: i
         **per_kind,
     }
     return new_manifest(kind, batch=batch, height=height, width=width, **{**defaults, **fields})
+
+
+def tiny_config(hidden_sizes=(16, 32, 32, 64), encoder_layers: int = 2, queries: int = 7, decoder_layers: int = 4):
+    """A small ResNet Mask2Former config (3 classes, 4 heads, 32 channels)."""
+    from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
+
+    return Mask2FormerConfig(
+        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=tuple(hidden_sizes)),
+        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=encoder_layers, num_heads=4,
+                                         ffn_dim=64),
+        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=queries, num_heads=4, ffn_dim=64,
+                                                     num_layers=decoder_layers),
+        num_classes=3,
+    )
+
+
+def tiny_model(seed: int) -> torch.nn.Module:
+    """:func:`tiny_config`'s model with weights moved off their init values (zero biases would hide layout
+    mistakes) and some empty masks."""
+    import m2f
+
+    torch.manual_seed(seed)
+    model = m2f.build_model(tiny_config(), backend="torch").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.transformer_decoder.mask_embed.layers[-1].bias[0] -= 2.0
+    return model
+
+
+def save_tiny_checkpoint(tmp_path_factory, key: str) -> tuple[Path, int]:
+    """:func:`tiny_model` saved as an m2f checkpoint directory; (its path, the seed), the seed drawn for ``key``."""
+    import m2f
+
+    seed = fresh_seed(key)
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    m2f.save_pretrained(tiny_model(seed), path)
+    return path, seed
 
 
 def off_kink_locations(shapes, size: tuple[int, int, int, int], generator: torch.Generator, margin: float = 0.2,

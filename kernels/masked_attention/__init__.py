@@ -2,10 +2,10 @@
 
 ``naive.py`` holds the plain-PyTorch reference; ``triton_kernels.py`` the fused Triton kernels (the mask, bool or
 logits, packed to bits by a pre-pass that also applies the empty-row rule; split-KV flash attention; FA2-style
-backward; see its header); ``op.py`` their ``torch.library`` ops
-(``m2f::masked_attention``, ``m2f::masked_attention_from_logits``) with fake kernels and autograd; ``lowres.py``
-mask logits computed directly at the keys' resolution; ``plugin_kernel.py`` a single-kernel forward (mask logits
-read in place, empty-row rule inside) for the TensorRT plugin, which can launch only one kernel.
+backward; see its header); ``op.py`` their ``torch.library`` ops (``m2f::masked_attention``: bool mask, (B, H, N, D);
+``m2f::masked_attention_from_logits``) with fake kernels and autograd; ``plugin_kernel.py`` a single-kernel
+forward (mask logits read in place, empty-row rule inside) for the TensorRT plugin ``m2f::masked_attention_logits``
+((B, N, H, D), see m2f.export.plugins), which can launch only one kernel.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 from m2f.errors import InputError
 
 from .._backend import resolve_backend
-from .lowres import lowres_mask_logits, official_mask_logits, resize_mask_features
 from .naive import masked_attention_from_logits_torch, masked_attention_torch, normalize_allow
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -116,7 +115,4 @@ __all__ = [
     "masked_attention_torch",
     "masked_attention_from_logits_torch",
     "normalize_allow",
-    "lowres_mask_logits",
-    "official_mask_logits",
-    "resize_mask_features",
 ]

@@ -38,9 +38,9 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreter_enabled
+from ..common import DTYPE_NAMES, ITEMSIZE, LOG2E, TRITON_TYPES, block_d
 
 INTERPRET = triton_interpreter_enabled()
-LOG2E = 1.4426950408889634
 
 # Reductions through tl.reduce with the standard combine functions (as in triton_kernels.py): the same compiled
 # code as tl.max / tl.sum, without the interpreter's cost of a nested @jit call per tile.
@@ -177,13 +177,7 @@ def masked_attention_plugin_kernel(
 # Compile-time parameters (shared by the Python launcher and the TensorRT plugin's ahead-of-time build)
 # ---------------------------------------------------------------------------------------------------------------
 
-_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _TL_DTYPES = {"float32": tl.float32, "float16": tl.float16, "bfloat16": tl.bfloat16}
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def block_d(head_dim: int) -> int:
-    return max(16, 1 << max(0, (head_dim - 1).bit_length()))
 
 
 def _dot_dtype(dtype: str, interpret: bool):
@@ -202,7 +196,7 @@ def plugin_constexprs(head_dim: int, dtype: str, tile: PluginTile | None = None,
     tile = tile or plugin_tile(dtype)
     return {
         "QK_SCALE": LOG2E / math.sqrt(head_dim), "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim),
-        "ROW_ALIGNED": head_dim * _ITEMSIZE[dtype] % 16 == 0,
+        "ROW_ALIGNED": head_dim * ITEMSIZE[dtype] % 16 == 0,
         "DOT_PRECISION": "ieee" if dtype == "float32" else "tf32",  # the latter only matters for float32
         "DOT_DTYPE": _dot_dtype(dtype, interpret),
         "BLOCK_Q": tile.block_q, "BLOCK_K": tile.block_k, "SCAN_K": tile.scan_k, "SKIP_EMPTY": tile.skip_empty,
@@ -211,8 +205,8 @@ def plugin_constexprs(head_dim: int, dtype: str, tile: PluginTile | None = None,
 
 def plugin_signature(dtype: str, mask_dtype: str | None = None) -> dict[str, str]:
     """Triton signature in the QDP order: 4 input pointers, 3 int32 scalars, the output pointer, constexprs."""
-    t = "*" + _TRITON_TYPES[dtype]
-    m = "*" + _TRITON_TYPES[mask_dtype or dtype]
+    t = "*" + TRITON_TYPES[dtype]
+    m = "*" + TRITON_TYPES[mask_dtype or dtype]
     consts = ("QK_SCALE", "HEAD_DIM", "BLOCK_D", "ROW_ALIGNED", "DOT_PRECISION", "DOT_DTYPE", "BLOCK_Q", "BLOCK_K",
               "SCAN_K", "SKIP_EMPTY")
     return {"Q": t, "K": t, "V": t, "MASK": m, "n_q": "i32", "n_k": "i32", "num_heads": "i32", "OUT": t,
@@ -229,7 +223,6 @@ def plugin_grid(batch, num_heads, n_q, block_q: int, cdiv=None) -> tuple:
 # Python launcher (tests; the same kernel TensorRT runs)
 # ---------------------------------------------------------------------------------------------------------------
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def masked_attention_plugin(
@@ -246,14 +239,14 @@ def masked_attention_plugin(
     if k.shape != (B, n_k, H, D) or v.shape != k.shape or mask_logits.shape != (B, n_q, n_k):
         raise ValueError(f"shapes do not fit the plugin layout: q {tuple(q.shape)} (B, Nq, H, D), k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)} (B, Nk, H, D), mask {tuple(mask_logits.shape)} (B, Nq, Nk)")
-    if q.dtype not in _DTYPE_NAMES or not (q.dtype == k.dtype == v.dtype) or not mask_logits.is_floating_point():
+    if q.dtype not in DTYPE_NAMES or not (q.dtype == k.dtype == v.dtype) or not mask_logits.is_floating_point():
         raise ValueError(f"q, k, v must share float32 / float16 / bfloat16, mask a float dtype; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}, {mask_logits.dtype}")
     q, k, v, mask_logits = (t.contiguous() for t in (q, k, v, mask_logits))
     out = torch.empty_like(q) if out is None else out
     if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
-    dtype = _DTYPE_NAMES[q.dtype]
+    dtype = DTYPE_NAMES[q.dtype]
     tile = tile or (INTERPRETER_TILE if INTERPRET else plugin_tile(dtype))
     consts = plugin_constexprs(D, dtype, tile, interpret=INTERPRET)
     consts["ROW_ALIGNED"] = consts["ROW_ALIGNED"] and all(t.data_ptr() % 16 == 0 for t in (q, k, v, out))

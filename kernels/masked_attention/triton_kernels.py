@@ -60,9 +60,10 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreter_enabled
+from ..aot import KernelSpec
+from ..common import DTYPE_NAMES, LOG2E, TRITON_TYPES, block_d
 
 INTERPRET = triton_interpreter_enabled()
-LOG2E = 1.4426950408889634
 
 # Key-split granularity and the smallest split worth a program on a GPU; tiny under the interpreter so that the
 # tests reach the split path with small shapes.
@@ -579,10 +580,6 @@ def scratch_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t)
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"  # tf32 would only matter for float32
 
@@ -642,7 +639,7 @@ def new_output(q: torch.Tensor) -> torch.Tensor:
 
 def _consts(dtype: torch.dtype, head_dim: int) -> dict:
     return dict(DOT_PRECISION=_dot_precision(dtype), DOT_DTYPE=_dot_dtype(dtype), HEAD_DIM=head_dim,
-                BLOCK_D=_block_d(head_dim))
+                BLOCK_D=block_d(head_dim))
 
 
 def masked_attention_fwd(
@@ -680,7 +677,7 @@ def masked_attention_fwd(
     lse = scratch((B, H, n_q), stats_dtype(q.dtype), q.device)
     _merge_kernel[(triton.cdiv(n_q, SMALL_BLOCK_Q), B * H)](
         o_buf, lse_buf, out, lse, *out.stride(), H, n_q, n_splits,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_Q=SMALL_BLOCK_Q, num_warps=1 if INTERPRET else 4,
+        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_Q=SMALL_BLOCK_Q, num_warps=1 if INTERPRET else 4,
     )
     return out, lse
 
@@ -704,7 +701,7 @@ def masked_attention_bwd(
     delta = scratch((B, H, n_q), stats_dtype(q.dtype), q.device)
     _bwd_delta_kernel[(triton.cdiv(n_q, SMALL_BLOCK_Q), B * H)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, n_q,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_Q=SMALL_BLOCK_Q, num_warps=1 if INTERPRET else 4,
+        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_Q=SMALL_BLOCK_Q, num_warps=1 if INTERPRET else 4,
     )
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *_bits_strides(bits))
     scales = (LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
@@ -748,17 +745,17 @@ def _launch(kernel, tuned, grid, args, consts, config):
 # Ahead-of-time compilation specs (tests, TensorRT plugins)
 # ---------------------------------------------------------------------------------------------------------------
 
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_PTR = {dtype: "*" + TRITON_TYPES[name] for dtype, name in DTYPE_NAMES.items()}
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_mk", "stride_od", "stride_gd", "stride_dkd",
                  "stride_dvd", "stride_dd")
 _SCALARS = ("qk_scale", "sm_scale")
 
 
 def aot_specs(dtype: torch.dtype = torch.float16, mask_dtype: torch.dtype | None = None, head_dim: int = 32,
-              configs: dict | None = None) -> list[dict]:
-    """Every kernel of the op as ``m2f.kernels.aot.compile_for`` arguments (name, fn, signature, constexprs,
-    num_warps, num_stages), plus ``divisible``: the integer and pointer arguments Triton would mark divisible by
-    16 at a launch on contiguous tensors whose sizes are multiples of 16 (Nq excepted: 100 / 200 in the presets).
+              configs: dict | None = None) -> dict[str, KernelSpec]:
+    """Every kernel of the op by name, as an ``m2f.kernels.aot.KernelSpec`` (for sm_90; ``.for_target`` for
+    others) whose ``divisible_by_16`` lists the integer and pointer arguments Triton would mark divisible by 16 at
+    a launch on contiguous tensors whose sizes are multiples of 16 (Nq excepted: 100 / 200 in the presets).
 
     Inner strides (head dim, key dim of the mask) are 1, as Triton specialises them at launch. ``configs`` maps
     "fwd" / "dkdv" / "dq" to a (BLOCK_Q, BLOCK_K, SKIP_EMPTY, warps, stages) tuple; default: the first GPU config
@@ -770,7 +767,7 @@ def aot_specs(dtype: torch.dtype = torch.float16, mask_dtype: torch.dtype | None
     t = _PTR[dtype]
     m = "*u8" if mask_dtype == torch.bool else _PTR[mask_dtype]
     base = dict(DOT_PRECISION=_dot_precision(dtype), DOT_DTYPE=_TL_DTYPES[dtype], HEAD_DIM=head_dim,
-                BLOCK_D=_block_d(head_dim))
+                BLOCK_D=block_d(head_dim))
 
     def tile(kind):
         bq, bk, skip, w, s = pick[kind]
@@ -792,15 +789,14 @@ def aot_specs(dtype: torch.dtype = torch.float16, mask_dtype: torch.dtype | None
                 sig[arg] = "i32"
                 if arg not in ("n_q", "mask_heads", "n_heads", "n_splits"):
                     divisible.append(arg)
-        return dict(name=name, fn=fn, signature=sig, constexprs=consts, num_warps=warps, num_stages=stages,
-                    divisible=divisible)
+        return name, KernelSpec(fn, sig, consts, num_warps=warps, num_stages=stages, divisible_by_16=tuple(divisible))
 
     fwd, fw, fs = tile("fwd")
     dkdv, kw, ks = tile("dkdv")
     dq, qw, qs = tile("dq")
-    small = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_Q=64)
+    small = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_Q=64)
     attn = dict(Q=t, K=t, V=t, BITS="*i32")
-    return [
+    return dict([
         spec("pack_mask", _pack_mask_kernel, dict(MASK=m, BITS="*i32"),
              dict(MASK_IS_LOGITS=mask_dtype != torch.bool, BLOCK_R=1, BLOCK_W=64), 4, 1),
         spec("fwd", _fwd_kernel, dict(attn, OUT=t, LSE="*fp32"), {**base, **fwd}, fw, fs),
@@ -811,7 +807,7 @@ def aot_specs(dtype: torch.dtype = torch.float16, mask_dtype: torch.dtype | None
              {**base, **dkdv}, kw, ks),
         spec("bwd_dq_split", _bwd_dq_kernel, dict(attn, DO=t, LSE="*fp32", DELTA="*fp32", DQ="*fp32"),
              {**base, **dq}, qw, qs),
-    ]
+    ])
 
 
 def _arg_names(fn) -> list[str]:

@@ -11,20 +11,23 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
+from ..common import TRITON_TYPES
+
 DTYPES = ("float32", "float16", "bfloat16")
 TARGETS = ("sm_90", "sm_87")
-_TRITON_TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # Mask2Former's pixel decoder: 3 levels (res3..res5), 4 points, 8 heads x 32 channels.
 MASK2FORMER_SHAPE = {"NUM_LEVELS": 3, "NUM_POINTS": 4, "HEAD_DIM": 32, "BLOCK_D": 32}
 
 
-def kernel_spec(kind: str, dtype: str, loc_dtype: str | None = None) -> tuple[Any, dict[str, str], dict[str, Any], int]:
-    """(kernel, signature, constexprs, num_warps) of the ``kind`` ("fwd" / "bwd") kernel for value ``dtype``;
-    locations and weights in ``loc_dtype`` (default: value's dtype). Spatial shapes / starts as int64."""
+def kernel_spec(kind: str, dtype: str, loc_dtype: str | None = None) -> Any:
+    """The ``m2f.kernels.aot.KernelSpec`` (for sm_90; ``.for_target`` for others) of the ``kind`` ("fwd" / "bwd")
+    kernel for value ``dtype``; locations and weights in ``loc_dtype`` (default: value's dtype). Spatial shapes /
+    starts as int64."""
+    from ..aot import KernelSpec
     from .triton_kernels import AOT_CONFIGS, ms_deform_attn_bwd_kernel, ms_deform_attn_fwd_kernel
 
-    v = "*" + _TRITON_TYPE[dtype]
-    loc = "*" + _TRITON_TYPE[loc_dtype or dtype]
+    v = "*" + TRITON_TYPES[dtype]
+    loc = "*" + TRITON_TYPES[loc_dtype or dtype]
     ints = {"num_keys": "i32", "num_queries": "i32", "num_heads": "i32"}
     consts = {name: "constexpr"
               for name in ("NUM_LEVELS", "NUM_POINTS", "HEAD_DIM", "BLOCK_D", "ROW_ALIGNED", "BLOCK_Q")}
@@ -40,22 +43,20 @@ def kernel_spec(kind: str, dtype: str, loc_dtype: str | None = None) -> tuple[An
         raise ValueError(f"unknown kernel kind {kind!r}; choose fwd or bwd")
     config = AOT_CONFIGS[kind]
     constexprs = {**MASK2FORMER_SHAPE, "ROW_ALIGNED": True, "BLOCK_Q": config["BLOCK_Q"]}
-    return kernel, {**ptrs, **ints, **consts}, constexprs, config["num_warps"]
+    return KernelSpec(kernel, {**ptrs, **ints, **consts}, constexprs, num_warps=config["num_warps"], num_stages=1)
 
 
 def compile_all(targets: Sequence[str] = TARGETS, dtypes: Sequence[str] = DTYPES) -> list[tuple[str, str, Any]]:
     """Every (kernel, dtype, target) compiled ahead of time: (kind "fwd" / "bwd", value dtype,
     ``m2f.kernels.aot.CompiledKernel``) for each."""
-    from ..aot import KernelSpec, compile_many
+    from ..aot import compile_many
 
     keys, specs = [], []
     for target in targets:
         for dtype in dtypes:
             for kind in ("fwd", "bwd"):
-                kernel, signature, constexprs, num_warps = kernel_spec(kind, dtype)
                 keys.append((kind, dtype))
-                specs.append(KernelSpec(kernel, signature, constexprs, target=target, num_warps=num_warps,
-                                        num_stages=1))
+                specs.append(kernel_spec(kind, dtype).for_target(target))
     return [(kind, dtype, built) for (kind, dtype), built in zip(keys, compile_many(specs))]
 
 

@@ -26,7 +26,6 @@ from torch import Tensor
 from m2f.config import ConfigFieldError, ResNetConfig, SwinConfig
 from m2f.errors import CheckpointError, M2FError
 
-from . import build_backbone
 from .swin import relative_position_index
 
 HF_STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -74,14 +73,14 @@ def backbone_config_from_hf(backbone_config: dict) -> ResNetConfig | SwinConfig:
     """
     if not isinstance(backbone_config, dict):
         raise CheckpointError(f"backbone_config must be a JSON object, got {type(backbone_config).__name__}")
+    from . import BACKBONES  # the registry imports this module
+
     model_type = backbone_config.get("model_type")
-    if model_type == "resnet":
-        return _resnet_config_from_hf(backbone_config)
-    if model_type == "swin":
-        return _swin_config_from_hf(backbone_config)
+    if model_type in BACKBONES:
+        return BACKBONES[model_type].config_from_hf(backbone_config)
     raise CheckpointError(
-        f"backbone_config.model_type {model_type!r} is not supported: m2f builds 'resnet' and 'swin' backbones "
-        "(convert a checkpoint that uses one of those)"
+        f"backbone_config.model_type {model_type!r} is not supported: m2f builds {', '.join(map(repr, BACKBONES))} "
+        "backbones (convert a checkpoint that uses one of those)"
     )
 
 
@@ -125,14 +124,19 @@ _HF_SWIN_NAMES = {
 }
 
 
-def _resnet_config_from_hf(bc: dict) -> ResNetConfig:
+def _check_stages_channels_activation(bc: dict, defaults: dict, model_type: str, activation: str, origin: str) -> None:
+    """What every HF backbone must have for m2f: the four stages out, RGB input, the one activation we build."""
+    _check_out_features(bc, model_type)
+    if _option(bc, defaults, "num_channels") != 3:
+        raise _reject(model_type, "num_channels", bc["num_channels"], "m2f takes RGB images (3 channels)")
+    act = _option(bc, defaults, "hidden_act")
+    if act != activation:
+        raise _reject(model_type, "hidden_act", act, f"only {activation!r} is implemented ({origin})")
+
+
+def resnet_config_from_hf(bc: dict) -> ResNetConfig:
     d = _HF_RESNET_DEFAULTS
-    _check_out_features(bc, "resnet")
-    if _option(bc, d, "num_channels") != 3:
-        raise _reject("resnet", "num_channels", bc["num_channels"], "m2f takes RGB images (3 channels)")
-    act = _option(bc, d, "hidden_act")
-    if act != "relu":
-        raise _reject("resnet", "hidden_act", act, "only 'relu' is implemented (as in detectron2's ResNet)")
+    _check_stages_channels_activation(bc, d, "resnet", "relu", "as in detectron2's ResNet")
     if _option(bc, d, "downsample_in_first_stage"):
         raise _reject(
             "resnet", "downsample_in_first_stage", True,
@@ -156,6 +160,28 @@ def _resnet_config_from_hf(bc: dict) -> ResNetConfig:
         raise exc.renamed(_HF_RESNET_NAMES, "") from None
 
 
+def resnet_config_to_hf(bb: ResNetConfig, out_features: list[str]) -> Any:
+    """The ``transformers.ResNetConfig`` of the same network (benchmarks share weights with HF through it)."""
+    import transformers
+
+    return transformers.ResNetConfig(
+        embedding_size=bb.stem_channels, hidden_sizes=list(bb.hidden_sizes), depths=list(bb.depths),
+        layer_type=bb.block, hidden_act="relu", downsample_in_first_stage=False,
+        downsample_in_bottleneck=bb.stride_in_1x1, out_features=out_features,
+    )
+
+
+def swin_config_to_hf(bb: SwinConfig, out_features: list[str]) -> Any:
+    """The ``transformers.SwinConfig`` of the same network (drop path off: it only acts in training)."""
+    import transformers
+
+    return transformers.SwinConfig(
+        image_size=bb.pretrain_img_size, patch_size=bb.patch_size, embed_dim=bb.embed_dim, depths=list(bb.depths),
+        num_heads=list(bb.num_heads), window_size=bb.window_size, mlp_ratio=bb.mlp_ratio, qkv_bias=bb.qkv_bias,
+        drop_path_rate=0.0, use_absolute_embeddings=bb.ape, out_features=out_features,
+    )
+
+
 def _square(value: Any, name: str) -> Any:
     """HF's (h, w) pairs as one side; anything else goes through for SwinConfig to validate."""
     if isinstance(value, (list, tuple)):
@@ -165,14 +191,9 @@ def _square(value: Any, name: str) -> Any:
     return value
 
 
-def _swin_config_from_hf(bc: dict) -> SwinConfig:
+def swin_config_from_hf(bc: dict) -> SwinConfig:
     d = _HF_SWIN_DEFAULTS
-    _check_out_features(bc, "swin")
-    if _option(bc, d, "num_channels") != 3:
-        raise _reject("swin", "num_channels", bc["num_channels"], "m2f takes RGB images (3 channels)")
-    act = _option(bc, d, "hidden_act")
-    if act != "gelu":
-        raise _reject("swin", "hidden_act", act, "only 'gelu' is implemented (as the official Swin)")
+    _check_stages_channels_activation(bc, d, "swin", "gelu", "as the official Swin")
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         if _option(bc, d, name) != 0:
             raise _reject("swin", name, bc[name], "dropout is not implemented (0 in every official config)")
@@ -216,6 +237,8 @@ Action = tuple
 
 def _expected_state(cfg: ResNetConfig | SwinConfig) -> dict[str, torch.Size]:
     """Our state_dict key -> shape, from a module built on the meta device (no memory, no init cost)."""
+    from . import build_backbone  # the registry imports this module
+
     try:
         with torch.device("meta"):
             module = build_backbone(cfg)
@@ -314,7 +337,7 @@ def _check_index(src_key: str, tensor: Tensor, key: str, cfg: SwinConfig) -> Non
 _NORM_TENSOR = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 
 
-def _hf_resnet_rename(key: str) -> Action | None:
+def hf_resnet_rename(key: str) -> Action | None:
     if key == "embedder.embedder.convolution.weight":
         return ("keep", "stem.conv1.weight")
     if m := re.fullmatch(r"embedder\.embedder\.normalization\." + _NORM_TENSOR, key):
@@ -350,7 +373,7 @@ _HF_SWIN_BLOCK = [
 _QKV_PART = {"query": 0, "key": 1, "value": 2, "q_proj": 0, "k_proj": 1, "v_proj": 2}
 
 
-def _hf_swin_rename(key: str) -> Action | None:
+def hf_swin_rename(key: str) -> Action | None:
     if m := re.fullmatch(r"(?:swin\.)?embeddings\.patch_embeddings\.projection\.(weight|bias)", key):
         return ("keep", f"patch_embed.proj.{m[1]}")
     if m := re.fullmatch(r"(?:swin\.)?embeddings\.norm\.(weight|bias)", key):
@@ -385,14 +408,15 @@ def pop_hf_backbone_state(
     against ours (CheckpointError if it differs) and consumed. Keys under ``prefix`` that are not recognised stay
     in ``hf_state`` for the caller to report. Raises CheckpointError when a tensor's shape does not fit ``cfg``.
     """
-    rename = _hf_resnet_rename if isinstance(cfg, ResNetConfig) else _hf_swin_rename
-    return _pop_backbone(hf_state, cfg, prefix, rename, "Hugging Face")
+    from . import backbone_spec
+
+    return _pop_backbone(hf_state, cfg, prefix, backbone_spec(cfg).hf_rename, "Hugging Face")
 
 
 # -- detectron2 --------------------------------------------------------------------------------------
 
 
-def _d2_rename(key: str) -> Action | None:
+def d2_rename(key: str) -> Action | None:
     if key.endswith("attn.relative_position_index"):
         return ("index", key)
     if key.endswith("norm.num_batches_tracked"):
@@ -408,4 +432,6 @@ def pop_detectron2_backbone_state(
     The names already match ours. ``relative_position_index`` buffers are checked against ours and consumed;
     a ``num_batches_tracked`` counter is dropped when our norm is frozen. Unrecognised keys stay in ``d2_state``.
     """
-    return _pop_backbone(d2_state, cfg, prefix, _d2_rename, "detectron2")
+    from . import backbone_spec
+
+    return _pop_backbone(d2_state, cfg, prefix, backbone_spec(cfg).d2_rename, "detectron2")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from m2f.cli.exported import add_exported_model_options, exported_targets
 from m2f.errors import InputError
 
 # op name -> module under m2f.bench providing ``run(...) -> list[BenchRow]`` and ``plot(rows, path)``.
@@ -50,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--seed", type=int, default=None, help="seed of the weights and inputs (default: fresh)")
     add_threads_option(m)
     add_quiet_option(m, "progress bar", old=("--no-progress",))
+    add_exported_model_options(m, what="benchmark it against its PyTorch model (CPU, its export size)")
+    m.add_argument("--checkpoint", default=None,
+                   help="with exported models: the PyTorch model they came from (default: their manifest's source)")
     m.set_defaults(func=run_model)
 
     s = bsub.add_parser("serve", help="`m2f serve` under load on loopback: throughput, p50 / p99 latency, batch "
@@ -170,12 +174,48 @@ def parse_models(args: argparse.Namespace) -> list:
     return [(n, preset(n)) for n in names]
 
 
+def run_exported(args: argparse.Namespace, paths: list[str]) -> int:
+    """``m2f bench model --onnx / --openvino / --engine``: each exported model and its PyTorch model, one run."""
+    from pathlib import Path
+
+    from m2f.bench import model as bench_model
+    from m2f.export.manifest import read_manifest
+    from m2f.export.onnx_export import load_checkpoint_model
+    from m2f.export.runner import open_runner
+    from m2f.export.targets import for_artifact
+
+    manifests = [read_manifest(p) for p in paths]
+    shapes = {(m.batch, m.height, m.width) for m in manifests}
+    if len(shapes) > 1:
+        raise InputError(f"the exported models have different export sizes {sorted(shapes)}; benchmark models "
+                         "exported at one size together")
+    batch, height, width = shapes.pop()
+    source = args.checkpoint or (manifests[0].source or {}).get("path")
+    if not source:
+        raise InputError(f"{paths[0]} names no source checkpoint; pass --checkpoint")
+    model = load_checkpoint_model(source, preset=(manifests[0].source or {}).get("preset"))
+    runners = [(for_artifact(p).name, open_runner(p)) for p in paths]
+    result = bench_model.run_exported(model, runners, model.config.name or Path(source).name, batch, height, width,
+                                      warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = bench_model.write(result, out, settings={"exported": paths, "checkpoint": str(source)},
+                                with_plot=False)
+    print(written["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
 def run_model(args: argparse.Namespace) -> int:
     import torch
 
     from m2f import runtime
     from m2f.bench import model as bench_model
     from m2f.bench.common import environment
+
+    exported = [getattr(args, t.flag) for t in exported_targets() if getattr(args, t.flag, None)]
+    if exported:
+        return run_exported(args, exported)
 
     sizes, batches = parse_sizes(args.sizes), parse_ints(args.batch, "batch")
     dtypes = parse_dtypes(args.dtype)

@@ -1,13 +1,14 @@
 """``m2f eval``: score a model on a dataset (PQ / mIoU / mask AP), or two backends against each other.
 
-Without --checkpoint / --onnx it scores the shipped default model. With --reference-checkpoint or
---reference-onnx, the reference's predictions are the ground truth (e.g. an ONNX export against PyTorch).
+Without --checkpoint / an exported model (--onnx, --openvino, --engine) it scores the shipped default model. With a
+--reference-* model, the reference's predictions are the ground truth (e.g. an ONNX export against PyTorch).
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from m2f.cli.exported import add_exported_model_options, exported_config, exported_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,12 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="model to score: m2f / HF folder or official checkpoint "
                      "(default: the shipped default model)")
-    src.add_argument("--onnx", help="score an exported ONNX graph (run by onnxruntime) instead")
+    add_exported_model_options(src)
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--reference-checkpoint", help="treat this model's predictions as the ground truth")
-    ref.add_argument("--reference-onnx", help="treat this ONNX graph's predictions as the ground truth")
-    p.add_argument("--config", help="config JSON for an ONNX graph (default: from its `m2f export` manifest "
-                   "MODEL.onnx.json, else m2f_config.json beside it)")
+    add_exported_model_options(ref, prefix="reference-", what="treat its predictions as the ground truth")
+    p.add_argument("--config", help="config JSON for an exported model (default: from its `m2f export` manifest, "
+                   "else m2f_config.json beside it)")
     p.add_argument("--preset", help="architecture preset for checkpoints that carry no config")
     p.add_argument("--task", choices=("panoptic", "semantic", "instance"), help="default: the model's own task")
     p.add_argument("--json", metavar="FILE", help="write the metrics to this JSON file")
@@ -40,42 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _onnx_config(path: Path, explicit: str | None):
-    from m2f.cli.train import load_config
-    from m2f.config import Mask2FormerConfig
-    from m2f.errors import InputError
-    from m2f.export.manifest import read_manifest
+def _predictor(checkpoint: str | None, exported: str | None, args, *, default: bool):
+    from m2f.evaluation.evaluate import RunnerPredictor, TorchPredictor
 
-    if explicit:
-        return load_config(explicit)
-    # `m2f export` writes model.onnx.json with the config; one beside another model (or damaged) is refused
-    manifest = read_manifest(path, required=False, kind="onnx")
-    if manifest is not None and manifest.get("config") is not None:
-        return Mask2FormerConfig.from_dict(manifest["config"])
-    beside = path.with_name("m2f_config.json")
-    if beside.is_file():
-        return load_config(str(beside))
-    if path.is_file():
-        try:
-            import onnx
-
-            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        except Exception:  # not readable as ONNX: the predictor reports it
-            meta = {}
-        if "m2f_config" in meta:
-            return Mask2FormerConfig.from_dict(json.loads(meta["m2f_config"]))
-    raise InputError(f"no config for {path}: pass --config m2f_config.json (the model's config) or put it beside "
-                     "the .onnx file")
-
-
-def _predictor(checkpoint: str | None, onnx_path: str | None, args, *, default: bool):
-    from m2f.evaluation.evaluate import OnnxPredictor, TorchPredictor
-
-    if onnx_path:
-        path = Path(onnx_path)
+    if exported:
+        from m2f.export.runner import open_runner
         from m2f.runtime import threads
 
-        return OnnxPredictor(path, _onnx_config(path, args.config), threads=threads())
+        return RunnerPredictor(open_runner(exported, threads=threads()), exported_config(exported, args.config))
     if checkpoint is None and default:
         from m2f.assets import default_checkpoint_path
 
@@ -111,10 +84,11 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--json {json_path} is a folder; pass a file name")
         check_can_write(json_path, force=args.force)  # before the work: an earlier run's metrics are not lost
     dataset = open_dataset(args.data, format=args.format)
-    predictor = _predictor(args.checkpoint, args.onnx, args, default=True)
+    predictor = _predictor(args.checkpoint, exported_model(args), args, default=True)
     reference = None
-    if args.reference_checkpoint or args.reference_onnx:
-        reference = _predictor(args.reference_checkpoint, args.reference_onnx, args, default=False)
+    reference_exported = exported_model(args, prefix="reference_")
+    if args.reference_checkpoint or reference_exported:
+        reference = _predictor(args.reference_checkpoint, reference_exported, args, default=False)
     task = args.task or predictor.config.default_task
     result = evaluate(dataset, predictor, task, reference=reference, limit=args.limit,
                       resize_shortest=args.resize_shortest, max_size=args.max_size, progress=not args.quiet)

@@ -1,12 +1,14 @@
-"""``m2f export``: ONNX with verified parity, TensorRT engines, Triton Inference Server repositories.
+"""``m2f export``: ONNX with verified parity, then one stage per export target that builds its own artifact
+(TensorRT engines, OpenVINO IR, ...: :mod:`m2f.export.targets`), Triton Inference Server repositories.
 
     m2f export onnx --checkpoint CKPT --output m2f.onnx [--height 512 --width 512] [--dynamic] [--target tensorrt]
     m2f export check m2f.onnx [--report report.json]
     m2f export tensorrt --onnx m2f.onnx --output m2f.engine [--fp16] [--min-shape 1x3x512x512 ...]
+    m2f export openvino --checkpoint CKPT --output m2f_openvino [--precision fp16] [--dynamic]
     m2f export triton-repo --model m2f.onnx --output model_repository [--max-batch 8] [--ensemble]
 
-Each stage writes its file atomically with a manifest beside it (``FILE.json``); nothing is overwritten without
-``--force`` and a failed stage leaves no file behind.
+Each stage writes its file atomically with a manifest beside it (``FILE.json``; ``DIR/manifest.json`` for a
+directory); nothing is overwritten without ``--force`` and a failed stage leaves no file behind.
 """
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ import logging
 from pathlib import Path
 
 from m2f.errors import InputError
-
-MSDA_DEFAULT_FOR_TARGET = {"onnxruntime": "decomposed", "tensorrt": "plugin"}
-MASKED_ATTN_DEFAULT_FOR_TARGET = {"onnxruntime": "standard", "tensorrt": "plugin"}
+from m2f.export import targets
+from m2f.export.plugins import PLUGINS
 
 
 def _int(text: str) -> int:
@@ -30,32 +31,22 @@ def _int(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     from m2f.cli.options import add_out_option, add_quiet_option, add_threads_option
 
-    p = sub.add_parser("export", help="export to ONNX / TensorRT / Triton Inference Server, with verification")
+    p = sub.add_parser("export", help=f"export to ONNX, {', '.join(t.name for t in targets.all_targets() if t.build)}, "
+                                      "Triton Inference Server, with verification")
     esub = p.add_subparsers(dest="export_command", metavar="STAGE")
     esub.required = True
 
     o = esub.add_parser("onnx", help="export a checkpoint to ONNX (+ manifest)")
     o.add_argument("--checkpoint", required=True, help="m2f / HF / official checkpoint (file or directory)")
     add_out_option(o, "ONNX file to write", required=True, dest="output", old=("--output",))
-    o.add_argument("--preset", default=None, help="architecture preset when the checkpoint has no config")
-    o.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32")
-    o.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32")
-    o.add_argument("--batch", type=_int, default=1, help="batch size of the export")
-    o.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
+    add_export_size_options(o)
     o.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8"),
                    help="precision in the graph: fp16 / bf16 mixed precision (statistics, sampling and thresholds "
                         "float32); int8 explicit Q/DQ, calibrated on --calib")
     o.add_argument("--calib", default=None, metavar="DIR",
                    help="folder of representative images for --precision int8 (ranges cached in OUTPUT.calib.json)")
     o.add_argument("--calib-images", type=_int, default=64, help="calibrate on at most N images")
-    o.add_argument("--target", default="onnxruntime", choices=tuple(MSDA_DEFAULT_FOR_TARGET),
-                   help="the runtime the graph is for: sets the --msda and --masked-attn defaults")
-    o.add_argument("--msda", default=None, choices=("decomposed", "plugin"),
-                   help="deformable attention as 'decomposed' GridSample ops (default for onnxruntime) or one TensorRT "
-                        "'plugin' node per call (default for tensorrt)")
-    o.add_argument("--masked-attn", default=None, choices=("standard", "plugin"),
-                   help="masked attention as 'standard' ops (default for onnxruntime) or one m2f::masked_attention "
-                        "TensorRT 'plugin' node per decoder layer (default for tensorrt)")
+    _add_target_and_op_options(o)
     o.add_argument("--postprocess", default="none", choices=("none", "semantic", "instance"),
                    help="post-processed outputs in the graph")
     o.add_argument("--opset", type=_int, default=18, help="ONNX opset, 18..24")
@@ -68,8 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_option(o)
     o.set_defaults(func=run_onnx)
 
-    c = esub.add_parser("check", help="checker + op census + TensorRT op support + ONNX Runtime vs PyTorch parity")
-    c.add_argument("file", help="ONNX file written by `m2f export onnx`")
+    c = esub.add_parser("check", help="structure, target op support and parity against PyTorch of an exported model")
+    c.add_argument("file", help="a model written by `m2f export` (.onnx file, engine, OpenVINO directory)")
     c.add_argument("--checkpoint", default=None, help="checkpoint to compare against (default: the manifest's)")
     c.add_argument("--report", default=None, help="write the JSON report here")
     c.add_argument("--force", action="store_true", help="overwrite an existing report")
@@ -77,50 +68,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet_option(c)
     c.set_defaults(func=run_check)
 
-    t = esub.add_parser("tensorrt", help="build a TensorRT engine (TensorRT >= 10.3, a CUDA GPU); by default strongly "
-                                         "typed, in the precision of the ONNX graph")
-    t.add_argument("--onnx", required=True, help="ONNX file written by `m2f export onnx`")
-    add_out_option(t, "engine file to write", required=True, dest="output", old=("--output",))
-    prec = t.add_mutually_exclusive_group()
-    prec.add_argument("--fp16", action="store_true",
-                      help="TensorRT 10.x weak typing: allow float16 kernels (11.x: export with --precision fp16)")
-    prec.add_argument("--bf16", action="store_true",
-                      help="TensorRT 10.x weak typing: allow bfloat16 kernels (11.x: export with --precision bf16)")
-    prec.add_argument("--int8", action="store_true",
-                      help="TensorRT 10.x: INT8 with entropy calibration, needs --calib (11.x: --precision int8)")
-    t.add_argument("--calib", default=None, help="folder of calibration images for --int8")
-    t.add_argument("--min-shape", default=None, help="optimisation profile minimum, BxCxHxW")
-    t.add_argument("--opt-shape", default=None, help="optimisation profile optimum, BxCxHxW")
-    t.add_argument("--max-shape", default=None, help="optimisation profile maximum, BxCxHxW")
-    t.add_argument("--timing-cache", default=None, help="timing cache file (read if present, then updated)")
-    t.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB")
-    t.add_argument("--plugins", default="m2f", choices=("m2f", "tensorrt"),
-                   help="deformable-attention plugin nodes run 'm2f' (our Triton kernel, AOT) or 'tensorrt' (its own); "
-                        "masked-attention plugin nodes always run m2f's")
-    t.add_argument("--force", action="store_true", help="overwrite an existing engine")
-    t.set_defaults(func=run_tensorrt)
+    for target in targets.all_targets():
+        if target.add_cli is not None:
+            t = esub.add_parser(target.name, help=f"build: {target.description}")
+            target.add_cli(t)
+            add_threads_option(t)
+            add_quiet_option(t)
+            t.set_defaults(func=run_target, target=target.name)
 
-    w = esub.add_parser("pipeline", help="export -> check [-> TensorRT build -> run -> compare] in one work dir")
+    w = esub.add_parser("pipeline", help="export -> check [-> build -> run -> compare] in one work dir")
     w.add_argument("--checkpoint", required=True, help="checkpoint (file or directory)")
     add_out_option(w, "folder for every stage's artifact + pipeline.json", required=True, dest="workdir",
                    old=("--workdir",))
-    w.add_argument("--preset", default=None, help="architecture preset when the checkpoint has no config")
-    w.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32")
-    w.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32")
-    w.add_argument("--batch", type=_int, default=1, help="batch size of the export")
-    w.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
-    w.add_argument("--msda", default=None, choices=("decomposed", "plugin"),
-                   help="deformable attention: plugin with --tensorrt, decomposed otherwise (default)")
-    w.add_argument("--masked-attn", default=None, choices=("standard", "plugin"),
-                   help="masked attention: plugin with --tensorrt, standard ops otherwise (default)")
-    w.add_argument("--tensorrt", action="store_true", help="also build an fp16 engine, run it and compare")
+    add_export_size_options(w)
+    _add_target_and_op_options(w)
+    w.add_argument("--tensorrt", dest="target", action="store_const", const="tensorrt",
+                   help="same as --target tensorrt: also build an fp16 engine, run it and compare")
     w.add_argument("--force", action="store_true", help="replace an existing work dir")
     add_threads_option(w)
     add_quiet_option(w)
     w.set_defaults(func=run_pipeline_cmd)
 
     r = esub.add_parser("triton-repo", help="a Triton Inference Server model repository from an .onnx / .engine")
-    r.add_argument("--model", required=True, help="exported .onnx, .engine or .plan")
+    r.add_argument("--model", required=True, help="an exported model Triton serves (.onnx, .engine, .plan)")
     add_out_option(r, "model repository directory", required=True, dest="output", old=("--output",))
     r.add_argument("--name", default=None, help="model name (default: the file's stem)")
     r.add_argument("--max-batch", type=_int, default=8, help="max_batch_size for dynamic-batch models")
@@ -152,29 +122,51 @@ def _setup_logging(args: argparse.Namespace | None = None) -> None:
         root.setLevel(logging.INFO)
 
 
+def add_export_size_options(p: argparse.ArgumentParser) -> None:
+    """What every export from a checkpoint takes: its preset, the input size and batch, dynamic axes."""
+    p.add_argument("--preset", default=None, help="architecture preset when the checkpoint has no config")
+    p.add_argument("--height", type=_int, default=512, help="input height, a multiple of 32")
+    p.add_argument("--width", type=_int, default=512, help="input width, a multiple of 32")
+    p.add_argument("--batch", type=_int, default=1, help="batch size of the export")
+    p.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
+
+
+def _add_target_and_op_options(p: argparse.ArgumentParser) -> None:
+    names = targets.names()
+    p.add_argument("--target", default="onnxruntime",
+                   help=f"the runtime the graph is for: {', '.join(names)} (onnxruntime); sets the op defaults")
+    for spec in PLUGINS:
+        defaults = ", ".join(f"{spec.plugin_mode if t.op_modes.get(spec.name) == spec.plugin_mode else spec.modes[0]} "
+                             f"for {t.name}" for t in targets.all_targets())
+        p.add_argument(spec.flag, dest=spec.name, default=None,
+                       help=f"{spec.what.split(' (')[0]}s as {spec.modes[0]!r} ops or one {spec.node.key} "
+                            f"{spec.plugin_mode!r} node each (default: {defaults})")
+
+
+def _op_modes(args: argparse.Namespace) -> dict[str, str | None]:
+    return {spec.name: getattr(args, spec.name) for spec in PLUGINS}
+
+
 def run_onnx(args: argparse.Namespace) -> int:
     _setup_logging(args)
-    if args.target not in MSDA_DEFAULT_FOR_TARGET:
-        raise InputError(f"--target must be onnxruntime or tensorrt, got {args.target!r}")
-    msda = args.msda or MSDA_DEFAULT_FOR_TARGET[args.target]
-    masked_attn = args.masked_attn or MASKED_ATTN_DEFAULT_FOR_TARGET[args.target]
     from m2f.export.onnx_export import export_checkpoint
     from m2f.export.precision import CalibrationSettings
 
     if args.calib_images < 1:
         raise InputError(f"--calib-images must be >= 1, got {args.calib_images}")
     calib = CalibrationSettings(Path(args.calib), limit=args.calib_images) if args.calib else None
+    targets.get(args.target)  # an unknown target fails before the checkpoint loads
     result = export_checkpoint(
         args.checkpoint, args.output, preset=args.preset, height=args.height, width=args.width, batch=args.batch,
-        dynamic=args.dynamic, precision=args.precision, calib=calib, msda=msda, masked_attn=masked_attn, postprocess=args.postprocess,
-        opset=args.opset, simplify=not args.no_simplify, optimize=not args.no_optimize, force=args.force,
+        dynamic=args.dynamic, precision=args.precision, calib=calib, postprocess=args.postprocess, opset=args.opset,
+        simplify=not args.no_simplify, optimize=not args.no_optimize, force=args.force, target=args.target,
+        **_op_modes(args),
     )
     m = result.manifest
-    extra = f", {m['plugin_nodes']} {m['msda']} nodes" if m["msda"] == "plugin" else ""
-    extra += f", masked_attn={m['masked_attn']}"
-    extra += f", {m['masked_attention_nodes']} plugin nodes" if m["masked_attn"] == "plugin" else ""
-    print(f"wrote {result.path} (opset {m['opset']}, {m['precision']}, {m['dtype']} I/O, msda={m['msda']}{extra}, "
-          f"{'dynamic' if m['dynamic'] else 'static'} {m['batch']}x3x{m['height']}x{m['width']}, "
+    ops = ", ".join(f"{name}={r.mode}" + (f" ({r.nodes} plugin nodes)" if r.mode == "plugin" else "")
+                    for name, r in m.ops.items())
+    print(f"wrote {result.path} (opset {m.opset}, {m.precision}, {m.dtype} I/O, {ops}, "
+          f"{'dynamic' if m.dynamic else 'static'} {m.batch}x3x{m.height}x{m.width}, "
           f"{result.seconds:.1f} s) and {result.manifest_path}")
     if args.check:
         from m2f.export.check import check_onnx
@@ -183,52 +175,51 @@ def run_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_check(report: dict) -> int:
-    print(f"{report['file']}: {report['verdict']}  ({report['num_nodes']} nodes, opset {report['opset']}, "
-          f"checker {'ok' if report['checker']['ok'] else 'FAILED'}, TensorRT ops "
-          f"{'ok' if report['tensorrt']['ok'] else 'UNSUPPORTED ' + ','.join(report['tensorrt']['unsupported_ops'])})")
-    parity = report.get("parity", {})
-    if report.get("precision"):
-        print(f"  precision {report['precision']}: compared with the float32 PyTorch model"
-              + (f" ({parity['runs'][0]['runtime']})" if parity.get("runs") else ""))
-    if "skipped" in parity:
-        print(f"  parity: skipped - {parity['skipped']}")
-    for run in parity.get("runs", []):
+def _print_check(report) -> int:
+    summary = []
+    if report.structure:
+        summary.append(f"{report.structure['num_nodes']} nodes, opset {report.opset}, checker "
+                       f"{'ok' if report.structure['checker']['ok'] else 'FAILED'}")
+    for name, support in report.targets.items():
+        summary.append(f"{name} ops " + ("ok" if support["ok"] else "UNSUPPORTED " + ",".join(support["unsupported_ops"])))
+    print(f"{report.file}: {report.verdict}  ({report.target}{'; ' if summary else ''}{', '.join(summary)})")
+    precision = (report.manifest or {}).get("precision")
+    if precision:
+        print(f"  precision {precision}: compared with the float32 PyTorch model"
+              + (f" ({report.parity['runs'][0]['runtime']})" if report.parity.get("runs") else ""))
+    if "skipped" in report.parity:
+        print(f"  parity: skipped - {report.parity['skipped']}")
+    for run in report.parity.get("runs", []):
         errs = ", ".join(f"{k}={v['rel_err']:.2e}" if "rel_err" in v else f"{k} mismatch={v.get('mismatch', 0):.2%}"
                          for k, v in run["outputs"].items())
         if run.get("semantic_agreement") is not None:
             errs += f", semantic agreement {run['semantic_agreement']:.2%}"
         print(f"  {run['batch']}x3x{run['height']}x{run['width']}: {errs}")
-    for key in ("plugins", "masked_attention_plugins"):
-        if key in report:
-            print(f"  {report[key]['count']} {report[key]['op_type']} nodes")
-    for reason in report["reasons"]:
+    for info in report.plugins.values():
+        print(f"  {info['count']} {info['op_type']} nodes")
+    for reason in report.reasons:
         print(f"  FAIL: {reason}")
-    return 0 if report["verdict"] == "pass" else 1
+    return 0 if report.verdict == "pass" else 1
 
 
 def run_check(args: argparse.Namespace) -> int:
     _setup_logging(args)
-    from m2f.export.check import check_onnx
+    from m2f.export.check import check_model
 
-    report = check_onnx(args.file, checkpoint=args.checkpoint, report=args.report, force=args.force)
+    report = check_model(args.file, checkpoint=args.checkpoint, report=args.report, force=args.force)
     code = _print_check(report)
     if args.report:
         print(f"report: {args.report}")
     return code
 
 
-def run_tensorrt(args: argparse.Namespace) -> int:
-    _setup_logging()
-    from m2f.export.tensorrt_build import build_engine, parse_shape
+def run_target(args: argparse.Namespace) -> int:
+    _setup_logging(args)
+    from m2f.export.manifest import read_manifest
 
-    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "int8" if args.int8 else "fp32"
-    shapes = {k: parse_shape(v) if v else None for k, v in
-              (("min_shape", args.min_shape), ("opt_shape", args.opt_shape), ("max_shape", args.max_shape))}
-    path = build_engine(args.onnx, args.output, precision=precision, calib_dir=args.calib,
-                        timing_cache=args.timing_cache, workspace_gb=args.workspace, plugins=args.plugins,
-                        force=args.force, **shapes)
-    print(f"wrote {path} ({'weak typing, ' + precision if precision != 'fp32' else 'strongly typed'}) and {path}.json")
+    path = targets.get(args.target).run_cli(args)
+    manifest = read_manifest(path)
+    print(f"wrote {path} ({args.target}, {manifest.precision}) and its manifest")
     return 0
 
 
@@ -236,11 +227,10 @@ def run_pipeline_cmd(args: argparse.Namespace) -> int:
     _setup_logging(args)
     from m2f.export.pipeline import run_pipeline
 
-    target = "tensorrt" if args.tensorrt else "onnxruntime"
-    record = run_pipeline(args.checkpoint, args.workdir, tensorrt=args.tensorrt, force=args.force, preset=args.preset,
-                          height=args.height, width=args.width, batch=args.batch, dynamic=args.dynamic,
-                          msda=args.msda or MSDA_DEFAULT_FOR_TARGET[target],
-                          masked_attn=args.masked_attn or MASKED_ATTN_DEFAULT_FOR_TARGET[target])
+    target = targets.get(args.target)
+    record = run_pipeline(args.checkpoint, args.workdir, target=target.name, build_options=dict(target.pipeline_build),
+                          force=args.force, preset=args.preset, height=args.height, width=args.width,
+                          batch=args.batch, dynamic=args.dynamic, **_op_modes(args))
     for st in record["stages"]:
         print(f"{st['stage']:>12}: {st['status']} ({st['seconds']} s){'  -> ' + st['artifact'] if 'artifact' in st else ''}")
     print(f"{args.workdir}/pipeline.json: verdict {record['verdict']}")

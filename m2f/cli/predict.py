@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from m2f.cli.exported import add_exported_model_options, exported_model
 from m2f.config import TASKS
 from m2f.errors import BackendUnavailableError, InputError, M2FError
 
@@ -58,8 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image files (PNG, JPEG, ...), folders of images, glob patterns ('photos/*.jpg', quoted) or "
                         f"video files ({', '.join(VIDEO_SUFFIXES)}; needs pip install 'm2f[video]')")
     p.add_argument("--every", type=int, default=1, metavar="N", help="videos: segment every N-th frame")
-    p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="m2f / Hugging Face directory or an official checkpoint file (default: the shipped model)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="m2f / Hugging Face directory or an official checkpoint file (default: the shipped model)")
+    add_exported_model_options(source)
     p.add_argument("--preset", metavar="NAME", default=None,
                    help="architecture preset for checkpoints without a config (see `m2f presets`)")
     p.add_argument("--task", choices=TASKS, default=None, help="default: the model's own task")
@@ -334,8 +337,16 @@ def _run(args: argparse.Namespace) -> int:
     _validate_arguments(args)
     threads = runtime.use_threads(args.threads)
     entries = _load_entries(args.images, args.every)
-    device = runtime.resolve_device(args.device)
-    model = _load_model(args, device)
+    exported = exported_model(args)
+    if exported:  # an exported model runs in its own runtime, fed from the host
+        from m2f.cli.exported import exported_config
+        from m2f.export.runner import RunnerModel, open_runner
+
+        device = "cpu"
+        model = RunnerModel(open_runner(exported, threads=threads), exported_config(exported))
+    else:
+        device = runtime.resolve_device(args.device)
+        model = _load_model(args, device)
     config = model.config
     task = args.task or config.default_task
     resize_shortest, max_size = effective_resize(config.test_size, args.resize_shortest, args.max_size, args.no_resize)
@@ -359,7 +370,7 @@ def _run(args: argparse.Namespace) -> int:
     from m2f.outputs import coco_categories, numbered_annotations, stale_owned_files
 
     index = {
-        "info": {"checkpoint": str(args.checkpoint), "model": config.name, "task": task, "device": device,
+        "info": {"checkpoint": str(exported or args.checkpoint), "model": config.name, "task": task, "device": device,
                  "backend": args.backend, "threads": threads, "resize_shortest": resize_shortest,
                  "max_size": max_size},
         # COCO: image id <-> input file; our per-image output files beside
@@ -433,22 +444,16 @@ def predict_entries(
             images = [e.pixels() for e in batch_entries]
             batch = preprocess(images, config, resize_shortest=resize_shortest, max_size=max_size, device=device,
                                names=[f"image {e.path}" for e in batch_entries])
+            pixel_values = batch.pixel_values
+            if getattr(model, "fixed_size", None) is not None:  # an exported model of one input size
+                from m2f.export.runner import pad_to
+
+                pixel_values = pad_to(pixel_values, model.fixed_size)
             with torch.inference_mode(), step(f"network on {batch_entries[0].path.name} (input "
-                                              f"{batch.padded_size[0]}x{batch.padded_size[1]})"):
-                outputs = model(batch.pixel_values)
-                args = (outputs.pred_logits, outputs.pred_masks, batch.image_sizes, batch.original_sizes,
-                        batch.padded_size)
-                if task == "panoptic":
-                    results = post.panoptic(*args, thing_classes=config.thing_classes,
-                                            object_mask_threshold=thresholds.object_mask_threshold,
-                                            overlap_threshold=thresholds.overlap_threshold)
-                elif task == "instance":
-                    # official rule: models trained for panoptic report only thing classes as instances
-                    things = config.thing_classes if config.default_task == "panoptic" else None
-                    results = post.instance(*args, topk=thresholds.instance_topk, thing_classes=things)
-                else:
-                    # official rule: semantic-only models infer before resizing to the original size
-                    results = post.semantic(*args, postprocess_before_inference=config.default_task != "semantic")
+                                              f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]})"):
+                outputs = model(pixel_values)
+                results = post.postprocess_task(task, outputs.pred_logits, outputs.pred_masks, batch.image_sizes,
+                                                batch.original_sizes, tuple(pixel_values.shape[-2:]), config)
 
             for entry, image, result in zip(batch_entries, images, results):
                 with step(f"writing the outputs of {entry.path.name}"):

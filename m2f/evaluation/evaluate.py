@@ -1,7 +1,7 @@
-"""Run a model (PyTorch checkpoint or exported ONNX graph) over a dataset and score it.
+"""Run a model (PyTorch checkpoint, or an exported model through its runner) over a dataset and score it.
 
-Both predictors share the pre-processing (:func:`m2f.preprocess.preprocess`) and the official post-processing
-(:mod:`m2f.postprocess`); only the network call differs. Scores are taken against the dataset's ground truth, or
+Every predictor shares the pre-processing (:func:`m2f.preprocess.preprocess`) and the official post-processing
+(:func:`m2f.postprocess.postprocess_task`); only the network call differs. Scores are taken against the dataset's ground truth, or
 against a second predictor's results treated as ground truth (e.g. ONNX vs PyTorch):
 
 * panoptic: PQ / SQ / RQ (all, things, stuff) with panopticapi's rules;
@@ -11,7 +11,6 @@ against a second predictor's results treated as ground truth (e.g. ONNX vs PyTor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -34,6 +33,7 @@ class Predictor:
     config: Mask2FormerConfig
     name: str = ""
     fixed_size: tuple[int, int] | None = None  # the graph's input size, if it only takes one
+    fixed_batch: int | None = None  # the graph's batch size, if it only takes one
 
     def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -50,50 +50,22 @@ class TorchPredictor(Predictor):
         return out.pred_logits.float().cpu(), out.pred_masks.float().cpu()
 
 
-class OnnxPredictor(Predictor):
-    """An exported graph run by onnxruntime: input ``pixel_values``, outputs ``pred_logits`` and ``pred_masks``."""
+class RunnerPredictor(Predictor):
+    """An exported model run by its :class:`m2f.export.runner.Runner` (ONNX Runtime, OpenVINO, TensorRT): it must
+    take ``pixel_values`` and return ``pred_logits`` and ``pred_masks``."""
 
-    def __init__(self, path: str | Path, config: Mask2FormerConfig, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise InputError("--onnx needs onnxruntime; pip install onnxruntime") from None
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"ONNX file {path} does not exist; export one with `m2f export`")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            if "NOT_IMPLEMENTED" not in str(exc):
-                raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}); is it an m2f ONNX "
-                                 "export?") from None
-            # a bf16 graph: this CPU build has no bf16 kernels; run it emulated (float32 arithmetic, bf16 rounding)
-            from m2f.export.precision import emulate_on_cpu
+    def __init__(self, runner: Any, config: Mask2FormerConfig):
+        from m2f.export.runner import RAW_OUTPUTS
 
-            import onnx
-
-            emulated = emulate_on_cpu(onnx.load(str(path)))
-            self.session = ort.InferenceSession(emulated.SerializeToString(), options,
-                                                providers=["CPUExecutionProvider"])
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        if "pixel_values" not in inputs or not {"pred_logits", "pred_masks"} <= outputs:
-            raise InputError(f"{path} does not have input pixel_values and outputs pred_logits, pred_masks; "
-                             "export it with `m2f export`")
-        shape = inputs["pixel_values"].shape
-        self.fixed_size = (shape[2], shape[3]) if all(isinstance(s, int) for s in shape[2:]) else None
-        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
-        # an export with --precision fp16 and low-precision I/O takes float16 pixels
-        self.input_dtype = np.float16 if inputs["pixel_values"].type == "tensor(float16)" else np.float32
-        self.config, self.name = config, str(path)
+        if not set(RAW_OUTPUTS) <= set(runner.output_names):
+            raise InputError(f"{runner.name} has outputs {', '.join(runner.output_names)}, not pred_logits and "
+                             "pred_masks; export it with --postprocess none")
+        self.runner, self.config, self.name = runner, config, runner.name
+        self.fixed_size, self.fixed_batch = runner.fixed_size, runner.fixed_batch
 
     def __call__(self, pixel_values):
-        logits, masks = self.session.run(["pred_logits", "pred_masks"],
-                                         {"pixel_values": pixel_values.numpy().astype(self.input_dtype)})
-        return torch.from_numpy(logits.astype(np.float32)), torch.from_numpy(masks.astype(np.float32))
+        out = self.runner.run(pixel_values.numpy())
+        return torch.from_numpy(out["pred_logits"]).float(), torch.from_numpy(out["pred_masks"]).float()
 
 
 @dataclass
@@ -105,14 +77,6 @@ class Prediction:
     instances: list[tuple[np.ndarray, int, float]] | None = None  # (mask, dataset category id, score)
 
 
-def _pad_to(pixel_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    h, w = pixel_values.shape[-2:]
-    if h > size[0] or w > size[1]:
-        raise InputError(f"an image padded to {h}x{w} does not fit the ONNX graph's fixed input "
-                         f"{size[0]}x{size[1]}; export with --dynamic or a larger size")
-    return torch.nn.functional.pad(pixel_values, (0, size[1] - w, 0, size[0] - h))
-
-
 def predict(predictor: Predictor, image: np.ndarray, task: str, resize_shortest: int | None = None,
             max_size: int | None = None) -> Prediction:
     from m2f import postprocess as post
@@ -122,21 +86,18 @@ def predict(predictor: Predictor, image: np.ndarray, task: str, resize_shortest:
     batch = preprocess([image], cfg, resize_shortest=resize_shortest, max_size=max_size)
     pixel_values = batch.pixel_values
     if predictor.fixed_size is not None:
-        pixel_values = _pad_to(pixel_values, predictor.fixed_size)
+        from m2f.export.runner import pad_to
+
+        pixel_values = pad_to(pixel_values, predictor.fixed_size)
     logits, masks = predictor(pixel_values)
-    args = (logits, masks, batch.image_sizes, batch.original_sizes, tuple(pixel_values.shape[-2:]))
+    result = post.postprocess_task(task, logits, masks, batch.image_sizes, batch.original_sizes,
+                                   tuple(pixel_values.shape[-2:]), cfg)[0]
     dataset_id = cfg.dataset_id
     if task == "panoptic":
-        result = post.panoptic(*args, thing_classes=cfg.thing_classes,
-                               object_mask_threshold=cfg.postprocess.object_mask_threshold,
-                               overlap_threshold=cfg.postprocess.overlap_threshold)[0]
         segments = [{"id": s.id, "category_id": dataset_id(s.label), "iscrowd": 0} for s in result.segments]
         return Prediction(panoptic=(result.segmentation.cpu().numpy().astype(np.int64), segments))
     if task == "semantic":
-        result = post.semantic(*args, postprocess_before_inference=cfg.default_task != "semantic")[0]
         return Prediction(semantic=result.labels.cpu().numpy())
-    things = cfg.thing_classes if cfg.default_task == "panoptic" else None
-    result = post.instance(*args, topk=cfg.postprocess.instance_topk, thing_classes=things)[0]
     return Prediction(instances=[(m.cpu().numpy(), dataset_id(int(c)), float(s))
                                  for m, c, s in zip(result.masks, result.labels, result.scores)])
 

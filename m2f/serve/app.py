@@ -29,18 +29,17 @@ class ModelSpec:
 
 def load_predictor(spec: ModelSpec):
     """An m2f.evaluation Predictor for ``spec`` (the same network call `m2f eval` makes)."""
-    from m2f.evaluation.evaluate import OnnxPredictor, TorchPredictor
+    from m2f.evaluation.evaluate import RunnerPredictor, TorchPredictor
 
     if spec.engine is not None:
         from .engine import EnginePredictor
 
         return EnginePredictor(spec.engine, spec.config)
     if spec.onnx is not None:
-        from pathlib import Path
+        from m2f.cli.exported import exported_config
+        from m2f.export.runner import open_runner
 
-        from m2f.cli.eval import _onnx_config
-
-        return OnnxPredictor(spec.onnx, _onnx_config(Path(spec.onnx), spec.config), threads=spec.threads)
+        return RunnerPredictor(open_runner(spec.onnx, threads=spec.threads), exported_config(spec.onnx, spec.config))
     import m2f
 
     if spec.threads:
@@ -57,11 +56,11 @@ def run_network(predictor, pixel_values):
     at most ``max_batch`` images (an engine's optimisation profile: chunks)."""
     import torch
 
-    from m2f.evaluation.evaluate import _pad_to
+    from m2f.export.runner import pad_to
 
     if predictor.fixed_size is not None:
-        pixel_values = _pad_to(pixel_values, predictor.fixed_size)
-    fixed = getattr(predictor, "fixed_batch", None)
+        pixel_values = pad_to(pixel_values, predictor.fixed_size)
+    fixed = predictor.fixed_batch
     step = fixed or getattr(predictor, "max_batch", None) or len(pixel_values)
     logits, masks = [], []
     for start in range(0, len(pixel_values), step):
