@@ -98,17 +98,10 @@ def render_ensemble_config(name: str, steps: Sequence[tuple[str, Sequence[str], 
 
 
 def _model_config(model_path: Path, config_path: str | None):
-    """The m2f config of an export: --config, else its manifest (ONNX: also m2f_config.json beside it)."""
-    from m2f.cli.eval import _onnx_config
-    from m2f.config import Mask2FormerConfig
-    from m2f.export.manifest import read_manifest
+    """The m2f config of an export: --config, else its manifest's (ONNX: also m2f_config.json beside it)."""
+    from m2f.cli.exported import exported_config
 
-    if model_path.suffix.lower() == ".onnx" or config_path:
-        return _onnx_config(model_path, config_path)
-    manifest = read_manifest(model_path, kind="tensorrt")
-    if not manifest.get("config"):
-        raise InputError(f"no config for {model_path}: its manifest has none; pass --config m2f_config.json")
-    return Mask2FormerConfig.from_dict(manifest["config"])
+    return exported_config(model_path, config_path)
 
 
 def _python_model(folder: Path, name: str, stage: str, function: str, inputs: Sequence[TensorSpec],
