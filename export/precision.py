@@ -25,7 +25,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -195,13 +195,16 @@ def to_low_precision(model: Any, precision: str, keep_io_types: bool = True) -> 
     del model.graph.value_info[:]  # the converter infers its own: stale float32 entries confuse its casts
     name_nodes(model)
     keep = keep_float_nodes(model)
+    untyped = ops_without_type(model, ONNX_TYPE_NAMES[precision])
+    op_block_list = set(float16.DEFAULT_OP_BLOCK_LIST) | untyped
+    split_shared_weights(model, lambda node: node.name in keep or node.op_type in op_block_list)
     float_values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer
                     if i.data_type == onnx.TensorProto.FLOAT}
-    untyped = ops_without_type(model, ONNX_TYPE_NAMES[precision])
     converted = float16.convert_float_to_float16(
         model, keep_io_types=keep_io_types, max_finite_val=65504.0, min_positive_val=2 ** -24,
-        op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | untyped), node_block_list=sorted(keep),
+        op_block_list=sorted(op_block_list), node_block_list=sorted(keep),
     )
+    retarget_float_casts(converted)
     if precision == "bf16":
         _fp16_to_bf16(converted, float_values)
     low = {n.name for n in converted.graph.node if n.name in _names(model)} - set(keep)
@@ -214,6 +217,45 @@ def to_low_precision(model: Any, precision: str, keep_io_types: bool = True) -> 
         "kept_float_ops_without_type": sorted(untyped & {n.op_type for n in model.graph.node}),
     }
     return converted, details
+
+
+def split_shared_weights(model: Any, kept_float: Callable[[Any], bool]) -> None:
+    """Give the kept-float readers of a float32 initializer that converted nodes read too their own copy, in place.
+    The converter leaves an initializer float32 when any reader is blocked, so its converted readers would mix
+    float32 and float16 inputs (an invalid graph; e.g. one shared scalar 0 for the mask thresholds and a Where)."""
+    from onnx import TensorProto
+
+    weights = {i.name: i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    readers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in set(node.input) & weights.keys():
+            readers.setdefault(name, []).append(node)
+    for name, nodes in readers.items():
+        kept = [n for n in nodes if kept_float(n)]
+        if not kept or len(kept) == len(nodes):
+            continue
+        copy = model.graph.initializer.add()
+        copy.CopyFrom(weights[name])
+        copy.name = f"{name}__float32"
+        for node in kept:
+            for k, tensor in enumerate(node.input):
+                if tensor == name:
+                    node.input[k] = copy.name
+
+
+def retarget_float_casts(model: Any) -> None:
+    """Make the graph's own Casts to float32 (e.g. bool masks -> float) cast to float16 where the converter typed
+    their output float16, in place: it retypes every unblocked tensor but leaves a Cast's ``to`` as it was, and
+    ONNX Runtime refuses the mismatch. Its own Casts to float32 (before blocked nodes) keep float32 outputs."""
+    from onnx import TensorProto
+
+    fp16_values = {vi.name for vi in (*model.graph.value_info, *model.graph.output)
+                   if vi.type.tensor_type.elem_type == TensorProto.FLOAT16}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.output[0] in fp16_values:
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == TensorProto.FLOAT:
+                    attr.i = TensorProto.FLOAT16
 
 
 def ops_without_type(model: Any, type_name: str) -> set[str]:
