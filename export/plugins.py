@@ -7,8 +7,8 @@ Two layers, so that everything but the TensorRT calls is testable without Tensor
   dimension type (ints here, TensorRT's symbolic ``ShapeExpr`` inside the engine builder), the launch geometry,
   and the PTX of the plugin kernels for a given GPU (:func:`compile_msda_plugin_kernel`,
   :func:`compile_masked_attention_plugin_kernel`, no GPU needed).
-* :func:`register_tensorrt_plugins`: registers the plugins with ``tensorrt.plugin`` (TensorRT >= 10.7 Python
-  "quickly deployable plugins"): ``@trtp.register`` (shape / dtype description) and ``@trtp.aot_impl`` (kernel
+* :func:`register_tensorrt_plugins`: registers the plugins with ``tensorrt.plugin`` (TensorRT >= 10.9: Python
+  "quickly deployable plugins" date from 10.6, their ahead-of-time ``aot_impl`` that these use from 10.9): ``@trtp.register`` (shape / dtype description) and ``@trtp.aot_impl`` (kernel
   name, PTX, launch grid, int32 scalar arguments). The PTX is embedded in the engine, so the engine runs the
   Triton kernel with no Python at run time.
 
@@ -281,7 +281,7 @@ def compile_masked_attention_plugin_kernel(target: str, dtype: str = "float32", 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Registration with tensorrt.plugin (TensorRT >= 10.7)
+# Registration with tensorrt.plugin (TensorRT >= 10.9, for aot_impl)
 # ---------------------------------------------------------------------------------------------------
 
 _REGISTERED = False
