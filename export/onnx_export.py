@@ -408,7 +408,7 @@ def to_onnx(
     """
     start = time.perf_counter()
     validate_export_args(height, width, batch, opset, msda, postprocess, masked_attn)
-    validate_precision(precision, calib.folder if calib is not None else None)
+    validate_precision(precision, calib.folder if calib is not None else None, msda, masked_attn)
     path = Path(path)
     check_can_write(path, force=force)  # a manifest without its model is stale: the new one replaces it
     config = getattr(model, "config", None)
@@ -567,7 +567,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, preset: str | 
                          kwargs.get("opset", 18), kwargs.get("msda", "decomposed"), kwargs.get("postprocess", "none"),
                          kwargs.get("masked_attn", "standard"))
     calib = kwargs.get("calib")
-    validate_precision(kwargs.get("precision", "fp32"), calib.folder if calib is not None else None)
+    validate_precision(kwargs.get("precision", "fp32"), calib.folder if calib is not None else None,
+                       kwargs.get("msda", "decomposed"), kwargs.get("masked_attn", "standard"))
     check_can_write(output, force=kwargs.get("force", False))
     from m2f.checkpoints import resolve_checkpoint
 

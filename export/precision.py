@@ -14,7 +14,8 @@ machine, and TensorRT (any version) just follows it.
 * int8: ONNX Runtime's static quantization in QDQ format: symmetric per-channel int8 weights, symmetric per-tensor
   int8 activations (zero point 0, as TensorRT requires), only the weight-carrying Conv / MatMul / Gemm nodes (the
   layers TensorRT fuses with Q/DQ) and never a node of the kept-float set above; calibrated on a folder of
-  images preprocessed exactly as ``m2f predict`` does, with a progress bar and a cache of the ranges.
+  images preprocessed exactly as ``m2f predict`` does, with a progress bar and a cache of the ranges. The
+  calibration runs the graph in ONNX Runtime, so an int8 graph has decomposed / standard attention, no plugin nodes.
 """
 from __future__ import annotations
 
@@ -61,10 +62,15 @@ class CalibrationSettings:
     method: str = "percentile"  # "minmax" | "percentile" | "entropy" (onnxruntime.quantization's methods)
 
 
-def validate_precision(precision: str, calib_dir: str | Path | None) -> None:
-    """Refuse a bad precision / calibration combination in one line, before any work."""
+def validate_precision(precision: str, calib_dir: str | Path | None, msda: str = "decomposed",
+                       masked_attn: str = "standard") -> None:
+    """Refuse a bad precision / calibration / attention-mode combination in one line, before any work."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and "plugin" in (msda, masked_attn):
+        # calibration runs the graph in ONNX Runtime, which has no kernel for the plugin nodes
+        raise InputError("--precision int8 cannot calibrate a graph with plugin nodes (ONNX Runtime cannot run them): "
+                         "export int8 with --msda decomposed --masked-attn standard, or plugins with fp16 / bf16")
     if precision == "int8" and calib_dir is None:
         raise InputError("--precision int8 needs --calib DIR: a folder of representative images to calibrate on")
     if calib_dir is not None and precision != "int8":
@@ -140,6 +146,11 @@ def _ancestors(producers: dict[str, Any], outputs: Iterable[str]) -> set[str]:
     return names
 
 
+def _is_plugin(node: Any) -> bool:
+    return (node.op_type, node.domain) in ((TRT_MSDA.op_type, TRT_MSDA.domain),
+                                           (M2F_MASKED_ATTENTION.op_type, M2F_MASKED_ATTENTION.domain))
+
+
 def keep_float_nodes(model: Any) -> dict[str, str]:
     """name -> why, for every node that stays float32 (the module docstring's list). Nodes must be named."""
     producers = _producers(model)
@@ -164,8 +175,7 @@ def keep_float_nodes(model: Any) -> dict[str, str]:
             add(chain, "mask-logit threshold")
         if node.op_type in KEEP_FLOAT_OPS:
             add([node.name], node.op_type)
-        if (node.op_type, node.domain) in ((TRT_MSDA.op_type, TRT_MSDA.domain),
-                                           (M2F_MASKED_ATTENTION.op_type, M2F_MASKED_ATTENTION.domain)):
+        if _is_plugin(node):
             add([node.name], "plugin node (one float dtype for all inputs)")
     return keep
 
@@ -193,6 +203,10 @@ def to_low_precision(model: Any, precision: str, keep_io_types: bool = True) -> 
     float16 = _float16_converter()
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never change the caller's graph
     del model.graph.value_info[:]  # the converter infers its own: stale float32 entries confuse its casts
+    # ONNX shape inference cannot type a plugin node's output, which would leave everything after it untyped (its
+    # weights converted, its activations not); the plugins return the float32 dtype of their inputs
+    model.graph.value_info.extend(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
+                                  for node in model.graph.node if _is_plugin(node) for out in node.output)
     name_nodes(model)
     keep = keep_float_nodes(model)
     untyped = ops_without_type(model, ONNX_TYPE_NAMES[precision])
