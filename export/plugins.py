@@ -5,7 +5,8 @@ entry in :mod:`m2f.export.plugin_kernels`; see CONTRIBUTING.md).
 Plain data and math only, so the ONNX path never imports triton: the ONNX node of each plugin (op type, domain,
 attributes, input order, input ranks / dtypes), the ONNX schema and translation of the torch custom op, the
 output-shape rule (written over any dimension type: ints here, TensorRT's symbolic ``ShapeExpr`` in the builder).
-The kernels (Triton, compiled ahead of time into a TensorRT engine) are named by ``kernel`` and loaded lazily.
+The kernels (Triton, compiled ahead of time into a TensorRT engine) are named by ``kernel`` and loaded lazily;
+registering them with ``tensorrt.plugin`` needs TensorRT >= 10.9 (its ahead-of-time ``aot_impl``).
 
 The ONNX graph from ``m2f export onnx --msda plugin`` uses TensorRT's own interface node
 (``MultiscaleDeformableAttnPlugin_TRT``, version "1", no attributes; inputs value [N,S,M,D], spatial_shapes [L,2]

@@ -14,7 +14,8 @@ machine, and TensorRT (any version) just follows it.
 * int8: ONNX Runtime's static quantization in QDQ format: symmetric per-channel int8 weights, symmetric per-tensor
   int8 activations (zero point 0, as TensorRT requires), only the weight-carrying Conv / MatMul / Gemm nodes (the
   layers TensorRT fuses with Q/DQ) and never a node of the kept-float set above; calibrated on a folder of
-  images preprocessed exactly as ``m2f predict`` does, with a progress bar and a cache of the ranges.
+  images preprocessed exactly as ``m2f predict`` does, with a progress bar and a cache of the ranges. The
+  calibration runs the graph in ONNX Runtime, so an int8 graph has decomposed / standard attention, no plugin nodes.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -61,10 +62,15 @@ class CalibrationSettings:
     method: str = "percentile"  # "minmax" | "percentile" | "entropy" (onnxruntime.quantization's methods)
 
 
-def validate_precision(precision: str, calib_dir: str | Path | None) -> None:
-    """Refuse a bad precision / calibration combination in one line, before any work."""
+def validate_precision(precision: str, calib_dir: str | Path | None, plugins: Sequence[str] = ()) -> None:
+    """Refuse a bad precision / calibration / op-mode combination in one line, before any work; ``plugins``: the
+    fused ops exported as plugin nodes."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and plugins:
+        # calibration runs the graph in ONNX Runtime, which has no kernel for the plugin nodes
+        raise InputError("--precision int8 cannot calibrate a graph with plugin nodes (ONNX Runtime cannot run them): "
+                         "export int8 with --msda decomposed --masked-attn standard, or plugins with fp16 / bf16")
     if precision == "int8" and calib_dir is None:
         raise InputError("--precision int8 needs --calib DIR: a folder of representative images to calibrate on")
     if calib_dir is not None and precision != "int8":
@@ -140,6 +146,11 @@ def _ancestors(producers: dict[str, Any], outputs: Iterable[str]) -> set[str]:
     return names
 
 
+def _is_plugin(node: Any) -> bool:
+    return (node.op_type, node.domain) in ((TRT_MSDA.op_type, TRT_MSDA.domain),
+                                           (M2F_MASKED_ATTENTION.op_type, M2F_MASKED_ATTENTION.domain))
+
+
 def keep_float_nodes(model: Any) -> dict[str, str]:
     """name -> why, for every node that stays float32 (the module docstring's list). Nodes must be named."""
     producers = _producers(model)
@@ -164,8 +175,7 @@ def keep_float_nodes(model: Any) -> dict[str, str]:
             add(chain, "mask-logit threshold")
         if node.op_type in KEEP_FLOAT_OPS:
             add([node.name], node.op_type)
-        if (node.op_type, node.domain) in ((TRT_MSDA.op_type, TRT_MSDA.domain),
-                                           (M2F_MASKED_ATTENTION.op_type, M2F_MASKED_ATTENTION.domain)):
+        if _is_plugin(node):
             add([node.name], "plugin node (one float dtype for all inputs)")
     return keep
 
@@ -193,15 +203,22 @@ def to_low_precision(model: Any, precision: str, keep_io_types: bool = True) -> 
     float16 = _float16_converter()
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never change the caller's graph
     del model.graph.value_info[:]  # the converter infers its own: stale float32 entries confuse its casts
+    # ONNX shape inference cannot type a plugin node's output, which would leave everything after it untyped (its
+    # weights converted, its activations not); the plugins return the float32 dtype of their inputs
+    model.graph.value_info.extend(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
+                                  for node in model.graph.node if _is_plugin(node) for out in node.output)
     name_nodes(model)
     keep = keep_float_nodes(model)
+    untyped = ops_without_type(model, ONNX_TYPE_NAMES[precision])
+    op_block_list = set(float16.DEFAULT_OP_BLOCK_LIST) | untyped
+    split_shared_weights(model, lambda node: node.name in keep or node.op_type in op_block_list)
     float_values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer
                     if i.data_type == onnx.TensorProto.FLOAT}
-    untyped = ops_without_type(model, ONNX_TYPE_NAMES[precision])
     converted = float16.convert_float_to_float16(
         model, keep_io_types=keep_io_types, max_finite_val=65504.0, min_positive_val=2 ** -24,
-        op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | untyped), node_block_list=sorted(keep),
+        op_block_list=sorted(op_block_list), node_block_list=sorted(keep),
     )
+    retarget_float_casts(converted)
     if precision == "bf16":
         _fp16_to_bf16(converted, float_values)
     low = {n.name for n in converted.graph.node if n.name in _names(model)} - set(keep)
@@ -214,6 +231,45 @@ def to_low_precision(model: Any, precision: str, keep_io_types: bool = True) -> 
         "kept_float_ops_without_type": sorted(untyped & {n.op_type for n in model.graph.node}),
     }
     return converted, details
+
+
+def split_shared_weights(model: Any, kept_float: Callable[[Any], bool]) -> None:
+    """Give the kept-float readers of a float32 initializer that converted nodes read too their own copy, in place.
+    The converter leaves an initializer float32 when any reader is blocked, so its converted readers would mix
+    float32 and float16 inputs (an invalid graph; e.g. one shared scalar 0 for the mask thresholds and a Where)."""
+    from onnx import TensorProto
+
+    weights = {i.name: i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    readers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in set(node.input) & weights.keys():
+            readers.setdefault(name, []).append(node)
+    for name, nodes in readers.items():
+        kept = [n for n in nodes if kept_float(n)]
+        if not kept or len(kept) == len(nodes):
+            continue
+        copy = model.graph.initializer.add()
+        copy.CopyFrom(weights[name])
+        copy.name = f"{name}__float32"
+        for node in kept:
+            for k, tensor in enumerate(node.input):
+                if tensor == name:
+                    node.input[k] = copy.name
+
+
+def retarget_float_casts(model: Any) -> None:
+    """Make the graph's own Casts to float32 (e.g. bool masks -> float) cast to float16 where the converter typed
+    their output float16, in place: it retypes every unblocked tensor but leaves a Cast's ``to`` as it was, and
+    ONNX Runtime refuses the mismatch. Its own Casts to float32 (before blocked nodes) keep float32 outputs."""
+    from onnx import TensorProto
+
+    fp16_values = {vi.name for vi in (*model.graph.value_info, *model.graph.output)
+                   if vi.type.tensor_type.elem_type == TensorProto.FLOAT16}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.output[0] in fp16_values:
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == TensorProto.FLOAT:
+                    attr.i = TensorProto.FLOAT16
 
 
 def ops_without_type(model: Any, type_name: str) -> set[str]:

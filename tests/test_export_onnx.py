@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime")
 
 from m2f.export import check_onnx, to_onnx  # noqa: E402
 from m2f.export.plugins import TRT_MSDA  # noqa: E402
-from tests.utils import fresh_seed, has_tensorrt_runtime  # noqa: E402
+from tests.utils import fresh_seed, has_tensorrt_runtime, tiny_hf_checkpoint  # noqa: E402
 
 HEIGHT, WIDTH = 128, 192  # export size of the full-size models (multiples of 32, non-square)
 RTOL = 1e-4
@@ -139,27 +139,9 @@ def test_plugin_mode_graph(tmp_path):
 
 
 def _tiny_hf_dir(tmp_path_factory, backbone: str) -> tuple[Path, int]:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     seed = fresh_seed()
-    torch.manual_seed(seed)
-    if backbone == "swin":
-        bb = transformers.SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=2,
-                                     drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3", "stage4"])
-    else:
-        bb = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 2, 1, 1],
-                                       layer_type="bottleneck", out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = transformers.Mask2FormerConfig(
-        backbone_config=bb, feature_size=64, mask_feature_size=48, hidden_dim=64, encoder_layers=2,
-        encoder_feedforward_dim=96, num_attention_heads=8, decoder_layers=4, num_queries=7, dim_feedforward=80,
-        id2label={i: f"class{i}" for i in range(5)},
-    )
-    hf = transformers.Mask2FormerForUniversalSegmentation(config).eval()
-    with torch.no_grad():  # move every tensor off its init value (zero biases would hide layout mistakes)
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path = tmp_path_factory.mktemp(f"hf_{backbone}") / "checkpoint"
-    hf.save_pretrained(path)
-    return path, seed
+    return tiny_hf_checkpoint(tmp_path_factory.mktemp(f"hf_{backbone}") / "checkpoint", backbone, seed), seed
 
 
 @pytest.fixture(scope="module")

@@ -208,3 +208,28 @@ def offline_env(hf_home) -> dict[str, str]:
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HTTP_PROXY=closed, HTTPS_PROXY=closed, ALL_PROXY=closed,
                http_proxy=closed, https_proxy=closed)
     return env
+
+
+def tiny_hf_checkpoint(path, backbone: str, seed: int):
+    """A tiny Hugging Face Mask2Former checkpoint (``save_pretrained`` folder at ``path``) with a Swin or ResNet
+    backbone, its weights moved off their init values (zero biases would hide layout mistakes); returns ``path``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if backbone == "swin":
+        bb = transformers.SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=2,
+                                     drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3", "stage4"])
+    else:
+        bb = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 2, 1, 1],
+                                       layer_type="bottleneck", out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = transformers.Mask2FormerConfig(
+        backbone_config=bb, feature_size=64, mask_feature_size=48, hidden_dim=64, encoder_layers=2,
+        encoder_feedforward_dim=96, num_attention_heads=8, decoder_layers=4, num_queries=7, dim_feedforward=80,
+        id2label={i: f"class{i}" for i in range(5)},
+    )
+    hf = transformers.Mask2FormerForUniversalSegmentation(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(path)
+    return path

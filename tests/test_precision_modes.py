@@ -1,0 +1,165 @@
+"""Precision and the attention op modes / dynamic shapes: fp16 / bf16 / int8 dynamic exports of the shipped default
+model with decomposed ops (run by `m2f export check` at two sizes and batches), fp16 / bf16 with plugin nodes (checker
+and node census; ONNX Runtime cannot run them), int8 with plugin nodes refused in one line (its calibration runs the
+graph in ONNX Runtime), the manifests, and a dynamic fp16 export of a tiny HF Swin checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxconverter_common")
+
+from m2f.cli import main  # noqa: E402
+from m2f.export.plugins import M2F_MASKED_ATTENTION, TRT_MSDA  # noqa: E402
+from tests.utils import fresh_seed, tiny_hf_checkpoint  # noqa: E402
+
+LOW_PRECISIONS = ("fp16", "bf16", "int8")
+LOW_TYPES = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+PLUGIN_OPS = {(TRT_MSDA.op_type, TRT_MSDA.domain), (M2F_MASKED_ATTENTION.op_type, M2F_MASKED_ATTENTION.domain)}
+HEIGHT, WIDTH = 64, 96
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory):
+    """Two unseen synthetic scenes to calibrate int8 on (a seed of this session, not the training seeds 0 / 1)."""
+    seed = 2 + fresh_seed("calib_dir")
+    out = tmp_path_factory.mktemp("calib") / "synth"
+    assert main(["data", "synth", "--out", str(out), "--num", "2", "--size", f"{HEIGHT}x{WIDTH}", "--seed",
+                 str(seed), "--quiet"]) == 0
+    return out / "images"
+
+
+def _export(out: Path, precision: str, calib: Path, *args: str) -> dict:
+    from m2f.assets import default_checkpoint_path
+
+    argv = ["export", "onnx", "--checkpoint", str(default_checkpoint_path()), "--output", str(out), "--height",
+            str(HEIGHT), "--width", str(WIDTH), "--dynamic", "--precision", precision, "--quiet", *args]
+    if precision == "int8":
+        argv += ["--calib", str(calib), "--calib-images", "2"]
+    assert main(argv) == 0
+    return json.loads(out.with_name(out.name + ".json").read_text())
+
+
+def _assert_dynamic(proto, manifest: dict) -> None:
+    pixel = proto.graph.input[0]
+    dims = pixel.type.tensor_type.shape.dim
+    assert pixel.name == "pixel_values" and pixel.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.HasField("dim_param") for d in dims] == [True, False, True, True], dims
+    assert manifest["dynamic"] and all(isinstance(manifest["inputs"][0]["shape"][i], str) for i in (0, 2, 3))
+
+
+def _assert_precision_recorded(proto, manifest: dict, precision: str) -> None:
+    """The manifest names the precision, the kept-float nodes (each a node of the graph, with a reason) and, for
+    int8, the quantized layers; the graph holds what the manifest says."""
+    details = manifest["precision_details"]
+    names = {n.name for n in proto.graph.node}
+    assert manifest["precision"] == precision and details["kept_float"], details
+    assert set(details["kept_float"]) <= names, set(details["kept_float"]) - names
+    assert sum(details["kept_float_reasons"].values()) == len(details["kept_float"]), details["kept_float_reasons"]
+    ops = {n.op_type for n in proto.graph.node}
+    if precision == "int8":
+        assert details["quantized"] and {"QuantizeLinear", "DequantizeLinear"} <= ops, details
+        assert not set(details["quantized"]) & set(details["kept_float"])
+    else:
+        low = [i.name for i in proto.graph.initializer if i.data_type in LOW_TYPES]
+        assert details["low_precision_nodes"] > 0 and low, details
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+def test_decomposed_dynamic_graph_passes_check_at_two_sizes(precision, calib_dir, tmp_path, capsys):
+    out = tmp_path / f"default_{precision}.onnx"
+    manifest = _export(out, precision, calib_dir)
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    assert (manifest["msda"], manifest["masked_attn"]) == ("decomposed", "standard")
+    _assert_dynamic(proto, manifest)
+    _assert_precision_recorded(proto, manifest, precision)
+    report_path = tmp_path / "check.json"
+    code = main(["export", "check", str(out), "--report", str(report_path), "--quiet"])
+    printed = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert code == 0 and report["verdict"] == "pass", (printed, report["reasons"])
+    runs = report["parity"]["runs"]
+    assert report["precision"] == precision and f"precision {precision}" in printed, printed
+    assert {(r["batch"], r["height"], r["width"]) for r in runs} >= {(1, HEIGHT, WIDTH)} and len(runs) == 2, runs
+    assert any(r["batch"] > 1 and (r["height"], r["width"]) != (HEIGHT, WIDTH) for r in runs), runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_plugin_graph_keeps_every_plugin_node_float32(precision, calib_dir, tmp_path, capsys):
+    out = tmp_path / f"default_{precision}.trt.onnx"
+    manifest = _export(out, precision, calib_dir, "--target", "tensorrt")
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    _assert_dynamic(proto, manifest)
+    _assert_precision_recorded(proto, manifest, precision)
+    msda = [n for n in proto.graph.node if n.op_type == TRT_MSDA.op_type]
+    masked = [n for n in proto.graph.node if n.op_type == M2F_MASKED_ATTENTION.op_type]
+    assert (manifest["msda"], manifest["masked_attn"]) == ("plugin", "plugin")
+    assert len(msda) == manifest["expected_plugin_nodes"] == manifest["plugin_nodes"] > 0, manifest
+    assert len(masked) == manifest["expected_masked_attention_nodes"] == manifest["masked_attention_nodes"] > 0
+    assert "GridSample" not in {n.op_type for n in proto.graph.node}
+    plugins = [n for n in proto.graph.node if (n.op_type, n.domain) in PLUGIN_OPS]
+    kept = manifest["precision_details"]["kept_float"]
+    assert all(n.name in kept for n in plugins), [n.name for n in plugins if n.name not in kept]
+    # a plugin's interface takes one float dtype: no input may arrive in fp16 / bf16
+    low_casts = {n.output[0] for n in proto.graph.node if n.op_type == "Cast"
+                 and any(a.name == "to" and a.i in LOW_TYPES for a in n.attribute)}
+    low_weights = {i.name for i in proto.graph.initializer if i.data_type in LOW_TYPES}
+    for node in plugins:
+        for name in node.input:
+            assert name not in low_casts | low_weights, (node.name, name)
+    code = main(["export", "check", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0 and f"{len(msda)} MultiscaleDeformableAttnPlugin_TRT nodes" in printed, printed
+
+
+@pytest.mark.parametrize("modes", [["--target", "tensorrt"], ["--msda", "plugin"], ["--masked-attn", "plugin"]])
+def test_int8_with_plugin_nodes_is_refused_in_one_line(modes, calib_dir, tmp_path, capsys):
+    from m2f.assets import default_checkpoint_path
+
+    out = tmp_path / "out"
+    out.mkdir()
+    code = main(["export", "onnx", "--checkpoint", str(default_checkpoint_path()), "--output", str(out / "m.onnx"),
+                 "--height", str(HEIGHT), "--width", str(WIDTH), "--precision", "int8", "--calib", str(calib_dir),
+                 *modes])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("m2f: error: --precision int8 cannot calibrate"), lines
+    assert "--msda decomposed --masked-attn standard" in lines[0] and not list(out.iterdir())
+
+
+@pytest.fixture(scope="module")
+def hf_swin(tmp_path_factory):
+    pytest.importorskip("transformers")
+    seed = fresh_seed("hf_swin")
+    return tiny_hf_checkpoint(tmp_path_factory.mktemp("hf_swin") / "checkpoint", "swin", seed), seed
+
+
+def test_hf_swin_dynamic_fp16_export_passes_check_at_two_sizes_and_batches(hf_swin, tmp_path, capsys):
+    ckpt, seed = hf_swin
+    out = tmp_path / "swin_fp16.onnx"
+    code = main(["export", "onnx", "--checkpoint", str(ckpt), "--output", str(out), "--height", "96", "--width", "160",
+                 "--dynamic", "--precision", "fp16", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads(out.with_name(out.name + ".json").read_text())
+    proto = onnx.load(str(out))
+    _assert_dynamic(proto, manifest)
+    _assert_precision_recorded(proto, manifest, "fp16")
+    report_path = tmp_path / "check.json"
+    code = main(["export", "check", str(out), "--report", str(report_path), "--quiet"])
+    printed = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert code == 0 and report["verdict"] == "pass", (seed, printed, report["reasons"])
+    runs = report["parity"]["runs"]
+    assert report["precision"] == "fp16" and len(runs) == 2, (seed, runs)
+    assert len({(r["batch"], r["height"], r["width"]) for r in runs}) == 2 and max(r["batch"] for r in runs) > 1
+    assert len({(r["height"], r["width"]) for r in runs}) == 2, runs
+    for run in runs:  # float16 is rounding there (not float32) and within check's fp16 bound
+        errs = [e["rel_err"] for e in run["outputs"].values() if "rel_err" in e]
+        assert errs and all(1e-6 < e <= report["parity"]["rtol"] for e in errs), (seed, run)
