@@ -35,6 +35,8 @@ from .manifest import load_onnx, new_manifest, read_manifest, sha256_file, write
 if TYPE_CHECKING:  # the calls on TensorRT's objects are type-checked against tensorrt-stubs (pyproject's mypy)
     import tensorrt
 
+    from m2f.export.manifest import Manifest
+
 log = logging.getLogger("m2f.export")
 
 Shape = tuple[int, int, int, int]
@@ -75,7 +77,7 @@ class Profile:
         return self
 
 
-def default_profile(manifest: dict[str, Any], min_shape: Shape | None, opt_shape: Shape | None,
+def default_profile(manifest: "Manifest | dict[str, Any]", min_shape: Shape | None, opt_shape: Shape | None,
                     max_shape: Shape | None) -> Profile:
     """Fill the profile from the manifest: the export shape; a dynamic batch up to max(8, export batch)."""
     batch, height, width = manifest["batch"], manifest["height"], manifest["width"]
@@ -144,7 +146,7 @@ def set_msda_plugin_version(model: Any, version: str) -> str | None:
 
 def _trt10_weak_typing(trt: Any, config: tensorrt.IBuilderConfig, precision: str,
                        trt_profile: tensorrt.IOptimizationProfile, calib_dir: Any, calib_images: int,
-                       profile: Profile, manifest: dict[str, Any], output: Path) -> None:
+                       profile: Profile, manifest: "Manifest | dict[str, Any]", output: Path) -> None:
     """TensorRT 10.x's weak typing: a precision flag (and for int8 an entropy calibrator). Removed in 11.x."""
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
@@ -234,7 +236,8 @@ def build_engine(
     if workspace_gb <= 0:
         raise InputError(f"--workspace must be > 0 GB, got {workspace_gb}")
     check_can_write(output, force=force)
-    manifest: dict[str, Any] = read_manifest(onnx_path, kind="onnx") or {}  # required: never None here
+    manifest = read_manifest(onnx_path, kind="onnx")
+    assert manifest is not None  # required=True: a missing manifest raised
     profile = default_profile(manifest, min_shape, opt_shape, max_shape)
     graph_precision = manifest.get("precision", "fp32")
 

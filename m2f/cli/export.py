@@ -219,7 +219,9 @@ def run_target(args: argparse.Namespace) -> int:
 
     path = targets.get(args.target).run_cli(args)
     manifest = read_manifest(path)
-    print(f"wrote {path} ({args.target}, {manifest.precision}) and its manifest")
+    typing = manifest.details.get("typing")  # TensorRT: "strong" (the graph's own types) or "weak" (10.x flags)
+    how = {"strong": ", strongly typed", "weak": ", weak typing"}.get(typing, "")
+    print(f"wrote {path} ({args.target}, {manifest.precision}{how}) and its manifest")
     return 0
 
 
