@@ -201,7 +201,8 @@ def test_pipeline_workdir(hf_resnet, tmp_path, capsys):
     work = tmp_path / "work"
     if not has_tensorrt_runtime():  # TensorRT stages refused before any work is done
         code = main(["export", "pipeline", "--checkpoint", str(ckpt), "--workdir", str(work), "--tensorrt"])
-        assert code == 2 and "TensorRT >= 10.3 is not installed" in capsys.readouterr().err
+        err = capsys.readouterr().err  # no TensorRT, or only tensorrt-stubs (a test extra): no runtime either way
+        assert code == 2 and ("TensorRT >= 10.3 is not installed" in err or "has no runtime" in err), err
         assert list(tmp_path.iterdir()) == []
     code = main(["export", "pipeline", "--checkpoint", str(ckpt), "--workdir", str(work), "--height", "64",
                  "--width", "96"])

@@ -335,7 +335,7 @@ def test_cli_masked_attn_flag(tmp_path, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("m2f: error: ") and "--masked-attn" in lines[0], err
-    assert "'standard', 'plugin'" in lines[0] and list(tmp_path.iterdir()) == []
+    assert "standard, plugin" in lines[0] and list(tmp_path.iterdir()) == []
     with pytest.raises(InputError, match="--masked-attn"):
         validate_export_args(64, 64, 1, 18, "none", masked_attn="Plugin")
     assert validate_export_args(64, 64, 1, 18, "none", masked_attn="plugin") == {"msda": "decomposed",

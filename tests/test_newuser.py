@@ -85,7 +85,7 @@ def test_export_and_check_a_triton_backend_model_on_the_cpu(tmp_path, monkeypatc
     model = m2f.build_model(cfg, backend="triton").eval()
     to_onnx(model, tmp_path / "m.onnx", height=64, width=64)
     report = check_onnx(tmp_path / "m.onnx", model)
-    assert report["verdict"] == "pass", report.get("reasons")
+    assert report.verdict == "pass", report.reasons
     with pytest.raises(InputError, match=r"check_onnx's second argument must be a checkpoint path or an m2f model, "
                                          r"got int; call check_onnx\(path, model\)"):
         check_onnx(tmp_path / "m.onnx", 3)
