@@ -76,7 +76,7 @@ def test_decomposed_dynamic_graph_passes_check_at_two_sizes(precision, calib_dir
     manifest = _export(out, precision, calib_dir)
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto, full_check=True)
-    assert (manifest["msda"], manifest["masked_attn"]) == ("decomposed", "standard")
+    assert (manifest["ops"]["msda"]["mode"], manifest["ops"]["masked_attn"]["mode"]) == ("decomposed", "standard")
     _assert_dynamic(proto, manifest)
     _assert_precision_recorded(proto, manifest, precision)
     report_path = tmp_path / "check.json"
@@ -85,7 +85,7 @@ def test_decomposed_dynamic_graph_passes_check_at_two_sizes(precision, calib_dir
     report = json.loads(report_path.read_text())
     assert code == 0 and report["verdict"] == "pass", (printed, report["reasons"])
     runs = report["parity"]["runs"]
-    assert report["precision"] == precision and f"precision {precision}" in printed, printed
+    assert report["manifest"]["precision"] == precision and f"precision {precision}" in printed, printed
     assert {(r["batch"], r["height"], r["width"]) for r in runs} >= {(1, HEIGHT, WIDTH)} and len(runs) == 2, runs
     assert any(r["batch"] > 1 and (r["height"], r["width"]) != (HEIGHT, WIDTH) for r in runs), runs
 
@@ -101,7 +101,7 @@ def test_plugin_graph_keeps_every_plugin_node_float32(precision, calib_dir, tmp_
     _assert_precision_recorded(proto, manifest, precision)
     msda = [n for n in proto.graph.node if n.op_type == TRT_MSDA.op_type]
     masked = [n for n in proto.graph.node if n.op_type == M2F_MASKED_ATTENTION.op_type]
-    assert (manifest["msda"], manifest["masked_attn"]) == ("plugin", "plugin")
+    assert (manifest["ops"]["msda"]["mode"], manifest["ops"]["masked_attn"]["mode"]) == ("plugin", "plugin")
     assert len(msda) == manifest["expected_plugin_nodes"] == manifest["plugin_nodes"] > 0, manifest
     assert len(masked) == manifest["expected_masked_attention_nodes"] == manifest["masked_attention_nodes"] > 0
     assert "GridSample" not in {n.op_type for n in proto.graph.node}
@@ -157,7 +157,7 @@ def test_hf_swin_dynamic_fp16_export_passes_check_at_two_sizes_and_batches(hf_sw
     report = json.loads(report_path.read_text())
     assert code == 0 and report["verdict"] == "pass", (seed, printed, report["reasons"])
     runs = report["parity"]["runs"]
-    assert report["precision"] == "fp16" and len(runs) == 2, (seed, runs)
+    assert report["manifest"]["precision"] == "fp16" and len(runs) == 2, (seed, runs)
     assert len({(r["batch"], r["height"], r["width"]) for r in runs}) == 2 and max(r["batch"] for r in runs) > 1
     assert len({(r["height"], r["width"]) for r in runs}) == 2, runs
     for run in runs:  # float16 is rounding there (not float32) and within check's fp16 bound
