@@ -119,20 +119,13 @@ def _producers(model: Any) -> dict[str, Any]:
 
 def _chain(producers: dict[str, Any], tensors: Iterable[str], keep: set[str]) -> None:
     """Add to ``keep`` the nodes computing ``tensors``, walking back to (and including) the nearest layer."""
-    stack = list(tensors)
-    seen: set[str] = set()
-    while stack:
-        tensor = stack.pop()
-        if tensor in seen or tensor not in producers:
-            continue
-        seen.add(tensor)
-        node = producers[tensor]
-        keep.add(node.name)
-        if node.op_type not in CHAIN_STOP_OPS:
-            stack.extend(i for i in node.input if i)
+    keep.update(_ancestors(producers, tensors, stop_ops=CHAIN_STOP_OPS))
 
 
-def _ancestors(producers: dict[str, Any], outputs: Iterable[str]) -> set[str]:
+def _ancestors(producers: dict[str, Any], outputs: Iterable[str], stop_ops: Iterable[str] = ()) -> set[str]:
+    """The names of the nodes computing ``outputs``, walking back through inputs; a node of ``stop_ops`` is included
+    but not walked past."""
+    stop = set(stop_ops)
     names: set[str] = set()
     stack, seen = list(outputs), set()
     while stack:
@@ -142,7 +135,8 @@ def _ancestors(producers: dict[str, Any], outputs: Iterable[str]) -> set[str]:
         seen.add(tensor)
         node = producers[tensor]
         names.add(node.name)
-        stack.extend(i for i in node.input if i)
+        if node.op_type not in stop:
+            stack.extend(i for i in node.input if i)
     return names
 
 
