@@ -228,12 +228,14 @@ def run_parity(
     seed: int | None = None,
     precision: str = "fp32",
 ) -> list[dict[str, Any]]:
-    """Run ``runner`` and the float32 PyTorch module on the same fresh random inputs at each size (inputs stable at
-    ``precision``: a draw its rounding alone would flip across a mask threshold is drawn again)."""
+    """Run ``runner`` and the float32 PyTorch module on the same random inputs at each size (inputs stable at
+    ``precision``: a draw its rounding alone would flip across a mask threshold is drawn again). Without ``seed``,
+    the seed is drawn from torch's global generator, so a caller that seeds torch (the test suite) replays a check,
+    and every result records its seed."""
     import torch
 
     generator = torch.Generator()
-    seed = int(seed if seed is not None else torch.seed() % (2**31))
+    seed = int(seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item())
     generator.manual_seed(seed)
     results = []
     for size in sizes:

@@ -174,7 +174,16 @@ def _cli_export_and_check(ckpt: Path, out: Path, postprocess: str, seed: int, ca
 
 def test_hf_swin_checkpoint_cli_export_and_check(hf_swin, tmp_path, capsys):
     ckpt, seed = hf_swin
-    _cli_export_and_check(ckpt, tmp_path / "swin.onnx", "none", seed, capsys)
+    out = tmp_path / "swin.onnx"
+    _cli_export_and_check(ckpt, out, "none", seed, capsys)
+    # the printed / recorded seed replays the check's inputs exactly
+    first = json.loads(out.with_name(out.stem + ".check.json").read_text())["parity"]["runs"]
+    replay = tmp_path / "replay.json"
+    assert main(["export", "check", str(out), "--report", str(replay), "--seed", str(first[0]["seed"])]) == 0
+    printed = capsys.readouterr().out
+    again = json.loads(replay.read_text())["parity"]["runs"]
+    assert f"inputs of --seed {first[0]['seed']}" in printed, printed
+    assert [r["outputs"] for r in again] == [r["outputs"] for r in first], (seed, first, again)
 
 
 @pytest.mark.parametrize("postprocess", ["semantic", "instance"])

@@ -64,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--checkpoint", default=None, help="checkpoint to compare against (default: the manifest's)")
     c.add_argument("--report", default=None, help="write the JSON report here")
     c.add_argument("--force", action="store_true", help="overwrite an existing report")
+    c.add_argument("--seed", type=int, default=None,
+                   help="seed of the random check inputs (default: drawn from torch's generator; printed and in the report)")
     add_threads_option(c)
     add_quiet_option(c)
     c.set_defaults(func=run_check)
@@ -185,8 +187,9 @@ def _print_check(report) -> int:
     print(f"{report.file}: {report.verdict}  ({report.target}{'; ' if summary else ''}{', '.join(summary)})")
     precision = (report.manifest or {}).get("precision")
     if precision:
+        runs = report.parity.get("runs")
         print(f"  precision {precision}: compared with the float32 PyTorch model"
-              + (f" ({report.parity['runs'][0]['runtime']})" if report.parity.get("runs") else ""))
+              + (f" ({runs[0]['runtime']}, inputs of --seed {runs[0]['seed']})" if runs else ""))
     if "skipped" in report.parity:
         print(f"  parity: skipped - {report.parity['skipped']}")
     for run in report.parity.get("runs", []):
@@ -206,7 +209,7 @@ def run_check(args: argparse.Namespace) -> int:
     _setup_logging(args)
     from m2f.export.check import check_model
 
-    report = check_model(args.file, checkpoint=args.checkpoint, report=args.report, force=args.force)
+    report = check_model(args.file, checkpoint=args.checkpoint, report=args.report, seed=args.seed, force=args.force)
     code = _print_check(report)
     if args.report:
         print(f"report: {args.report}")
