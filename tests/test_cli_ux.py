@@ -365,6 +365,28 @@ def test_every_option_of_every_command_is_documented_and_consistent():
                 assert action.choices == runtime.DEVICES and action.default == "auto", f"{command} --device"
 
 
+def test_every_checkpoint_argument_says_it_takes_hub_ids_too():
+    """--checkpoint, --reference-checkpoint, train's --init and convert's SRC all read local folders / files and hub
+    ids (through resolve_checkpoint); every command's --help says so in the same words."""
+    from m2f.cli.options import CHECKPOINT_KINDS
+
+    assert "facebook/mask2former-" in CHECKPOINT_KINDS and "hf://OWNER/NAME@REVISION" in CHECKPOINT_KINDS
+    flat_kinds = "".join(CHECKPOINT_KINDS.split())  # --help wraps lines, at hyphens too
+    seen = set()
+    for command, parser in subcommand_parsers(build_parser()):
+        arguments = [a for a in parser._actions if {"--checkpoint", "--reference-checkpoint", "--init"}
+                     & set(a.option_strings) or (command, a.metavar) == ("m2f convert", "SRC")]
+        for action in arguments:
+            name = f"{command} {(action.option_strings or [action.metavar])[0]}"
+            seen.add(name)
+            assert CHECKPOINT_KINDS in action.help, f"{name}: {action.help}"
+        assert "".join(parser.format_help().split()).count(flat_kinds) == len(arguments), f"{command} --help"
+    assert seen == {"m2f predict --checkpoint", "m2f eval --checkpoint", "m2f eval --reference-checkpoint",
+                    "m2f export onnx --checkpoint", "m2f export check --checkpoint", "m2f export pipeline --checkpoint",
+                    "m2f export openvino --checkpoint", "m2f serve --checkpoint", "m2f bench model --checkpoint",
+                    "m2f bench serve --checkpoint", "m2f train --init", "m2f convert SRC"}, seen
+
+
 def test_old_spellings_still_work(tmp_path):
     parser = build_parser()
     assert parser.parse_args(["export", "onnx", "--checkpoint", "c", "--output", "m.onnx"]).output == "m.onnx"
