@@ -119,6 +119,55 @@ def test_progress_is_plain_lines_in_a_log_and_nothing_when_quiet(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_progress_after_a_resume_counts_on_and_shows_the_postfix(capsys):
+    with runtime.progress_bar(10, "train", unit="it", initial=4) as bar:
+        bar.set_postfix(loss="0.500", lr="1.00e-04")
+        for _ in range(6):
+            bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[-1].split()[0] for line in lines] == ["5/10", "6/10", "7/10", "8/10", "9/10", "10/10"]
+    assert re.fullmatch(r"m2f: train \(loss 0\.500, lr 1\.00e-04\): 10/10 it \([\d.]+ s\)", lines[-1]), lines
+    assert without_progress("\n".join(lines)) == [], "the postfix keeps the line a progress line"
+
+
+def _progress_lines(err: str, what: str) -> list[str]:
+    """The `m2f: WHAT...: N/M UNIT (S s)` lines of ``err``; fails on any other line (warnings, a tqdm bar)."""
+    assert without_progress(err) == [], err
+    assert "\r" not in err and "%|" not in err, f"a terminal's bar in a log: {err!r}"
+    return [line for line in err.splitlines() if re.fullmatch(rf"m2f: {what}.*: \d+/\d+ \S+ \([\d.]+ s\)", line)]
+
+
+def test_synth_eval_and_train_print_plain_progress_lines_in_a_log_and_nothing_when_quiet(tmp_path, capsys, rng):
+    """capsys's stderr is no terminal: each command prints plain progress lines there (counting on after a resume),
+    and nothing at all under --quiet."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
+    synth = ["data", "synth", "--num", "3", "--size", "64x64", "--seed", str(seed)]
+    assert main([*synth, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert capsys.readouterr().err == "", f"seed {seed}"
+    assert main([*synth, "--out", str(tmp_path / "synth")]) == 0
+    lines = _progress_lines(capsys.readouterr().err, "synth")
+    assert [line.split()[2] for line in lines] == ["1/3", "2/3", "3/3"], f"seed {seed}: {lines}"
+
+    evaluate = ["eval", "--data", str(tmp_path / "synth"), "--limit", "2", "--threads", "1"]
+    assert main([*evaluate, "--quiet"]) == 0
+    assert capsys.readouterr().err == "", f"seed {seed}"
+    assert main(evaluate) == 0
+    lines = _progress_lines(capsys.readouterr().err, "eval panoptic")
+    assert lines[-1].startswith("m2f: eval panoptic: 2/2 img"), f"seed {seed}: {lines}"
+
+    config = tmp_path / "six_classes.json"
+    config.write_text(json.dumps({"num_classes": 6}))
+    run = tmp_path / "run"
+    train = ["train", "--data", str(tmp_path / "synth"), "--out", str(run), "--threads", "1"]
+    assert main([*train, "--config", str(config), "--iters", "1", "--batch-size", "1", "--num-points", "64",
+                 "--device", "cpu", "--log-every", "1", "--seed", str(seed), "--quiet"]) == 0
+    assert capsys.readouterr().err == "", f"seed {seed}"
+    assert main([*train, "--resume", "--iters", "3"]) == 0
+    lines = _progress_lines(capsys.readouterr().err, "train")
+    assert [line.split(": ")[-1].split()[0] for line in lines] == ["2/3", "3/3"], f"seed {seed}: {lines}"
+    assert re.match(r"m2f: train \(loss [\d.]+, lr [\d.e+-]+\): 3/3 it", lines[-1]), f"seed {seed}: {lines}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # overlays
 # ---------------------------------------------------------------------------------------------------------------
