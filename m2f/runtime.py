@@ -153,10 +153,15 @@ def _on_terminal() -> bool:
 class _LogLines:
     """tqdm's interface, as plain lines for a log: one every tenth of ``total`` or every LOG_EVERY_S seconds."""
 
-    def __init__(self, total: int, desc: str, unit: str) -> None:
-        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0) -> None:
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self._start = self._last_time = time.perf_counter()
-        self._last_tenth = 0
+        self._last_tenth = initial * 10 // max(total, 1)
+        self._postfix = ""
+
+    def set_postfix(self, **values: Any) -> None:
+        """Shown in the next line, after the description (the line still ends with the count and the time)."""
+        self._postfix = " (" + ", ".join(f"{key} {value}" for key, value in values.items()) + ")"
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -164,7 +169,7 @@ class _LogLines:
         tenth = self.n * 10 // max(self.total, 1)
         if tenth > self._last_tenth or now - self._last_time >= LOG_EVERY_S or self.n >= self.total:
             self._last_tenth, self._last_time = tenth, now
-            print(f"m2f: {self.desc}: {self.n}/{self.total} {self.unit} ({now - self._start:.1f} s)",
+            print(f"m2f: {self.desc}{self._postfix}: {self.n}/{self.total} {self.unit} ({now - self._start:.1f} s)",
                   file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -182,15 +187,17 @@ class _Silent(_LogLines):
         self.n += n
 
 
-def progress_bar(total: int, desc: str, unit: str = "img", quiet: bool | None = None) -> Any:
-    """A context manager with ``update(n)``: tqdm on a terminal, plain lines in a log, nothing when quiet."""
+def progress_bar(total: int, desc: str, unit: str = "img", quiet: bool | None = None, initial: int = 0) -> Any:
+    """A context manager with ``update(n)`` and ``set_postfix(**values)``: tqdm on a terminal, plain lines in a log,
+    nothing when quiet (``quiet`` None: as :func:`set_quiet` said). ``initial``: the work already done (a resumed
+    run)."""
     if quiet if quiet is not None else _quiet:
-        return _Silent(total, desc, unit)
+        return _Silent(total, desc, unit, initial)
     if _on_terminal():
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
-    return _LogLines(total, desc, unit)
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=sys.stderr, dynamic_ncols=True)
+    return _LogLines(total, desc, unit, initial)
 
 
 def track(items: Iterable[Any], total: int, desc: str, unit: str = "img") -> Iterator[Any]:

@@ -119,6 +119,55 @@ def test_progress_is_plain_lines_in_a_log_and_nothing_when_quiet(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_progress_after_a_resume_counts_on_and_shows_the_postfix(capsys):
+    with runtime.progress_bar(10, "train", unit="it", initial=4) as bar:
+        bar.set_postfix(loss="0.500", lr="1.00e-04")
+        for _ in range(6):
+            bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[-1].split()[0] for line in lines] == ["5/10", "6/10", "7/10", "8/10", "9/10", "10/10"]
+    assert re.fullmatch(r"m2f: train \(loss 0\.500, lr 1\.00e-04\): 10/10 it \([\d.]+ s\)", lines[-1]), lines
+    assert without_progress("\n".join(lines)) == [], "the postfix keeps the line a progress line"
+
+
+def _progress_lines(err: str, what: str) -> list[str]:
+    """The `m2f: WHAT...: N/M UNIT (S s)` lines of ``err``; fails on any other line (warnings, a tqdm bar)."""
+    assert without_progress(err) == [], err
+    assert "\r" not in err and "%|" not in err, f"a terminal's bar in a log: {err!r}"
+    return [line for line in err.splitlines() if re.fullmatch(rf"m2f: {what}.*: \d+/\d+ \S+ \([\d.]+ s\)", line)]
+
+
+def test_synth_eval_and_train_print_plain_progress_lines_in_a_log_and_nothing_when_quiet(tmp_path, capsys, rng):
+    """capsys's stderr is no terminal: each command prints plain progress lines there (counting on after a resume),
+    and nothing at all under --quiet."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
+    synth = ["data", "synth", "--num", "3", "--size", "64x64", "--seed", str(seed)]
+    assert main([*synth, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert capsys.readouterr().err == "", f"seed {seed}"
+    assert main([*synth, "--out", str(tmp_path / "synth")]) == 0
+    lines = _progress_lines(capsys.readouterr().err, "synth")
+    assert [line.split()[2] for line in lines] == ["1/3", "2/3", "3/3"], f"seed {seed}: {lines}"
+
+    evaluate = ["eval", "--data", str(tmp_path / "synth"), "--limit", "2", "--threads", "1"]
+    assert main([*evaluate, "--quiet"]) == 0
+    assert capsys.readouterr().err == "", f"seed {seed}"
+    assert main(evaluate) == 0
+    lines = _progress_lines(capsys.readouterr().err, "eval panoptic")
+    assert lines[-1].startswith("m2f: eval panoptic: 2/2 img"), f"seed {seed}: {lines}"
+
+    config = tmp_path / "six_classes.json"
+    config.write_text(json.dumps({"num_classes": 6}))
+    run = tmp_path / "run"
+    train = ["train", "--data", str(tmp_path / "synth"), "--out", str(run), "--threads", "1"]
+    assert main([*train, "--config", str(config), "--iters", "1", "--batch-size", "1", "--num-points", "64",
+                 "--device", "cpu", "--log-every", "1", "--seed", str(seed), "--quiet"]) == 0
+    assert capsys.readouterr().err == "", f"seed {seed}"
+    assert main([*train, "--resume", "--iters", "3"]) == 0
+    lines = _progress_lines(capsys.readouterr().err, "train")
+    assert [line.split(": ")[-1].split()[0] for line in lines] == ["2/3", "3/3"], f"seed {seed}: {lines}"
+    assert re.match(r"m2f: train \(loss [\d.]+, lr [\d.e+-]+\): 3/3 it", lines[-1]), f"seed {seed}: {lines}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # overlays
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,6 +412,28 @@ def test_every_option_of_every_command_is_documented_and_consistent():
                 assert "default" in shown, f"{command} {name}: default {action.default!r} not shown ({help_text})"
             if action.dest == "device":
                 assert action.choices == runtime.DEVICES and action.default == "auto", f"{command} --device"
+
+
+def test_every_checkpoint_argument_says_it_takes_hub_ids_too():
+    """--checkpoint, --reference-checkpoint, train's --init and convert's SRC all read local folders / files and hub
+    ids (through resolve_checkpoint); every command's --help says so in the same words."""
+    from m2f.cli.options import CHECKPOINT_KINDS
+
+    assert "facebook/mask2former-" in CHECKPOINT_KINDS and "hf://OWNER/NAME@REVISION" in CHECKPOINT_KINDS
+    flat_kinds = "".join(CHECKPOINT_KINDS.split())  # --help wraps lines, at hyphens too
+    seen = set()
+    for command, parser in subcommand_parsers(build_parser()):
+        arguments = [a for a in parser._actions if {"--checkpoint", "--reference-checkpoint", "--init"}
+                     & set(a.option_strings) or (command, a.metavar) == ("m2f convert", "SRC")]
+        for action in arguments:
+            name = f"{command} {(action.option_strings or [action.metavar])[0]}"
+            seen.add(name)
+            assert CHECKPOINT_KINDS in action.help, f"{name}: {action.help}"
+        assert "".join(parser.format_help().split()).count(flat_kinds) == len(arguments), f"{command} --help"
+    assert seen == {"m2f predict --checkpoint", "m2f eval --checkpoint", "m2f eval --reference-checkpoint",
+                    "m2f export onnx --checkpoint", "m2f export check --checkpoint", "m2f export pipeline --checkpoint",
+                    "m2f export openvino --checkpoint", "m2f serve --checkpoint", "m2f bench model --checkpoint",
+                    "m2f bench serve --checkpoint", "m2f train --init", "m2f convert SRC"}, seen
 
 
 def test_old_spellings_still_work(tmp_path):

@@ -1,12 +1,15 @@
-"""What a new user meets first: the presets table, the model object's ecosystem methods, export from a model of any
-backend on the CPU, check_onnx(path, model), m2f without triton, and quiet exports."""
+"""What a new user meets first: a quiet install, the presets table, the model object's ecosystem methods, export from a
+model of any backend on the CPU, check_onnx(path, model), m2f without triton, and quiet exports."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,45 @@ from m2f.errors import InputError
 from tests.utils import without_progress
 
 pytest.importorskip("onnxruntime")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_editable_install_is_quiet(tmp_path):
+    """`make install`'s `pip install --quiet -e .` prints nothing: pip >= 25 shows a build backend's warnings even
+    under --quiet, and setuptools warns on every editable install of m2f's four-folder layout (build_backend/)."""
+    source = tmp_path / "clone"  # a copy, so that the install's m2f.egg-info is not written into this checkout
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "*.egg-info", "__pycache__", "build", "dist",
+                                                                 "demo_out", "out"))
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "venv"], check=True, timeout=60)
+    # this environment's pip and setuptools (the versions `make install` uses), without its installed packages (not
+    # imported here: setuptools' distutils shim refuses to load after the standard library's distutils)
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for name in ("pip", "setuptools", "_distutils_hack"):
+        os.symlink(Path(importlib.util.find_spec(name).origin).parent, tools / name)
+    site_packages = Path(importlib.util.find_spec("setuptools").origin).parents[1]
+    for info in site_packages.glob("setuptools-*.dist-info"):  # its entry points are its commands
+        os.symlink(info, tools / info.name)
+    python = tmp_path / "venv" / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True,
+                               capture_output=True, text=True, timeout=60).stdout.strip())
+    (site / "build_tools.pth").write_text(f"{tools}\n")
+    shutil.copy(site_packages / "distutils-precedence.pth", site)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull  # this machine's pip settings are not the project's
+    run = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+                          "-e", str(source)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    assert (run.stdout, run.stderr) == ("", ""), run.stdout + run.stderr
+    # the editable install finds m2f in the clone, and m2f.kernels / m2f.export / m2f.bench in its root folders
+    found = subprocess.run([python, "-c", "import importlib.util; print(importlib.util.find_spec('m2f').origin)"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert found.stdout.strip() == str(source / "m2f" / "__init__.py"), found.stderr
+    finder = next(site.glob("__editable__*finder.py")).read_text()
+    for name, folder in (("m2f.kernels", "kernels"), ("m2f.export", "export"), ("m2f.bench", "bench")):
+        assert f"'{name}': '{source / folder}'" in finder, finder
 
 
 @pytest.fixture(scope="module")

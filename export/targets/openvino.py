@@ -126,10 +126,10 @@ class OpenVINORunner(ClosingRunner):
 
 def _add_cli(p: argparse.ArgumentParser) -> None:
     from m2f.cli.export import add_export_size_options
-    from m2f.cli.options import add_out_option
+    from m2f.cli.options import add_checkpoint_option, add_out_option
 
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint to export (through a decomposed ONNX graph)")
+    add_checkpoint_option(src, "model to export (through a decomposed ONNX graph)")
     src.add_argument("--onnx", help="ONNX file written by `m2f export onnx` (standard ops)")
     add_out_option(p, "OpenVINO model directory to write", required=True, dest="output", old=("--output",))
     add_export_size_options(p)

@@ -14,7 +14,8 @@ MODEL_BACKENDS = ("hf-eager", "m2f-torch", "m2f-triton", "m2f-triton-compile", "
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from m2f.cli.options import add_device_option, add_out_option, add_quiet_option, add_threads_option
+    from m2f.cli.options import (add_checkpoint_option, add_device_option, add_out_option, add_quiet_option,
+                                 add_threads_option)
 
     p = sub.add_parser("bench", help="benchmark the kernels or the whole model")
     bsub = p.add_subparsers(dest="suite", metavar="SUITE")
@@ -52,13 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_threads_option(m)
     add_quiet_option(m, "progress bar", old=("--no-progress",))
     add_exported_model_options(m, what="benchmark it against its PyTorch model (CPU, its export size)")
-    m.add_argument("--checkpoint", default=None,
-                   help="with exported models: the PyTorch model they came from (default: their manifest's source)")
+    add_checkpoint_option(m, "with exported models, the PyTorch model they came from",
+                          default="their manifest's source")
     m.set_defaults(func=run_model)
 
     s = bsub.add_parser("serve", help="`m2f serve` under load on loopback: throughput, p50 / p99 latency, batch "
                         "sizes, with and without batching, on one and two replicas")
-    s.add_argument("--checkpoint", help="m2f / HF checkpoint folder (default: the shipped default model)")
+    add_checkpoint_option(s, "model to serve", default="the shipped default model")
     s.add_argument("--clients", type=int, default=8, help="concurrent clients (8)")
     s.add_argument("--requests", type=int, default=96, help="requests per setting (96)")
     s.add_argument("--replicas", default="1,2", help="replica counts, comma-separated (1,2)")

@@ -9,15 +9,15 @@ from m2f.io import check_can_write
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from m2f.cli.options import add_out_option, checkpoint_help
+
     p = sub.add_parser(
         "convert",
         help="convert a Hugging Face / official detectron2 checkpoint to m2f's format",
         description="Read a Hugging Face Mask2Former directory, an official .pkl / .pth checkpoint (needs --preset) "
         "or an m2f directory, check every tensor, and write an m2f directory (m2f_config.json + model.safetensors).",
     )
-    p.add_argument("src", metavar="SRC", help="checkpoint file or directory")
-    from m2f.cli.options import add_out_option
-
+    p.add_argument("src", metavar="SRC", help=checkpoint_help("checkpoint to convert"))
     add_out_option(p, "output directory", required=True, dest="output", old=("--output", "-o"))
     p.add_argument("--preset", metavar="NAME", help="architecture of an official checkpoint (see `m2f presets`)")
     p.add_argument("--force", action="store_true", help="overwrite DIR if it exists")

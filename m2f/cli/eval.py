@@ -12,18 +12,17 @@ from m2f.cli.exported import add_exported_model_options, exported_config, export
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from m2f.cli.options import add_device_option, add_quiet_option, add_threads_option
+    from m2f.cli.options import add_checkpoint_option, add_device_option, add_quiet_option, add_threads_option
 
     p = sub.add_parser("eval", help="score a model on a dataset: PQ (panoptic), mIoU (semantic), mask AP (instance)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder (see `m2f data --help` for the layouts)")
     p.add_argument("--format", choices=("panoptic", "instance", "semantic"), help="dataset format (default: detect)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="model to score: m2f / HF folder or official checkpoint "
-                     "(default: the shipped default model)")
+    add_checkpoint_option(src, "model to score", default="the shipped default model")
     add_exported_model_options(src)
     ref = p.add_mutually_exclusive_group()
-    ref.add_argument("--reference-checkpoint", help="treat this model's predictions as the ground truth")
+    add_checkpoint_option(ref, "treat this model's predictions as the ground truth", name="--reference-checkpoint")
     add_exported_model_options(ref, prefix="reference-", what="treat its predictions as the ground truth")
     p.add_argument("--config", help="config JSON for an exported model (default: from its `m2f export` manifest, "
                    "else m2f_config.json beside it)")

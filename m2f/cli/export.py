@@ -29,7 +29,7 @@ def _int(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from m2f.cli.options import add_out_option, add_quiet_option, add_threads_option
+    from m2f.cli.options import add_checkpoint_option, add_out_option, add_quiet_option, add_threads_option
 
     p = sub.add_parser("export", help=f"export to ONNX, {', '.join(t.name for t in targets.all_targets() if t.build)}, "
                                       "Triton Inference Server, with verification")
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     esub.required = True
 
     o = esub.add_parser("onnx", help="export a checkpoint to ONNX (+ manifest)")
-    o.add_argument("--checkpoint", required=True, help="m2f / HF / official checkpoint (file or directory)")
+    add_checkpoint_option(o, "model to export", required=True)
     add_out_option(o, "ONNX file to write", required=True, dest="output", old=("--output",))
     add_export_size_options(o)
     o.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8"),
@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = esub.add_parser("check", help="structure, target op support and parity against PyTorch of an exported model")
     c.add_argument("file", help="a model written by `m2f export` (.onnx file, engine, OpenVINO directory)")
-    c.add_argument("--checkpoint", default=None, help="checkpoint to compare against (default: the manifest's)")
+    add_checkpoint_option(c, "model to compare against", default="the manifest's source")
     c.add_argument("--report", default=None, help="write the JSON report here")
     c.add_argument("--force", action="store_true", help="overwrite an existing report")
     c.add_argument("--seed", type=int, default=None,
@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             t.set_defaults(func=run_target, target=target.name)
 
     w = esub.add_parser("pipeline", help="export -> check [-> build -> run -> compare] in one work dir")
-    w.add_argument("--checkpoint", required=True, help="checkpoint (file or directory)")
+    add_checkpoint_option(w, "model to export", required=True)
     add_out_option(w, "folder for every stage's artifact + pipeline.json", required=True, dest="workdir",
                    old=("--workdir",))
     add_export_size_options(w)

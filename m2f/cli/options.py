@@ -76,6 +76,24 @@ def add_out_option(parser: argparse.ArgumentParser, help: str, *, required: bool
         group.add_argument(name, dest=dest, default=default, help=argparse.SUPPRESS)
 
 
+# what every checkpoint argument reads (all go through m2f.checkpoints.resolve_checkpoint), in the same words everywhere
+CHECKPOINT_KINDS = ("an m2f / Hugging Face folder, an official detectron2 .pkl / .pth file, or a Hugging Face hub id "
+                    "(facebook/mask2former-swin-tiny-coco-panoptic, hf://OWNER/NAME@REVISION)")
+
+
+def checkpoint_help(what: str, default: str | None = None) -> str:
+    """``WHAT: CHECKPOINT_KINDS (default: DEFAULT)``, the help of every checkpoint argument."""
+    text = f"{what}: {CHECKPOINT_KINDS}"
+    return f"{text} (default: {default})" if default else text
+
+
+def add_checkpoint_option(parser: argparse.ArgumentParser, what: str, *, name: str = "--checkpoint",
+                          default: str | None = None, required: bool = False) -> None:
+    """``--checkpoint`` (or ``name``, e.g. ``--reference-checkpoint``) with :func:`checkpoint_help`; ``default``
+    says in words what an absent option means (the value itself stays None)."""
+    parser.add_argument(name, required=required, default=None, metavar="CKPT", help=checkpoint_help(what, default))
+
+
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for PyTorch and ONNX Runtime (default: the idle physical cores this "

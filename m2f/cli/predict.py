@@ -46,8 +46,8 @@ INDEX_NAME = "predictions.json"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from m2f.cli.options import (add_device_option, add_out_option, add_quiet_option, add_threads_option,
-                                 probability)
+    from m2f.cli.options import (add_checkpoint_option, add_device_option, add_out_option, add_quiet_option,
+                                 add_threads_option, probability)
 
     p = sub.add_parser(
         "predict",
@@ -60,8 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"video files ({', '.join(VIDEO_SUFFIXES)}; needs pip install 'm2f[video]')")
     p.add_argument("--every", type=int, default=1, metavar="N", help="videos: segment every N-th frame")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", default=None, metavar="PATH",
-                        help="m2f / Hugging Face directory or an official checkpoint file (default: the shipped model)")
+    add_checkpoint_option(source, "model to run", default="the shipped default model")
     add_exported_model_options(source)
     p.add_argument("--preset", metavar="NAME", default=None,
                    help="architecture preset for checkpoints without a config (see `m2f presets`)")

@@ -11,10 +11,12 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from m2f.cli.options import add_checkpoint_option
+
     p = sub.add_parser("serve", help="serve a model over HTTP (Ray Serve, dynamic batching)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="m2f / HF checkpoint folder (default: the shipped default model)")
+    add_checkpoint_option(source, "model to serve", default="the shipped default model")
     source.add_argument("--onnx", help="an `m2f export` ONNX graph (run by onnxruntime)")
     source.add_argument("--engine", help="a TensorRT engine (needs tensorrt and a CUDA GPU)")
     p.add_argument("--config", help="config JSON for an --onnx graph or --engine without its export manifest")

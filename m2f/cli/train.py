@@ -12,7 +12,8 @@ _DEFAULTS = {"lr": 1e-4, "weight_decay": 0.05, "backbone_multiplier": 0.1, "clip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from m2f.cli.options import add_device_option, add_out_option, add_quiet_option, add_threads_option
+    from m2f.cli.options import (add_checkpoint_option, add_device_option, add_out_option, add_quiet_option,
+                                 add_threads_option)
 
     p = sub.add_parser("train", help="train or fine-tune on a dataset (COCO panoptic / instance, semantic PNGs)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "log.csv, loss.png, model/", required=True, old=("--output", "--workdir"))
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its training state")
     p.add_argument("--force", action="store_true", help="start a new run even if --out already holds one")
-    p.add_argument("--init", metavar="CHECKPOINT", help="start from these weights (m2f folder, HF folder or "
-                   "official .pkl/.pth); tensors whose shape differs (e.g. the class head) stay freshly initialised")
+    add_checkpoint_option(p, "start from these weights (tensors whose shape differs, e.g. the class head, stay freshly "
+                          "initialised)", name="--init")
     p.add_argument("--iters", type=int, help="total iterations (default: 1000; on --resume: the saved total)")
     p.add_argument("--batch-size", type=int, default=16, help="total batch over all processes")
     p.add_argument("--lr", type=float, default=_DEFAULTS["lr"], help="base learning rate")

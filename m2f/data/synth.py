@@ -26,6 +26,7 @@ from PIL import Image
 
 from m2f.errors import InputError
 from m2f.io import atomic_dir, check_can_write
+from m2f.runtime import progress_bar
 
 GENERATOR_VERSION = 1
 
@@ -279,22 +280,20 @@ def write_dataset(out: str | Path, num: int, seed: int, size: tuple[int, int] = 
     out = check_can_write(out, force=force, directory=True)
     height, width = size
     images, annotations = [], []
-    indices = range(num)
     with contextlib.ExitStack() as stack:
-        if progress:  # closed on an error too, so the error line does not land on the bar's line
-            from tqdm import tqdm
-
-            indices = stack.enter_context(tqdm(indices, desc="synth", unit="img"))
+        # closed on an error too, so the error line does not land on the bar's line
+        bar = stack.enter_context(progress_bar(num, "synth", quiet=not progress))
         tmp = stack.enter_context(atomic_dir(out))
         (tmp / "images").mkdir()
         (tmp / "panoptic").mkdir()
-        for index in indices:
+        for index in range(num):
             scene = render_scene(seed, index, height, width)
             name = f"{index:06d}.png"
             (tmp / "images" / name).write_bytes(_png_bytes(scene.image))
             (tmp / "panoptic" / name).write_bytes(_png_bytes(id_to_rgb(scene.segment_ids)))
             images.append({"id": index, "file_name": name, "height": height, "width": width})
             annotations.append({"image_id": index, "file_name": name, "segments_info": scene.segments})
+            bar.update(1)
         meta = {
             "info": {"description": "m2f synthetic shapes", "generator_version": GENERATOR_VERSION, "seed": seed,
                      "num_images": num, "height": height, "width": width},

@@ -11,7 +11,7 @@ against a second predictor's results treated as ground truth (e.g. ONNX vs PyTor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ import torch
 from m2f.config import Mask2FormerConfig
 from m2f.data.datasets import IGNORE_LABEL, SegmentationDataset
 from m2f.errors import InputError
+from m2f.runtime import progress_bar
 
 from .coco_ap import MaskAP
 from .miou import SemanticIoU
@@ -172,39 +173,37 @@ def evaluate(ds: SegmentationDataset, predictor: Predictor, task: str, reference
         things = [i for i in range(cfg.num_classes) if cfg.is_thing(i)] or list(range(cfg.num_classes))
         metric = MaskAP([(cfg.dataset_id(i), cfg.class_name(i)) for i in things])
 
-    indices: Sequence[int] = range(count)
-    if progress:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc=f"eval {task}", unit="img")
     from m2f.preprocess import load_image
 
-    for index in indices:
-        image = load_image(ds.image_path(index))
-        pred = predict(predictor, image, task, resize_shortest, max_size)
-        ref = predict(reference, image, task, resize_shortest, max_size) if reference is not None else None
-        if task == "panoptic":
-            if ref is not None:
-                gt_ids, gt_segments = ref.panoptic
+    # a `with` (not track()): an error closes the bar before the error line is printed
+    with progress_bar(count, f"eval {task}", quiet=not progress) as bar:
+        for index in range(count):
+            image = load_image(ds.image_path(index))
+            pred = predict(predictor, image, task, resize_shortest, max_size)
+            ref = predict(reference, image, task, resize_shortest, max_size) if reference is not None else None
+            if task == "panoptic":
+                if ref is not None:
+                    gt_ids, gt_segments = ref.panoptic
+                else:
+                    gt_ids, gt_segments = _gt_panoptic(ds, index)
+                metric.update(gt_ids, gt_segments, *pred.panoptic)
+            elif task == "semantic":
+                gt = ref.semantic if ref is not None else _gt_semantic(ds, index)
+                metric.update(pred.semantic, gt)
             else:
-                gt_ids, gt_segments = _gt_panoptic(ds, index)
-            metric.update(gt_ids, gt_segments, *pred.panoptic)
-        elif task == "semantic":
-            gt = ref.semantic if ref is not None else _gt_semantic(ds, index)
-            metric.update(pred.semantic, gt)
-        else:
-            h, w = image.shape[:2]
-            metric.add_image(index, h, w)
-            if ref is not None:
-                gt = [(m, c, False) for m, c, s in ref.instances if s >= REFERENCE_MIN_SCORE]
-            else:
-                gt = _gt_instances(ds, index)
-            for mask, category, crowd in gt:
-                metric.add_ground_truth(index, mask, category, crowd)
-            for mask, category, score in pred.instances:
-                metric.add_detection(index, mask, category, score)
-        if on_image is not None:
-            on_image(index)
+                h, w = image.shape[:2]
+                metric.add_image(index, h, w)
+                if ref is not None:
+                    gt = [(m, c, False) for m, c, s in ref.instances if s >= REFERENCE_MIN_SCORE]
+                else:
+                    gt = _gt_instances(ds, index)
+                for mask, category, crowd in gt:
+                    metric.add_ground_truth(index, mask, category, crowd)
+                for mask, category, score in pred.instances:
+                    metric.add_detection(index, mask, category, score)
+            if on_image is not None:
+                on_image(index)
+            bar.update(1)
     result = {"task": task, "num_images": count}
     result.update(metric.summary())
     result["num_images"] = count

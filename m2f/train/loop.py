@@ -41,6 +41,7 @@ from m2f.data.datasets import SegmentationDataset
 from m2f.data.transforms import ScaleJitterCrop, collate, sample_generator
 from m2f.errors import CheckpointError, InputError, M2FError
 from m2f.io import atomic_path, write_text_atomic
+from m2f.runtime import progress_bar
 
 from .criterion import LossConfig, SetCriterion, _predictions
 from .optim import OptimConfig, build_optimizer, build_scheduler, clip_full_model
@@ -526,19 +527,12 @@ class Trainer:
         collate_fn = partial(collate, pixel_mean=self.config.pixel_mean, pixel_std=self.config.pixel_std,
                              size_divisibility=self.config.size_divisibility)
         stream = batch_stream(samples, self.per_rank_batch, env, opts.seed, start, collate_fn, opts.num_workers)
-        bar = None
-        if self.progress and env.is_main:
-            from tqdm import tqdm
-
-            bar = tqdm(total=opts.iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
         params = [p for p in model.parameters() if p.requires_grad]
         saved = start if self.state is not None else None  # the iteration of the last checkpoint written
-        try:
+        with progress_bar(opts.iters, "train", unit="it", initial=start,
+                          quiet=not (self.progress and env.is_main)) as bar:
             self._loop(start, stop_after, stream, model, criterion, optimizer, scheduler, scaler, params, log, bar,
                        saved)
-        finally:
-            if bar is not None:
-                bar.close()
         if stop_after is not None and stop_after < opts.iters:
             return None
         out = self.run_dir / "model"
@@ -590,10 +584,8 @@ class Trainer:
                 row = self._log_row(done, epoch, losses, optimizer, grad_norm, iter_time, data_time)
                 if log is not None:
                     log.add(row)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
-            if bar is not None:
-                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
+            bar.update(1)
             stopping = stop_after is not None and done >= stop_after
             if done % opts.checkpoint_every == 0 or done == opts.iters or stopping:
                 if not self._all_finite(params):  # never replace the last good checkpoint by a broken one
