@@ -351,8 +351,8 @@ class ImageFolderReader:
             shortest, longest = min(self.fixed_size), max(self.fixed_size)
         else:
             shortest, longest = self.config.test_size
-        # None: m2f's --quiet decides
-        with progress_bar(len(self.files), "calibrating", "img", quiet=None if self.progress else True) as bar:
+        quiet = None if self.progress else True  # None: the command's --quiet decides
+        with progress_bar(len(self.files), "calibrating", "img", quiet=quiet) as bar:
             for start in range(0, len(self.files) - self.batch + 1, self.batch):
                 images = [load_image(f) for f in self.files[start:start + self.batch]]
                 pixels = preprocess(images, self.config, resize_shortest=shortest, max_size=longest).pixel_values

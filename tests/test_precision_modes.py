@@ -156,6 +156,12 @@ def test_int8_plugin_graph_keeps_plugins_float32_and_is_accurate_through_their_f
     plugins = [n for n in proto.graph.node if (n.op_type, n.domain) in PLUGIN_OPS]
     assert len(plugins) == sum(ops[name]["nodes"] for name in plugin_ops), ops
     assert all(n.name in details["kept_float"] and n.name not in details["quantized"] for n in plugins), details
+    # every layer listed as quantized reads its input and weight through DequantizeLinear (none was left untyped)
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    listed = [n for n in proto.graph.node if n.name in details["quantized"]]
+    assert len(listed) == len(details["quantized"]), details["quantized"]
+    assert all(producers.get(i) == "DequantizeLinear" for n in listed for i in n.input[:2]), \
+        [n.name for n in listed if any(producers.get(i) != "DequantizeLinear" for i in n.input[:2])]
     # every plugin input is float32 (dequantized where its producer was quantized), never an int8 tensor
     quantized_tensors = {n.output[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
     types = {vi.name: vi.type.tensor_type.elem_type
