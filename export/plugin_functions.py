@@ -147,11 +147,3 @@ def with_reference_functions(model: Any) -> Any:
             copy.functions.append(spec.reference_function(opset))
     return copy
 
-
-def without_reference_functions(model: Any) -> Any:
-    """``model`` without the plugins' reference functions (in place; returned): what a written graph holds."""
-    plugin_ops = {(spec.node.domain, spec.node.op_type) for spec in PLUGINS}
-    kept = [f for f in model.functions if (f.domain, f.name) not in plugin_ops]
-    del model.functions[:]
-    model.functions.extend(kept)
-    return model

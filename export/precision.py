@@ -38,7 +38,7 @@ import numpy as np
 from m2f.errors import BackendUnavailableError, InputError
 from m2f.io import write_json_atomic
 
-from .plugin_functions import with_reference_functions, without_reference_functions
+from .plugin_functions import with_reference_functions
 from .plugins import M2F_MASKED_ATTENTION, TRT_MSDA
 
 log = logging.getLogger("m2f.export")
@@ -449,23 +449,26 @@ def calibrate(model: Any, reader: ImageFolderReader, settings: CalibrationSettin
 
 def to_int8(model: Any, reader: ImageFolderReader, settings: CalibrationSettings, work_dir: Path,
             cache_path: Path | None) -> tuple[Any, dict[str, Any]]:
-    """The explicitly quantized (Q/DQ) int8 graph of a float32 ``model`` and the details for the manifest. Plugin
-    nodes get their reference functions for the calibration and the quantizer's type inference (which would
-    otherwise leave everything after a plugin untyped, hence unquantized); the result holds none."""
+    """The explicitly quantized (Q/DQ) int8 graph of a float32 ``model`` and the details for the manifest. A graph
+    with plugin nodes is calibrated as a copy holding their reference functions (same tensor names); the Q/DQ nodes
+    go into the graph itself, which holds no function."""
+    import onnx
+
     quantization = _quantization()
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
-    model = with_reference_functions(model)  # a copy
+    model = onnx.ModelProto.FromString(model.SerializeToString())
     name_nodes(model)
+    runnable = with_reference_functions(model)  # what ONNX Runtime calibrates
     keep = keep_float_nodes(model)
     initializers = {i.name for i in model.graph.initializer}
     quantize = [n.name for n in model.graph.node if n.op_type in QUANTIZABLE_OPS and n.name not in keep
                 and any(i in initializers for i in n.input[1:2])]  # weight-carrying layers only
-    key = _cache_key(model.SerializeToString(), reader.files, settings)
+    key = _cache_key(runnable.SerializeToString(), reader.files, settings)
     ranges = _read_cache(cache_path, key)
     cached = ranges is not None
     if ranges is None:
-        ranges = calibrate(model, reader, settings, work_dir)
+        ranges = calibrate(runnable, reader, settings, work_dir)
         if cache_path is not None:
             write_json_atomic(cache_path, {"format": CALIB_CACHE_FORMAT, "key": key, "method": settings.method,
                                            "images": [f.name for f in reader.files],
@@ -478,7 +481,7 @@ def to_int8(model: Any, reader: ImageFolderReader, settings: CalibrationSettings
     )
     quantizer.quantize_model()
     quantizer.model.topological_sort()  # the quantizer appends Q/DQ nodes at the end
-    quantized = without_reference_functions(quantizer.model.model)
+    quantized = quantizer.model.model
     details = {
         "tool": f"onnxruntime {_version('onnxruntime')} quantization (QDQ, symmetric int8, per-channel weights, "
                 "per-tensor activations)",
