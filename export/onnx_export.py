@@ -350,8 +350,7 @@ def to_onnx(
     divisibility = input_divisibility(model)
     modes = validate_export_args(height, width, batch, opset, postprocess, target, divisibility, msda=msda,
                                  masked_attn=masked_attn)
-    validate_precision(precision, calib.folder if calib is not None else None,
-                       plugins=[spec.name for spec in PLUGINS if modes[spec.name] == spec.plugin_mode])
+    validate_precision(precision, calib.folder if calib is not None else None)
     path = Path(path)
     check_can_write(path, force=force)  # a manifest without its model is stale: the new one replaces it
     config = getattr(model, "config", None)
@@ -482,13 +481,11 @@ def load_checkpoint_model(checkpoint: str | Path, preset: str | None = None) -> 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, preset: str | None = None, **kwargs: Any) -> ExportResult:
     """Load ``checkpoint`` and export it; the manifest records its path, sha256 and preset."""
-    modes = validate_export_args(kwargs.get("height", 512), kwargs.get("width", 512), kwargs.get("batch", 1),
-                                 kwargs.get("opset", 18), kwargs.get("postprocess", "none"),
-                                 kwargs.get("target", "onnxruntime"),
-                                 **{spec.name: kwargs.get(spec.name) for spec in PLUGINS})
+    validate_export_args(kwargs.get("height", 512), kwargs.get("width", 512), kwargs.get("batch", 1),
+                         kwargs.get("opset", 18), kwargs.get("postprocess", "none"), kwargs.get("target", "onnxruntime"),
+                         **{spec.name: kwargs.get(spec.name) for spec in PLUGINS})
     calib = kwargs.get("calib")
-    validate_precision(kwargs.get("precision", "fp32"), calib.folder if calib is not None else None,
-                       plugins=[spec.name for spec in PLUGINS if modes[spec.name] == spec.plugin_mode])
+    validate_precision(kwargs.get("precision", "fp32"), calib.folder if calib is not None else None)
     check_can_write(output, force=kwargs.get("force", False))
     from m2f.checkpoints import resolve_checkpoint
 

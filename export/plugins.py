@@ -216,10 +216,23 @@ def _masked_attention_translation() -> Callable[..., Any]:
             mask_logits, **attributes,
         )  # (B, Nq, H, D)
         # The custom op also returns the log-sum-exp (for its backward); the exported graph never reads it, so
-        # an empty stand-in fills its place and the optimizer removes it.
-        return op.Transpose(out, perm=to_bnhd), op.Constant(value_floats=[])
+        # a scalar stand-in fills its place and the optimizer removes it (typed: an empty list's type is ambiguous,
+        # which onnx_ir warns about on every export).
+        return op.Transpose(out, perm=to_bnhd), op.Constant(value_float=0.0)
 
     return masked_attention_to_plugin
+
+
+def _msda_function(opset: int) -> Any:
+    from .plugin_functions import msda_function
+
+    return msda_function(opset)
+
+
+def _masked_attention_function(opset: int) -> Any:
+    from .plugin_functions import masked_attention_function
+
+    return masked_attention_function(opset)
 
 
 def _msda_modules(model: Any) -> list[Any]:
@@ -258,6 +271,9 @@ class PluginSpec:
     all float inputs when ``one_dtype``) and ``node.attributes``. TensorRT runs ``trt_node`` (``node`` is
     retargeted to it when they differ), whose output dims come from ``output_shape`` and whose kernel is
     ``kernel`` ("module:function" returning an :class:`m2f.export.plugin_kernels.AotLaunch`).
+    ``reference_function(opset)`` is ``node`` computed in standard ONNX ops (a model-local FunctionProto of its
+    op type and domain, :mod:`m2f.export.plugin_functions`), so ONNX Runtime can run a copy of a plugin graph
+    (int8 calibration, ``check``'s parity).
     """
 
     name: str
@@ -275,6 +291,7 @@ class PluginSpec:
     output_shape: Callable[..., tuple[Any, ...]]
     trt_formats: str  # TensorRT AutoTuneCombination type string: inputs then output, "|" alternatives by position
     kernel: str
+    reference_function: Callable[[int], Any]
 
     @property
     def flag(self) -> str:
@@ -299,7 +316,7 @@ MSDA = PluginSpec(
                  InputRule(5, (_F, _F16))),
     one_dtype=False, output_shape=msda_output_shape,
     trt_formats="FP32|FP16, INT32, INT32, FP32|FP16, FP32|FP16, FP32|FP16",
-    kernel="m2f.export.plugin_kernels:msda_aot",
+    kernel="m2f.export.plugin_kernels:msda_aot", reference_function=_msda_function,
 )
 MASKED_ATTN = PluginSpec(
     name="masked_attn", modes=("standard", "plugin"), what="masked-attention call (one per decoder layer)",
@@ -309,7 +326,7 @@ MASKED_ATTN = PluginSpec(
     input_rules=tuple(InputRule(rank, (_F, _F16, _BF16)) for rank in (4, 4, 4, 3)),
     one_dtype=True, output_shape=masked_attention_output_shape,
     trt_formats=", ".join(["FP32|FP16|BF16"] * 5),
-    kernel="m2f.export.plugin_kernels:masked_attention_aot",
+    kernel="m2f.export.plugin_kernels:masked_attention_aot", reference_function=_masked_attention_function,
 )
 
 PLUGINS: tuple[PluginSpec, ...] = (MSDA, MASKED_ATTN)

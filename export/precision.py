@@ -15,11 +15,16 @@ machine, and TensorRT (any version) just follows it.
   int8 activations (zero point 0, as TensorRT requires), only the weight-carrying Conv / MatMul / Gemm nodes (the
   layers TensorRT fuses with Q/DQ) and never a node of the kept-float set above; calibrated on a folder of
   images preprocessed exactly as ``m2f predict`` does, with a progress bar and a cache of the ranges. The
-  calibration runs the graph in ONNX Runtime, so an int8 graph has decomposed / standard attention, no plugin nodes.
+  calibration runs the graph in ONNX Runtime; a graph with plugin nodes runs there as a copy holding each plugin's
+  reference body (a model-local function, :mod:`m2f.export.plugin_functions`), so its tensor names and ranges are
+  the plugin graph's own. The plugin nodes stay float32 and unquantized (their inputs arrive dequantized), and the
+  written graph holds no function (TensorRT's parser would import it instead of the plugin).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import tempfile
@@ -33,6 +38,7 @@ import numpy as np
 from m2f.errors import BackendUnavailableError, InputError
 from m2f.io import write_json_atomic
 
+from .plugin_functions import with_reference_functions
 from .plugins import M2F_MASKED_ATTENTION, TRT_MSDA
 
 log = logging.getLogger("m2f.export")
@@ -62,15 +68,10 @@ class CalibrationSettings:
     method: str = "percentile"  # "minmax" | "percentile" | "entropy" (onnxruntime.quantization's methods)
 
 
-def validate_precision(precision: str, calib_dir: str | Path | None, plugins: Sequence[str] = ()) -> None:
-    """Refuse a bad precision / calibration / op-mode combination in one line, before any work; ``plugins``: the
-    fused ops exported as plugin nodes."""
+def validate_precision(precision: str, calib_dir: str | Path | None) -> None:
+    """Refuse a bad precision / calibration combination in one line, before any work."""
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "int8" and plugins:
-        # calibration runs the graph in ONNX Runtime, which has no kernel for the plugin nodes
-        raise InputError("--precision int8 cannot calibrate a graph with plugin nodes (ONNX Runtime cannot run them): "
-                         "export int8 with --msda decomposed --masked-attn standard, or plugins with fp16 / bf16")
     if precision == "int8" and calib_dir is None:
         raise InputError("--precision int8 needs --calib DIR: a folder of representative images to calibrate on")
     if calib_dir is not None and precision != "int8":
@@ -342,16 +343,16 @@ class ImageFolderReader:
 
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
         import torch
-        from tqdm import tqdm
 
         from m2f.preprocess import load_image, preprocess
+        from m2f.runtime import progress_bar
 
         if self.fixed_size is not None:  # fit the graph's fixed input, the way predict's resize would
             shortest, longest = min(self.fixed_size), max(self.fixed_size)
         else:
             shortest, longest = self.config.test_size
-        bar = tqdm(total=len(self.files), desc="calibrating", unit="img", disable=not self.progress)
-        try:
+        quiet = None if self.progress else True  # None: the command's --quiet decides
+        with progress_bar(len(self.files), "calibrating", "img", quiet=quiet) as bar:
             for start in range(0, len(self.files) - self.batch + 1, self.batch):
                 images = [load_image(f) for f in self.files[start:start + self.batch]]
                 pixels = preprocess(images, self.config, resize_shortest=shortest, max_size=longest).pixel_values
@@ -360,8 +361,6 @@ class ImageFolderReader:
                     pixels = torch.nn.functional.pad(pixels, (0, self.fixed_size[1] - w, 0, self.fixed_size[0] - h))
                 yield {self.input_name: np.ascontiguousarray(pixels.float().numpy())}
                 bar.update(self.batch)
-        finally:
-            bar.close()
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._iter is None:
@@ -417,8 +416,11 @@ def _tensor_ranges(quantization: Any, ranges: dict[str, tuple[float, float]]) ->
 
 def calibrate(model: Any, reader: ImageFolderReader, settings: CalibrationSettings, work_dir: Path) -> \
         dict[str, tuple[float, float]]:
-    """Per-tensor activation ranges of ``model`` over the reader's images (onnxruntime's calibrator)."""
+    """Per-tensor activation ranges of ``model`` (which ONNX Runtime must be able to run) over the reader's images
+    (onnxruntime's calibrator)."""
     import onnx
+
+    from m2f.runtime import is_quiet
 
     quantization = _quantization()
     methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
@@ -434,8 +436,10 @@ def calibrate(model: Any, reader: ImageFolderReader, settings: CalibrationSettin
         src, op_types_to_calibrate=list(QUANTIZABLE_OPS), augmented_model_path=work_dir / "calib_augmented.onnx",
         calibrate_method=methods[settings.method], extra_options=extra,
     )
-    calibrator.collect_data(reader)
-    data = calibrator.compute_data()
+    # the calibrator prints its steps ("Collecting tensor data ...") on stdout: none of it under --quiet
+    with contextlib.redirect_stdout(io.StringIO()) if is_quiet() else contextlib.nullcontext():
+        calibrator.collect_data(reader)
+        data = calibrator.compute_data()
     out: dict[str, tuple[float, float]] = {}
     for name, td in data.data.items():
         lo, hi = (float(np.asarray(v).reshape(-1)[0]) for v in td.range_value)
@@ -445,7 +449,9 @@ def calibrate(model: Any, reader: ImageFolderReader, settings: CalibrationSettin
 
 def to_int8(model: Any, reader: ImageFolderReader, settings: CalibrationSettings, work_dir: Path,
             cache_path: Path | None) -> tuple[Any, dict[str, Any]]:
-    """The explicitly quantized (Q/DQ) int8 graph of a float32 ``model`` and the details for the manifest."""
+    """The explicitly quantized (Q/DQ) int8 graph of a float32 ``model`` and the details for the manifest. A graph
+    with plugin nodes is calibrated as a copy holding their reference functions (same tensor names); the Q/DQ nodes
+    go into the graph itself, which holds no function."""
     import onnx
 
     quantization = _quantization()
@@ -453,15 +459,16 @@ def to_int8(model: Any, reader: ImageFolderReader, settings: CalibrationSettings
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     name_nodes(model)
+    runnable = with_reference_functions(model)  # what ONNX Runtime calibrates
     keep = keep_float_nodes(model)
     initializers = {i.name for i in model.graph.initializer}
     quantize = [n.name for n in model.graph.node if n.op_type in QUANTIZABLE_OPS and n.name not in keep
                 and any(i in initializers for i in n.input[1:2])]  # weight-carrying layers only
-    key = _cache_key(model.SerializeToString(), reader.files, settings)
+    key = _cache_key(runnable.SerializeToString(), reader.files, settings)
     ranges = _read_cache(cache_path, key)
     cached = ranges is not None
     if ranges is None:
-        ranges = calibrate(model, reader, settings, work_dir)
+        ranges = calibrate(runnable, reader, settings, work_dir)
         if cache_path is not None:
             write_json_atomic(cache_path, {"format": CALIB_CACHE_FORMAT, "key": key, "method": settings.method,
                                            "images": [f.name for f in reader.files],

@@ -146,6 +146,11 @@ def set_quiet(quiet: bool) -> None:
     _quiet = bool(quiet)
 
 
+def is_quiet() -> bool:
+    """Did the command get ``--quiet``? (for output m2f does not print itself, e.g. a library's own prints)"""
+    return _quiet
+
+
 def _on_terminal() -> bool:
     return sys.stderr.isatty()
 

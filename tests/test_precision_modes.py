@@ -1,7 +1,8 @@
 """Precision and the attention op modes / dynamic shapes: fp16 / bf16 / int8 dynamic exports of the shipped default
 model with decomposed ops (run by `m2f export check` at two sizes and batches), fp16 / bf16 with plugin nodes (checker
-and node census; ONNX Runtime cannot run them), int8 with plugin nodes refused in one line (its calibration runs the
-graph in ONNX Runtime), the manifests, and a dynamic fp16 export of a tiny HF Swin checkpoint."""
+and node census; ONNX Runtime cannot run them), int8 with plugin nodes (calibrated through the plugins' reference
+functions; its accuracy measured through them in ONNX Runtime), the manifests, --quiet, and a dynamic fp16 export of a
+tiny HF Swin checkpoint."""
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ def calib_dir(tmp_path_factory):
     return out / "images"
 
 
-def _export(out: Path, precision: str, calib: Path, *args: str) -> dict:
+def _export(out: Path, precision: str, calib: Path, *args: str, capsys=None) -> dict:
+    """Export the default model under --quiet; with ``capsys``, assert that only the "wrote ..." line was printed
+    (nothing of the calibrator's own prints, no progress bar)."""
     from m2f.assets import default_checkpoint_path
 
     argv = ["export", "onnx", "--checkpoint", str(default_checkpoint_path()), "--output", str(out), "--height",
@@ -41,6 +44,10 @@ def _export(out: Path, precision: str, calib: Path, *args: str) -> dict:
     if precision == "int8":
         argv += ["--calib", str(calib), "--calib-images", "2"]
     assert main(argv) == 0
+    if capsys is not None:
+        printed = capsys.readouterr()
+        assert printed.out.startswith(f"wrote {out} ") and len(printed.out.splitlines()) == 1, printed.out
+        assert not printed.err.strip(), printed.err
     return json.loads(out.with_name(out.name + ".json").read_text())
 
 
@@ -73,7 +80,7 @@ def _assert_precision_recorded(proto, manifest: dict, precision: str) -> None:
 @pytest.mark.parametrize("precision", LOW_PRECISIONS)
 def test_decomposed_dynamic_graph_passes_check_at_two_sizes(precision, calib_dir, tmp_path, capsys):
     out = tmp_path / f"default_{precision}.onnx"
-    manifest = _export(out, precision, calib_dir)
+    manifest = _export(out, precision, calib_dir, capsys=capsys)
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto, full_check=True)
     assert (manifest["ops"]["msda"]["mode"], manifest["ops"]["masked_attn"]["mode"]) == ("decomposed", "standard")
@@ -121,18 +128,79 @@ def test_plugin_graph_keeps_every_plugin_node_float32(precision, calib_dir, tmp_
     assert code == 0 and f"{len(msda)} MultiscaleDeformableAttnPlugin_TRT nodes" in printed, printed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modes", [["--target", "tensorrt"], ["--msda", "plugin"], ["--masked-attn", "plugin"]])
-def test_int8_with_plugin_nodes_is_refused_in_one_line(modes, calib_dir, tmp_path, capsys):
+def test_int8_plugin_graph_keeps_plugins_float32_and_is_accurate_through_their_functions(modes, calib_dir, tmp_path,
+                                                                                           capsys):
+    import torch
+
+    from m2f.export.check import FLOAT_RTOL, CheckSize, run_parity
+    from m2f.export.onnx_export import OnnxExportModule, load_checkpoint_model
+    from m2f.export.plugin_functions import with_reference_functions
+    from m2f.export.targets.onnxruntime import OnnxRuntimeRunner
+
+    out = tmp_path / "default_int8.onnx"
+    manifest = _export(out, "int8", calib_dir, *modes, capsys=capsys)
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    assert not proto.functions  # TensorRT must see the plugin nodes, not a function of their name
+    _assert_dynamic(proto, manifest)
+    _assert_precision_recorded(proto, manifest, "int8")
+    ops = manifest["ops"]
+    plugin_ops = [name for name, record in ops.items() if record["mode"] == "plugin"]
+    assert plugin_ops == {"--target": ["msda", "masked_attn"], "--msda": ["msda"],
+                          "--masked-attn": ["masked_attn"]}[modes[0]], ops
+    for name in plugin_ops:
+        assert ops[name]["nodes"] == ops[name]["expected_nodes"] > 0, ops
+    details = manifest["precision_details"]
+    plugins = [n for n in proto.graph.node if (n.op_type, n.domain) in PLUGIN_OPS]
+    assert len(plugins) == sum(ops[name]["nodes"] for name in plugin_ops), ops
+    assert all(n.name in details["kept_float"] and n.name not in details["quantized"] for n in plugins), details
+    # every layer listed as quantized reads its input and weight through DequantizeLinear (none was left untyped)
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    listed = [n for n in proto.graph.node if n.name in details["quantized"]]
+    assert len(listed) == len(details["quantized"]), details["quantized"]
+    assert all(producers.get(i) == "DequantizeLinear" for n in listed for i in n.input[:2]), \
+        [n.name for n in listed if any(producers.get(i) != "DequantizeLinear" for i in n.input[:2])]
+    # every plugin input is float32 (dequantized where its producer was quantized), never an int8 tensor
+    quantized_tensors = {n.output[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in onnx.shape_inference.infer_shapes(with_reference_functions(proto)).graph.value_info}
+    for node in plugins:
+        floats = [i for i in node.input if types.get(i) != onnx.TensorProto.INT32]
+        assert not set(node.input) & quantized_tensors, node.name
+        assert all(types.get(i) == onnx.TensorProto.FLOAT for i in floats), (node.name, [types.get(i) for i in floats])
+    # accuracy: the int8 graph, its plugins run by their reference functions, against float32 PyTorch
+    runnable = tmp_path / "with_functions.onnx"
+    onnx.save(with_reference_functions(proto), str(runnable))
+    model = load_checkpoint_model(manifest["source"]["path"])
+    module = OnnxExportModule(model).eval()
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    with OnnxRuntimeRunner(runnable) as runner:
+        runs = run_parity(runner, module, [CheckSize(1, HEIGHT, WIDTH), CheckSize(2, HEIGHT + 32, WIDTH - 32)],
+                          ["pred_logits", "pred_masks"], seed=seed, precision="int8")
+    for run in runs:
+        errs = {name: e["rel_err"] for name, e in run["outputs"].items()}
+        # int8 is rounding there, and within check's int8 bound
+        assert all(1e-4 < e <= FLOAT_RTOL["int8"] for e in errs.values()), (modes, seed, run)
+
+
+@pytest.mark.parametrize("modes", [["--target", "tensorrt"], ["--msda", "plugin"], ["--masked-attn", "plugin"]])
+def test_int8_bad_calibration_input_with_plugin_nodes_is_refused_in_one_line(modes, tmp_path, capsys):
     from m2f.assets import default_checkpoint_path
 
     out = tmp_path / "out"
     out.mkdir()
-    code = main(["export", "onnx", "--checkpoint", str(default_checkpoint_path()), "--output", str(out / "m.onnx"),
-                 "--height", str(HEIGHT), "--width", str(WIDTH), "--precision", "int8", "--calib", str(calib_dir),
-                 *modes])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("m2f: error: --precision int8 cannot calibrate"), lines
-    assert "--msda decomposed --masked-attn standard" in lines[0] and not list(out.iterdir())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["export", "onnx", "--checkpoint", str(default_checkpoint_path()), "--output", str(out / "m.onnx"),
+            "--height", str(HEIGHT), "--width", str(WIDTH), "--precision", "int8", *modes]
+    for extra, needle in ([], "--precision int8 needs --calib DIR"), (["--calib", str(empty)], "holds no images"), \
+            (["--calib", str(tmp_path / "missing")], "does not exist"):
+        code = main(argv + extra)
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("m2f: error: ") and needle in lines[0], lines
+    assert not list(out.iterdir())
 
 
 @pytest.fixture(scope="module")
