@@ -150,6 +150,45 @@ def test_build_model_trains_and_rejects_unknown_backend():
         m2f.from_pretrained("/nonexistent", backend="cuda-magic")
 
 
+def test_backend_is_held_by_the_attention_leaves_only(monkeypatch, rng):
+    """Only the modules that call a kernel hold ``backend``; ``set_backend`` validates once and switches what they
+    call, and the model's ``backend`` (and its repr) reads it back from them."""
+    import m2f.pixel_decoder
+    import m2f.transformer_decoder
+
+    model = m2f.build_model(small_resnet_config(), backend="auto").eval()
+    holders = {type(m) for m in model.modules() if "backend" in vars(m)}
+    assert holders == {m2f.pixel_decoder.MultiScaleDeformableAttention, m2f.transformer_decoder.CrossAttentionLayer}
+    assert model.backend == "auto" and model.extra_repr().startswith("backend='auto'")
+
+    called: list[tuple[str, str]] = []
+
+    def recording(module, name: str):
+        real = getattr(module, name)
+
+        def op(*args, backend: str):
+            called.append((name, backend))
+            return real(*args, backend="torch")  # the CPU runs the reference whatever was asked for
+        monkeypatch.setattr(module, name, op)
+
+    recording(m2f.pixel_decoder, "ms_deform_attn")
+    recording(m2f.transformer_decoder, "masked_attention_from_logits")
+    x = torch.randn(1, 3, 64, 96, generator=rng)
+    for backend in ("triton", "torch"):
+        called.clear()
+        assert model.set_backend(backend) is model and model.backend == backend
+        with torch.no_grad():
+            model(x)
+        assert {name for name, _ in called} == {"ms_deform_attn", "masked_attention_from_logits"}
+        assert {b for _, b in called} == {backend}, f"{backend}: the leaves called {called}"
+
+    with pytest.raises(BackendUnavailableError, match=r"^unknown backend 'cuda'; choose one of auto, torch, triton$"):
+        model.set_backend("cuda")
+    assert model.backend == "torch"  # refused before any leaf changed
+    model.transformer_decoder.transformer_cross_attention_layers[0].backend = "triton"  # one leaf, by hand
+    assert model.backend == "mixed"
+
+
 @pytest.mark.parametrize("backbone", ["swin-t", "r50"])
 def test_full_size_panoptic_architecture_forward(backbone, rng):
     cfg = Mask2FormerConfig(backbone=BACKBONE_PRESETS[backbone], num_classes=133)
