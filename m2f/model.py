@@ -149,13 +149,15 @@ class Mask2Former(nn.Module):
         batch, _, height, width = pixel_values.shape
         if batch == 0:
             raise InputError("pixel_values is an empty batch (B = 0); pass at least one image")
-        # GroupNorm needs two values per group; the smallest map it normalises is res5 (the backbones round up)
-        res5 = (-(-height // 32), -(-width // 32))
+        # GroupNorm needs two values per group; the smallest map it normalises is the coarsest (the backbones round up)
+        stride = max(self.backbone.out_strides.values())
+        coarsest = (-(-height // stride), -(-width // stride))
         per_group = self.config.pixel_decoder.conv_dim // self.config.pixel_decoder.norm_groups
-        if per_group * res5[0] * res5[1] < 2:
+        if per_group * coarsest[0] * coarsest[1] < 2:
             raise InputError(
-                f"pixel_values of {height}x{width} is too small for this model: its 1/32 feature map "
-                f"({res5[0]}x{res5[1]}) leaves one value per GroupNorm group; make one side at least 33 pixels"
+                f"pixel_values of {height}x{width} is too small for this model: its 1/{stride} feature map "
+                f"({coarsest[0]}x{coarsest[1]}) leaves one value per GroupNorm group; make one side at least "
+                f"{stride + 1} pixels"
             )
 
     def forward(self, pixel_values: torch.Tensor) -> Mask2FormerOutput:  # (B, 3, H, W) normalised
