@@ -11,13 +11,10 @@ import torch
 import m2f
 from m2f.config import BACKBONE_PRESETS, Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
 from m2f.errors import BackendUnavailableError, InputError
-from tests.test_pixel_decoder import perturb_
-from tests.utils import rel_err
+from tests.utils import TINY_HF_LABELS, TINY_HF_QUERIES, hf_resnet_backbone, perturb_, rel_err, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
-NUM_LABELS = 5
-NUM_QUERIES = 7
 # (B, 3, H, W): non-square; every Swin stage (24x40 .. 3x5) is larger than its window (2), so HF's Swin keeps
 # the configured window like the official one does.
 INPUT_SHAPE = (2, 3, 96, 160)
@@ -28,26 +25,6 @@ def hf_swin_backbone():
         embed_dim=16, depths=[2, 1, 2, 2], num_heads=[1, 2, 2, 4], window_size=2, drop_path_rate=0.0,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
-
-
-def hf_resnet_backbone():
-    return transformers.ResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 2, 1, 1], layer_type="bottleneck",
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-
-
-def tiny_hf_model(backbone_config, gen: torch.Generator):
-    """A small random HF Mask2Former with every tensor moved off its init value, in eval mode."""
-    torch.manual_seed(gen.seed_value)
-    config = transformers.Mask2FormerConfig(
-        backbone_config=backbone_config, feature_size=64, mask_feature_size=48, hidden_dim=64, encoder_layers=2,
-        encoder_feedforward_dim=96, num_attention_heads=8, decoder_layers=5, num_queries=NUM_QUERIES,
-        dim_feedforward=80, id2label={i: f"thing{i}" for i in range(NUM_LABELS)},
-    )
-    model = transformers.Mask2FormerForUniversalSegmentation(config).eval()
-    perturb_(model, gen)
-    return model
 
 
 def save_hf(model, path):
@@ -61,13 +38,13 @@ def test_matches_transformers_through_from_pretrained(backbone, tmp_path, rng):
     hf = tiny_hf_model(hf_backbone, rng)
     model = m2f.from_pretrained(save_hf(hf, tmp_path / "hf"))
     assert not model.training and model.config.backbone.type == backbone
-    assert model.config.num_classes == NUM_LABELS and model.config.class_names == tuple(f"thing{i}" for i in range(5))
+    assert model.config.num_classes == TINY_HF_LABELS and model.config.class_names == tuple(f"thing{i}" for i in range(TINY_HF_LABELS))
     pixel_values = torch.randn(*INPUT_SHAPE, generator=rng)
     with torch.no_grad():
         out = model(pixel_values)
         ref = hf(pixel_values, output_auxiliary_logits=True)
-    assert out.pred_logits.shape == (2, NUM_QUERIES, NUM_LABELS + 1)
-    assert out.pred_masks.shape == (2, NUM_QUERIES, 24, 40)
+    assert out.pred_logits.shape == (2, TINY_HF_QUERIES, TINY_HF_LABELS + 1)
+    assert out.pred_masks.shape == (2, TINY_HF_QUERIES, 24, 40)
     e_logits = rel_err(out.pred_logits, ref.class_queries_logits)
     e_masks = rel_err(out.pred_masks, ref.masks_queries_logits)
     print(f"{backbone}: rel_err logits {e_logits:.3g}, masks {e_masks:.3g}")
