@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import m2f
-from m2f.config import BACKBONE_PRESETS, Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
+from m2f.config import BACKBONE_PRESETS, Mask2FormerConfig
 from m2f.errors import BackendUnavailableError, InputError
-from tests.utils import TINY_HF_LABELS, TINY_HF_QUERIES, hf_resnet_backbone, perturb_, rel_err, tiny_hf_model
+from tests.utils import TINY_HF_LABELS, TINY_HF_QUERIES, hf_resnet_backbone, perturb_, rel_err, resnet_config, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,15 +56,9 @@ def test_matches_transformers_through_from_pretrained(backbone, tmp_path, rng):
         assert rel_err(masks, aux["masks_queries_logits"]) <= 1e-5, f"aux {i} masks (seed {rng.seed_value})"
 
 
-def small_resnet_config(**kw) -> Mask2FormerConfig:
-    base = dict(
-        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=(32, 32, 64, 64)),
-        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=1, num_heads=4, ffn_dim=64),
-        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=6, num_heads=4, ffn_dim=64, num_layers=4),
-        num_classes=3,
-    )
-    base.update(kw)
-    return Mask2FormerConfig(**base)
+def small_resnet_config() -> Mask2FormerConfig:
+    return resnet_config(hidden_sizes=(32, 32, 64, 64), dim=32, heads=4, ffn_dim=64, queries=6, decoder_layers=4,
+                         stem_channels=16)
 
 
 def test_output_structure_and_odd_input_size(rng):

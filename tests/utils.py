@@ -112,18 +112,29 @@ def full_manifest(kind: str = "onnx", batch: int = 1, height: int = 64, width: i
     return new_manifest(kind, batch=batch, height=height, width=width, **{**defaults, **fields})
 
 
-def tiny_config(hidden_sizes=(16, 32, 32, 64), encoder_layers: int = 2, queries: int = 7, decoder_layers: int = 4):
-    """A small ResNet Mask2Former config (3 classes, 4 heads, 32 channels)."""
+def resnet_config(*, hidden_sizes, dim: int, heads: int, ffn_dim: int, queries: int, decoder_layers: int,
+                  encoder_layers: int = 1, stem_channels: int = 8, num_classes: int = 3, backbone: dict | None = None,
+                  pixel_decoder: dict | None = None, **fields) -> "Mask2FormerConfig":
+    """A small ResNet (one block a stage) Mask2Former config: ``dim`` channels, ``heads`` heads and ``ffn_dim`` in
+    both decoders; ``backbone`` / ``pixel_decoder`` add fields of those configs, ``fields`` of the model's."""
     from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
 
     return Mask2FormerConfig(
-        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=tuple(hidden_sizes)),
-        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=encoder_layers, num_heads=4,
-                                         ffn_dim=64),
-        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=queries, num_heads=4, ffn_dim=64,
-                                                     num_layers=decoder_layers),
-        num_classes=3,
+        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=stem_channels, hidden_sizes=tuple(hidden_sizes),
+                              **(backbone or {})),
+        pixel_decoder=PixelDecoderConfig(conv_dim=dim, mask_dim=dim, num_encoder_layers=encoder_layers,
+                                         num_heads=heads, ffn_dim=ffn_dim, **(pixel_decoder or {})),
+        transformer_decoder=TransformerDecoderConfig(hidden_dim=dim, num_queries=queries, num_heads=heads,
+                                                     ffn_dim=ffn_dim, num_layers=decoder_layers),
+        num_classes=num_classes,
+        **fields,
     )
+
+
+def tiny_config(hidden_sizes=(16, 32, 32, 64), encoder_layers: int = 2, queries: int = 7, decoder_layers: int = 4):
+    """A small ResNet Mask2Former config (3 classes, 4 heads, 32 channels)."""
+    return resnet_config(hidden_sizes=hidden_sizes, dim=32, heads=4, ffn_dim=64, queries=queries,
+                         decoder_layers=decoder_layers, encoder_layers=encoder_layers, stem_channels=16)
 
 
 def tiny_model(seed: int) -> torch.nn.Module:
@@ -410,20 +421,11 @@ def write_pkl(path, state: dict[str, "np.ndarray"]):
     return path
 
 
-def tiny_train_config(num_classes: int = 6, **label_set) -> "Mask2FormerConfig":
-    """A very small ResNet (basic blocks, BatchNorm) Mask2Former config for training loops."""
-    from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
-
-    return Mask2FormerConfig(
-        backbone=ResNetConfig(depths=(1, 1, 1, 1), block="basic", stem_channels=8, hidden_sizes=(8, 16, 24, 32),
-                              norm="bn"),
-        pixel_decoder=PixelDecoderConfig(conv_dim=16, mask_dim=16, num_encoder_layers=1, num_heads=2, num_points=2,
-                                         ffn_dim=32, norm_groups=4),
-        transformer_decoder=TransformerDecoderConfig(hidden_dim=16, num_queries=6, num_heads=2, ffn_dim=32,
-                                                     num_layers=2),
-        num_classes=num_classes,
-        **label_set,
-    )
+def tiny_train_config(num_classes: int = 6, norm: str = "bn", **label_set) -> "Mask2FormerConfig":
+    """A very small ResNet (basic blocks, BatchNorm by default) Mask2Former config for training loops."""
+    return resnet_config(hidden_sizes=(8, 16, 24, 32), dim=16, heads=2, ffn_dim=32, queries=6, decoder_layers=2,
+                         num_classes=num_classes, backbone={"block": "basic", "norm": norm},
+                         pixel_decoder={"num_points": 2, "norm_groups": 4}, **label_set)
 
 
 def bilinear_ref(img: torch.Tensor, x: float, y: float) -> torch.Tensor:
