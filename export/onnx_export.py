@@ -158,7 +158,7 @@ def _switch_to_plugin(spec: PluginSpec, module: nn.Module) -> tuple[dict[Any, An
     _require_custom_op(spec)
     modules = spec.modules(module)
     for m in modules:
-        m.backend = "triton"  # the model-level switch: the custom op appears in the trace
+        m.backend = "triton"  # the leaf holds the backend: its custom op appears in the trace
     _register_schema(spec)
     return {getattr(torch.ops.m2f, spec.torch_op).default: spec.translation()}, len(modules)
 
