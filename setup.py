@@ -66,6 +66,7 @@ setup(
             "onnxscript>=0.2",
             "onnxslim>=0.1.40",
             "openvino>=2024.4",
+            "nncf>=3.4",  # `m2f export openvino --precision int8` (pulls no torch: checked with pip --dry-run)
             "ray[serve]>=2.40",
             "python-multipart>=0.0.9",
             "av>=12",

@@ -158,7 +158,7 @@ def _switch_to_plugin(spec: PluginSpec, module: nn.Module) -> tuple[dict[Any, An
     _require_custom_op(spec)
     modules = spec.modules(module)
     for m in modules:
-        m.backend = "triton"  # the model-level switch: the custom op appears in the trace
+        m.backend = "triton"  # the leaf holds the backend: its custom op appears in the trace
     _register_schema(spec)
     return {getattr(torch.ops.m2f, spec.torch_op).default: spec.translation()}, len(modules)
 
@@ -338,7 +338,8 @@ def to_onnx(
     """Export ``model`` (an m2f Mask2Former) to ``path`` with a manifest beside it.
 
     ``pixel_values`` is (batch, 3, height, width), normalised as for ``model(...)``. ``dynamic`` makes batch,
-    height and width symbolic (height / width multiples of 32). ``msda`` / ``masked_attn`` choose standard ops or
+    height and width symbolic (height / width multiples of :func:`input_divisibility`, recorded in the
+    manifest). ``msda`` / ``masked_attn`` choose standard ops or
     one TensorRT plugin node per call for each attention op (module docstring; None: the default of ``target``,
     the runtime the graph is exported for, see :mod:`m2f.export.targets`). ``source`` ({"path", "sha256",
     "preset"}) is recorded in the manifest. ``optimize`` runs the exporter's onnxscript optimizer (constant
@@ -442,6 +443,7 @@ def to_onnx(
             source=source,
             notes=tuple(notes),
             details={"exporter": "torch.onnx.export(dynamo=True)", "optimized": optimize, "simplified": simplified,
+                     "divisibility": divisibility,
                      "dynamic_axes": {"pixel_values": {"0": "batch", "2": f"height ({divisibility} x n)",
                                                        "3": f"width ({divisibility} x n)"}} if dynamic else {}},
         )

@@ -46,7 +46,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def parse_shape(text: str) -> Shape:
-    """"1x3x512x512" (also with "×" or ",") -> (1, 3, 512, 512), validated: 3 channels, H and W multiples of 32."""
+    """"1x3x512x512" (also with "×" or ",") -> (1, 3, 512, 512), validated: 4 positive sides, 3 channels (what H and
+    W must be multiples of is the graph's: :func:`default_profile` checks it against the manifest)."""
     parts = [p for p in re.split(r"[x×X,*]", text.strip()) if p]
     try:
         dims = tuple(int(p) for p in parts)
@@ -56,8 +57,6 @@ def parse_shape(text: str) -> Shape:
         raise InputError(f"shape {text!r} must be four positive integers BxCxHxW, e.g. 1x3x512x512")
     if dims[1] != 3:
         raise InputError(f"shape {text!r} has {dims[1]} channels; pixel_values has 3 (RGB)")
-    if dims[2] % 32 or dims[3] % 32:
-        raise InputError(f"shape {text!r}: height and width must be multiples of 32 (pad the image)")
     return dims  # type: ignore[return-value]
 
 
@@ -77,12 +76,28 @@ class Profile:
         return self
 
 
+def input_divisibility(manifest: "Manifest | dict[str, Any]") -> int:
+    """What the ONNX input's H and W are multiples of: the export records the model's (its backbone's coarsest
+    stride, at least its config's ``size_divisibility``); for a manifest written before that, the config's."""
+    recorded = manifest.get("divisibility")
+    if recorded is not None:
+        return int(recorded)
+    return max(int((manifest.get("config") or {}).get("size_divisibility") or 1), 1)
+
+
 def default_profile(manifest: "Manifest | dict[str, Any]", min_shape: Shape | None, opt_shape: Shape | None,
                     max_shape: Shape | None) -> Profile:
     """Fill the profile from the manifest: the export shape; a dynamic batch up to max(8, export batch)."""
     batch, height, width = manifest["batch"], manifest["height"], manifest["width"]
     export_shape: Shape = (batch, 3, height, width)
     dynamic = manifest.get("dynamic", False)
+    divisibility = input_divisibility(manifest)
+    for given, name in ((min_shape, "min"), (opt_shape, "opt"), (max_shape, "max")):
+        if given is not None and (given[2] % divisibility or given[3] % divisibility):
+            raise InputError(
+                f"--{name}-shape {'x'.join(map(str, given))}: height and width must be multiples of {divisibility} "
+                "(the exported model's input divisibility); pad the image"
+            )
     if not dynamic:
         for given, name in ((min_shape, "min"), (opt_shape, "opt"), (max_shape, "max")):
             if given is not None and given != export_shape:

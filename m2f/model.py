@@ -17,8 +17,11 @@ from torch import nn
 from m2f.config import Mask2FormerConfig
 from m2f.errors import InputError
 from m2f.kernels import check_backend_name
-from m2f.pixel_decoder import MSDeformAttnPixelDecoder
-from m2f.transformer_decoder import MultiScaleMaskedTransformerDecoder
+from m2f.pixel_decoder import MSDeformAttnPixelDecoder, MultiScaleDeformableAttention
+from m2f.transformer_decoder import CrossAttentionLayer, MultiScaleMaskedTransformerDecoder
+
+# The modules that call an attention kernel: each holds its own ``backend``, nothing above them keeps a copy.
+ATTENTION_LEAVES = (MultiScaleDeformableAttention, CrossAttentionLayer)
 
 
 @dataclass(frozen=True)
@@ -47,27 +50,25 @@ class Mask2Former(nn.Module):
     Args:
         config: the architecture (see :mod:`m2f.config`; presets via :func:`m2f.preset`).
         backend: attention kernels: "torch" (PyTorch reference, exports anywhere), "triton" (fused GPU kernels),
-            or "auto" (Triton on CUDA tensors, PyTorch elsewhere). Fixed at build time.
+            or "auto" (Triton on CUDA tensors, PyTorch elsewhere); :meth:`set_backend` switches it later.
     """
 
     def __init__(self, config: Mask2FormerConfig, backend: str = "torch") -> None:
         super().__init__()
-        check_backend_name(backend)
         from m2f.backbones import build_backbone  # the backbones package is only needed when a model is built
 
         self.config = config
-        self._backend = backend
         self.backbone = build_backbone(config.backbone)
         self.pixel_decoder = MSDeformAttnPixelDecoder(
-            dict(self.backbone.out_channels), dict(self.backbone.out_strides), config.pixel_decoder, backend=backend
+            dict(self.backbone.out_channels), dict(self.backbone.out_strides), config.pixel_decoder
         )
         self.transformer_decoder = MultiScaleMaskedTransformerDecoder(
             in_channels=config.pixel_decoder.conv_dim,
             num_classes=config.num_classes,
             mask_dim=config.pixel_decoder.mask_dim,
             config=config.transformer_decoder,
-            backend=backend,
         )
+        self.set_backend(backend)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> "Mask2Former":
@@ -91,9 +92,22 @@ class Mask2Former(nn.Module):
 
         return run(outputs, batch, self.config, task=task)
 
+    def attention_leaves(self) -> list[nn.Module]:
+        """The modules that call an attention kernel, each holding its ``backend``."""
+        return [m for m in self.modules() if isinstance(m, ATTENTION_LEAVES)]
+
+    def set_backend(self, backend: str) -> "Mask2Former":
+        """Switch every attention leaf to ``backend`` ("torch", "triton", "auto"); returns the model."""
+        check_backend_name(backend)
+        for leaf in self.attention_leaves():
+            leaf.backend = backend
+        return self
+
     @property
     def backend(self) -> str:
-        return self._backend
+        """The leaves' backend; "mixed" only where code switched single leaves (export's plugin copies)."""
+        names = {leaf.backend for leaf in self.attention_leaves()}
+        return names.pop() if len(names) == 1 else "mixed"
 
     @property
     def num_classes(self) -> int:
@@ -135,13 +149,15 @@ class Mask2Former(nn.Module):
         batch, _, height, width = pixel_values.shape
         if batch == 0:
             raise InputError("pixel_values is an empty batch (B = 0); pass at least one image")
-        # GroupNorm needs two values per group; the smallest map it normalises is res5 (the backbones round up)
-        res5 = (-(-height // 32), -(-width // 32))
+        # GroupNorm needs two values per group; the smallest map it normalises is the coarsest (the backbones round up)
+        stride = max(self.backbone.out_strides.values())
+        coarsest = (-(-height // stride), -(-width // stride))
         per_group = self.config.pixel_decoder.conv_dim // self.config.pixel_decoder.norm_groups
-        if per_group * res5[0] * res5[1] < 2:
+        if per_group * coarsest[0] * coarsest[1] < 2:
             raise InputError(
-                f"pixel_values of {height}x{width} is too small for this model: its 1/32 feature map "
-                f"({res5[0]}x{res5[1]}) leaves one value per GroupNorm group; make one side at least 33 pixels"
+                f"pixel_values of {height}x{width} is too small for this model: its 1/{stride} feature map "
+                f"({coarsest[0]}x{coarsest[1]}) leaves one value per GroupNorm group; make one side at least "
+                f"{stride + 1} pixels"
             )
 
     def forward(self, pixel_values: torch.Tensor) -> Mask2FormerOutput:  # (B, 3, H, W) normalised
@@ -156,7 +172,7 @@ class Mask2Former(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"backend={self._backend!r}, num_classes={self.config.num_classes}"
+        return f"backend={self.backend!r}, num_classes={self.config.num_classes}"
 
 
 def build_model(config: Mask2FormerConfig, backend: str = "torch") -> Mask2Former:

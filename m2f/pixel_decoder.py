@@ -25,7 +25,7 @@ from torch import nn
 
 from m2f.config import PixelDecoderConfig
 from m2f.errors import ConfigError
-from m2f.kernels import check_backend_name, ms_deform_attn
+from m2f.kernels import ms_deform_attn
 from m2f.position_encoding import PositionEmbeddingSine
 
 Shapes = list[tuple[int, int]]
@@ -256,7 +256,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         in_channels: channels of each backbone feature, e.g. ``{"res2": 256, ..., "res5": 2048}``.
         in_strides: stride of each backbone feature, e.g. ``{"res2": 4, ..., "res5": 32}``.
         config: sizes of the decoder.
-        backend: kernel backend of :func:`m2f.kernels.ms_deform_attn` ("torch", "triton", "auto").
+        backend: kernel backend of :func:`m2f.kernels.ms_deform_attn` ("torch", "triton", "auto"), handed to the
+            deformable-attention layers (which hold it; the op checks the name when it runs).
     """
 
     maskformer_num_feature_levels = 3  # the transformer decoder always takes three scales
@@ -269,9 +270,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         backend: str = "torch",
     ) -> None:
         super().__init__()
-        check_backend_name(backend)
         self.config = config
-        self.backend = backend
         conv_dim, groups = config.conv_dim, config.norm_groups
         names = sorted(in_channels, key=lambda k: in_strides[k])  # finest first: res2 .. res5
         if len(names) < config.num_feature_levels:

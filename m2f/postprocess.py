@@ -32,12 +32,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import TASKS, Mask2FormerConfig, PostProcessConfig
+from .config import TASKS, Mask2FormerConfig, PixelDecoderConfig, PostProcessConfig
 from .errors import InputError
 
 Size = tuple[int, int]
 
 _DEFAULTS = PostProcessConfig()
+_MASK_STRIDE = PixelDecoderConfig().common_stride  # the stride of pred_masks when no config says otherwise
 
 
 @dataclass
@@ -100,6 +101,7 @@ def _check_inputs(
     image_sizes: Sequence[Size],
     original_sizes: Sequence[Size],
     padded_size: Size | None,
+    mask_stride: int,
 ) -> Size:
     if pred_logits.ndim != 3 or pred_masks.ndim != 4:
         raise InputError(
@@ -117,12 +119,14 @@ def _check_inputs(
         raise InputError(
             f"got {len(image_sizes)} image sizes and {len(original_sizes)} original sizes for a batch of {batch}"
         )
-    if padded_size is None:  # the mask head runs at stride 4 of the padded input
-        padded_size = (int(pred_masks.shape[-2]) * 4, int(pred_masks.shape[-1]) * 4)
+    implied = padded_size is None
+    if padded_size is None:  # the mask head runs at the pixel decoder's common_stride of the padded input
+        padded_size = (int(pred_masks.shape[-2]) * mask_stride, int(pred_masks.shape[-1]) * mask_stride)
     padded_size = (int(padded_size[0]), int(padded_size[1]))
     for (h, w), (oh, ow) in zip(image_sizes, original_sizes):
         if not (0 < h <= padded_size[0] and 0 < w <= padded_size[1]) or oh < 1 or ow < 1:
-            raise InputError(f"image size {(h, w)} (original {(oh, ow)}) does not fit the padded size {padded_size}")
+            how = f" ({mask_stride} x the mask size; pass padded_size or mask_stride)" if implied else ""
+            raise InputError(f"image size {(h, w)} (original {(oh, ow)}) does not fit the padded size {padded_size}{how}")
     return padded_size
 
 
@@ -186,16 +190,18 @@ def semantic(
     padded_size: Size | None = None,
     *,
     postprocess_before_inference: bool = True,
+    mask_stride: int = _MASK_STRIDE,
 ) -> list[SemanticResult]:
     """Per-pixel class probabilities ``einsum("qc,qhw->chw", softmax(cls)[:, :-1], sigmoid(mask))`` and their argmax.
 
     pred_logits: (B, Q, K+1); pred_masks: (B, Q, Hp/4, Wp/4) logits; image_sizes / original_sizes: per image (h, w);
-    padded_size: (Hp, Wp) of the network input (default: 4x the mask size).
+    padded_size: (Hp, Wp) of the network input (default: ``mask_stride`` x the mask size; ``mask_stride`` is the
+        model's ``config.pixel_decoder.common_stride``).
     postprocess_before_inference: True (official panoptic / instance models): resize the mask logits to the
         original size, then infer. False (official semantic-only models, ``SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE``
         False): infer at the padded size, then crop and resize the probabilities.
     """
-    padded_size = _check_inputs(pred_logits, pred_masks, image_sizes, original_sizes, padded_size)
+    padded_size = _check_inputs(pred_logits, pred_masks, image_sizes, original_sizes, padded_size, mask_stride)
     results = []
     for logits, masks, image_size, original_size in zip(pred_logits, pred_masks, image_sizes, original_sizes):
         class_probs = logits.float().softmax(-1)[:, :-1]  # (Q, K)
@@ -227,6 +233,7 @@ def instance(
     *,
     topk: int = _DEFAULTS.instance_topk,
     thing_classes: Sequence[int] | None = None,
+    mask_stride: int = _MASK_STRIDE,
 ) -> list[InstanceResult]:
     """Official ``instance_inference``: the top-k (query, class) pairs of ``softmax(cls)[:, :-1]`` over all Q x K.
 
@@ -234,7 +241,7 @@ def instance(
     thing_classes: when given (the official rule for models trained on panoptic data, ``panoptic_on``), pairs whose
     class is not a thing are dropped after the top-k, so fewer than ``topk`` may remain.
     """
-    padded_size = _check_inputs(pred_logits, pred_masks, image_sizes, original_sizes, padded_size)
+    padded_size = _check_inputs(pred_logits, pred_masks, image_sizes, original_sizes, padded_size, mask_stride)
     if topk < 1:
         raise InputError(f"topk must be >= 1, got {topk}")
     num_classes = pred_logits.shape[-1] - 1
@@ -287,6 +294,7 @@ def panoptic(
     thing_classes: Sequence[int] = (),
     object_mask_threshold: float = _DEFAULTS.object_mask_threshold,
     overlap_threshold: float = _DEFAULTS.overlap_threshold,
+    mask_stride: int = _MASK_STRIDE,
 ) -> list[PanopticResult]:
     """Official ``panoptic_inference``, vectorised.
 
@@ -296,7 +304,7 @@ def panoptic(
     A segment's pixels are its assigned pixels with prob >= 0.5 (others stay void). Stuff segments of one class
     share the id of the first; ids count up from 1 in query order.
     """
-    padded_size = _check_inputs(pred_logits, pred_masks, image_sizes, original_sizes, padded_size)
+    padded_size = _check_inputs(pred_logits, pred_masks, image_sizes, original_sizes, padded_size, mask_stride)
     num_classes = pred_logits.shape[-1] - 1
     is_thing_class = _thing_table(thing_classes, num_classes, pred_logits.device)
     return [
@@ -373,7 +381,7 @@ def postprocess_task(
     pred_masks: torch.Tensor,
     image_sizes: Sequence[Size],
     original_sizes: Sequence[Size],
-    padded_size: Size,
+    padded_size: Size | None,
     config: Mask2FormerConfig,
 ) -> list[SemanticResult] | list[InstanceResult] | list[PanopticResult]:
     """``task``'s results for a batch, with the model's rules and thresholds from ``config``: the one dispatcher
@@ -382,16 +390,16 @@ def postprocess_task(
     Official rules: semantic-only models infer before resizing to the original size; models trained for panoptic
     report only thing classes as instances."""
     args = (pred_logits, pred_masks, image_sizes, original_sizes, padded_size)
-    thresholds = config.postprocess
+    thresholds, stride = config.postprocess, config.pixel_decoder.common_stride
     if task == "panoptic":
         return panoptic(*args, thing_classes=config.thing_classes,
                         object_mask_threshold=thresholds.object_mask_threshold,
-                        overlap_threshold=thresholds.overlap_threshold)
+                        overlap_threshold=thresholds.overlap_threshold, mask_stride=stride)
     if task == "instance":
         things = config.thing_classes if config.default_task == "panoptic" else None
-        return instance(*args, topk=thresholds.instance_topk, thing_classes=things)
+        return instance(*args, topk=thresholds.instance_topk, thing_classes=things, mask_stride=stride)
     if task == "semantic":
-        return semantic(*args, postprocess_before_inference=config.default_task != "semantic")
+        return semantic(*args, postprocess_before_inference=config.default_task != "semantic", mask_stride=stride)
     raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
 
 

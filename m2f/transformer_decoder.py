@@ -20,7 +20,7 @@ from torch import nn
 
 from m2f.config import TransformerDecoderConfig
 from m2f.errors import ConfigError, InputError
-from m2f.kernels import check_backend_name, masked_attention_from_logits
+from m2f.kernels import masked_attention_from_logits
 from m2f.pixel_decoder import c2_xavier_fill
 from m2f.position_encoding import PositionEmbeddingSine
 
@@ -177,7 +177,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         num_classes: classes without "no object"; the class head has ``num_classes + 1`` outputs.
         mask_dim: channels of the mask features.
         config: decoder sizes.
-        backend: kernel backend of the masked cross-attention ("torch", "triton", "auto").
+        backend: kernel backend of the masked cross-attention ("torch", "triton", "auto"), handed to the
+            cross-attention layers (which hold it; the op checks the name when it runs).
     """
 
     num_feature_levels = 3  # always three scales
@@ -191,9 +192,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         backend: str = "torch",
     ) -> None:
         super().__init__()
-        check_backend_name(backend)
         self.config = config
-        self.backend = backend
         hidden, heads, eps = config.hidden_dim, config.num_heads, config.layer_norm_eps
         self.num_heads = heads
         self.num_layers = config.num_layers

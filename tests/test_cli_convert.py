@@ -10,8 +10,7 @@ import torch
 
 import m2f
 from m2f.cli import main
-from tests.test_model import hf_resnet_backbone, tiny_hf_model
-from tests.utils import fresh_seed
+from tests.utils import d2_config, fresh_seed, hf_resnet_backbone, official_state, tiny_hf_model, write_pkl
 
 
 def test_convert_hf_round_trip(tmp_path, rng, capsys):
@@ -79,7 +78,6 @@ def test_python_m_m2f_convert_exit_code_and_stderr(tmp_path):
 
 
 def _tiny_d2_checkpoint(tmp_path, rng):
-    from tests.test_checkpoints import d2_config, official_state, write_pkl
 
     return write_pkl(tmp_path / "model_final.pkl", official_state(d2_config(), rng))
 

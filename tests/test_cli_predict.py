@@ -17,7 +17,7 @@ from m2f.cli import main
 from m2f.cli.predict import ImageEntry, group_into_batches, image_ids_for, output_names, predict_entries, unique_stems
 from m2f.config import Mask2FormerConfig
 from m2f.outputs import rgb_to_id
-from tests.utils import fresh_seed
+from tests.utils import fresh_seed, resnet_config
 
 
 
@@ -284,16 +284,12 @@ def tiny_checkpoint(tmp_path_factory, e2e_images) -> tuple[Path, int]:
     """
     import m2f
     from m2f.checkpoints.native import save_pretrained
-    from m2f.config import PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
     from m2f.postprocess import panoptic
     from m2f.preprocess import load_image, preprocess
 
-    config = Mask2FormerConfig(
-        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=8, hidden_sizes=(16, 32, 48, 64)),
-        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=1, num_heads=4, ffn_dim=64,
-                                         norm_groups=8),
-        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=10, num_heads=4, ffn_dim=64,
-                                                     num_layers=2),
+    config = resnet_config(
+        hidden_sizes=(16, 32, 48, 64), dim=32, heads=4, ffn_dim=64, queries=10, decoder_layers=2,
+        pixel_decoder={"norm_groups": 8},
         num_classes=6,
         class_names=("person", "car", "dog", "road", "sky", "grass"),
         thing_classes=(0, 1, 2),

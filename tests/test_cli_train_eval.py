@@ -10,6 +10,7 @@ import pytest
 
 from m2f.cli import main
 from m2f.data.synth import write_dataset
+from tests.utils import tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +115,9 @@ def test_eval_missing_checkpoint_and_onnx(tmp_path, synth, capsys):
 
 def test_train_then_eval_end_to_end(tmp_path, synth, capsys):
     """Two iterations of a tiny model from the CLI, resumed to three, then `m2f eval` on the result."""
-    from tests.test_train import tiny_config
 
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(tiny_config().to_dict()))
+    config.write_text(json.dumps(tiny_train_config().to_dict()))
     run = tmp_path / "run"
     base = ["train", "--config", str(config), "--data", str(synth), "--out", str(run), "--batch-size", "2",
             "--num-points", "196", "--device", "cpu", "--quiet", "--log-every", "1"]
@@ -145,11 +145,10 @@ def test_init_keeps_fitting_tensors_and_reinitialises_the_class_head(tmp_path, c
     from m2f.checkpoints import save_pretrained
     from m2f.cli.train import _init_state
     from m2f.model import build_model
-    from tests.test_train import tiny_config
 
-    source = build_model(tiny_config(num_classes=6))
+    source = build_model(tiny_train_config(num_classes=6))
     save_pretrained(source, tmp_path / "src")
-    state = _init_state(str(tmp_path / "src"), tiny_config(num_classes=3))
+    state = _init_state(str(tmp_path / "src"), tiny_train_config(num_classes=3))
     src = source.state_dict()
     copied = [k for k in state if src[k].shape == state[k].shape and torch.equal(state[k], src[k])]
     fresh = [k for k in state if src[k].shape != state[k].shape]
@@ -167,11 +166,10 @@ def test_eval_onnx_against_pytorch(tmp_path, synth, rng):
     from m2f.export import to_onnx
     from m2f.export.runner import open_runner
     from m2f.model import build_model
-    from tests.test_train import tiny_config
     from tests.utils import rel_err
 
     torch.manual_seed(rng.seed_value)
-    model = build_model(tiny_config()).eval()
+    model = build_model(tiny_train_config()).eval()
     save_pretrained(model, tmp_path / "model")
     onnx_path = tmp_path / "onnx" / "model.onnx"
     to_onnx(model, onnx_path, height=64, width=64, optimize=False, simplify=False)

@@ -11,18 +11,12 @@ import torch
 from m2f.checkpoints.hf import config_from_hf
 from m2f.checkpoints.native import CONFIG_NAME, read_native_config, save_pretrained
 from m2f.cli import main
-from m2f.config import (
-    Mask2FormerConfig,
-    PixelDecoderConfig,
-    ResNetConfig,
-    SwinConfig,
-    TransformerDecoderConfig,
-    preset,
-)
+from m2f.config import Mask2FormerConfig, ResNetConfig, SwinConfig, TransformerDecoderConfig, preset
 from m2f.errors import CheckpointError, ConfigError
 from m2f.model import build_model
 from m2f.pixel_decoder import MultiScaleDeformableAttention
 from m2f.transformer_decoder import PackedAttentionProjections
+from tests.utils import resnet_config
 
 # (m2f_config.json content, expected message): the cases of the issue first, then their siblings
 BAD_CONFIGS = [
@@ -105,15 +99,8 @@ def test_module_constructors_raise_config_errors():
 
 
 def _tiny_config(**changes) -> Mask2FormerConfig:
-    return Mask2FormerConfig(
-        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=8, hidden_sizes=(16, 16, 32, 32)),
-        pixel_decoder=PixelDecoderConfig(conv_dim=16, mask_dim=16, num_encoder_layers=1, num_heads=2, ffn_dim=16,
-                                         norm_groups=4),
-        transformer_decoder=TransformerDecoderConfig(hidden_dim=16, num_queries=3, num_heads=2, ffn_dim=16,
-                                                     num_layers=1),
-        num_classes=2,
-        **changes,
-    )
+    return resnet_config(hidden_sizes=(16, 16, 32, 32), dim=16, heads=2, ffn_dim=16, queries=3, decoder_layers=1,
+                         num_classes=2, pixel_decoder={"norm_groups": 4}, **changes)
 
 
 def test_native_config_with_a_bad_field_names_the_file_and_convert_writes_nothing(tmp_path, capsys):

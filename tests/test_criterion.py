@@ -8,8 +8,7 @@ import torch
 
 from m2f.train.criterion import LossConfig, SetCriterion, dice_loss, sigmoid_bce_loss
 from m2f.train.point_sampling import uncertain_point_coords
-from tests.test_matcher import cost_ref, sample_ref
-from tests.utils import rel_err
+from tests.utils import cost_ref, rel_err, sample_ref
 
 
 def test_bce_and_dice_hand_values():

@@ -1,4 +1,4 @@
-"""The OpenVINO target: `m2f export openvino` (static / dynamic, fp32 / fp16) of a tiny model, its manifest and
+"""The OpenVINO target: `m2f export openvino` (static / dynamic, fp32 / fp16; int8 through NNCF of the default model) of a tiny model, its manifest and
 atomic directory, `m2f export check` against PyTorch, `m2f predict --openvino`, `m2f eval --openvino`,
 `m2f bench model --openvino --onnx`, and the one-line refusals."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image
 from m2f.cli import main
 from m2f.errors import InputError
 from m2f.export.manifest import manifest_path, read_manifest
-from tests.utils import save_tiny_checkpoint
+from tests.utils import fresh_seed, save_tiny_checkpoint
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
@@ -176,3 +176,44 @@ def test_plugin_graphs_and_tampered_directories_are_refused(exported, tmp_path, 
     (tampered / "model.bin").write_bytes(bytes(data))
     code, _, err = _cli(capsys, ["export", "check", str(tampered)])
     _one_line_error(code, err, str(tampered), "does not match its manifest", "re-export")
+
+
+def test_int8_export_of_the_default_model_passes_check(tmp_path, capsys):
+    """NNCF quantizes the shipped default model (calibrated on fresh synthetic images) and the IR passes
+    `m2f export check` within the int8 bound, against the float32 PyTorch model (about 45 s on 2 shared cores)."""
+    pytest.importorskip("nncf")
+    from m2f.assets import default_checkpoint_path
+    from m2f.export.check import FLOAT_RTOL
+
+    seed = fresh_seed("openvino_int8_calib")
+    calib = tmp_path / "calib"
+    assert main(["data", "synth", "--out", str(calib), "--num", "4", "--seed", str(seed), "--size", "64x64",
+                 "--quiet"]) == 0
+    out = tmp_path / "ov_int8"
+    code, _, err = _cli(capsys, ["export", "openvino", "--checkpoint", str(default_checkpoint_path()), "--output",
+                                 str(out), "--height", "64", "--width", "64", "--precision", "int8", "--calib",
+                                 str(calib / "images"), "--quiet"])
+    assert code == 0, err
+    manifest = read_manifest(out, kind="openvino")
+    assert manifest.precision == "int8" and "FakeQuantize nodes" in manifest.details["precision_note"], manifest
+    code, stdout, err = _cli(capsys, ["export", "check", str(out), "--report", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and report["verdict"] == "pass", (stdout, err, f"calibration seed {seed}")
+    assert report["parity"]["rtol"] == FLOAT_RTOL["int8"] and "int8 quantized layers" in stdout, stdout
+    for run in report["parity"]["runs"]:
+        for name, entry in run["outputs"].items():
+            if "rel_err" in entry:
+                assert entry["rel_err"] <= FLOAT_RTOL["int8"], (name, entry, f"calibration seed {seed}")
+
+
+def test_int8_without_nncf_is_one_line_before_any_work(exported, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nncf", None)  # as if not installed: `import nncf` raises ImportError
+    (tmp_path / "calib").mkdir()
+    out = tmp_path / "ov"
+    for source in (["--onnx", str(exported[0])], ["--checkpoint", str(exported[0].parent / "never-read")]):
+        code, _, err = _cli(capsys, ["export", "openvino", *source, "--output", str(out), "--precision", "int8",
+                                     "--calib", str(tmp_path / "calib")])
+        _one_line_error(code, err, "--precision int8 quantizes with NNCF, which is not installed: pip install nncf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib"]

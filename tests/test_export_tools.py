@@ -183,7 +183,7 @@ def test_msda_plugin_kernel_compiles_to_ptx(target):
 def test_parse_shape_and_profile():
     assert parse_shape("2x3x512x640") == (2, 3, 512, 640)
     assert parse_shape("1×3×64×96") == (1, 3, 64, 96)
-    for bad in ("1x3x500x512", "1x4x512x512", "1x3x512", "axbxcxd"):
+    for bad in ("1x4x512x512", "1x3x512", "axbxcxd"):
         with pytest.raises(InputError):
             parse_shape(bad)
     static = {"batch": 1, "height": 128, "width": 192, "dynamic": False}
@@ -195,6 +195,22 @@ def test_parse_shape_and_profile():
     assert prof.opt == (1, 3, 128, 192) and prof.min == (1, 3, 64, 64)
     with pytest.raises(InputError, match="min <= opt <= max"):
         default_profile(dyn, (1, 3, 256, 256), None, (8, 3, 256, 256))
+
+
+@pytest.mark.parametrize("recorded", [32, 64, None])
+def test_profile_sides_are_multiples_of_the_exports_divisibility(recorded):
+    """The export records its input divisibility (backbone stride, at least size_divisibility); older manifests
+    give the config's size_divisibility. Profile sides off it are refused naming it."""
+    manifest = {"batch": 1, "height": 128, "width": 192, "dynamic": True, "config": {"size_divisibility": 64}}
+    if recorded is not None:
+        manifest["divisibility"] = recorded
+    divisibility = recorded or 64
+    fits = parse_shape(f"1x3x{4 * divisibility}x{6 * divisibility}")
+    assert default_profile(manifest, None, None, fits).max == fits
+    off = parse_shape(f"1x3x{divisibility + 32}x{2 * divisibility}") if divisibility > 32 else parse_shape("1x3x80x64")
+    with pytest.raises(InputError, match=rf"^--min-shape 1x3x\d+x\d+: height and width must be multiples of "
+                                         rf"{divisibility} \(the exported model's input divisibility\); pad the image$"):
+        default_profile(manifest, off, None, None)
 
 
 def test_tensorrt_missing_is_a_clear_error(tmp_path, monkeypatch):

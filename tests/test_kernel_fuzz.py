@@ -66,6 +66,14 @@ def _msda_case(gen):
     return shapes, as_tensor, value.to(dtype), loc.to(dtype), attn.to(dtype)
 
 
+def _three_way_mismatches(where: str, triton: torch.Tensor, torch_backend: torch.Tensor, want: torch.Tensor,
+                          tol: float) -> list[str]:
+    """Each backend against the float64 reference, and against each other (twice the bound: both may err)."""
+    pairs = (("triton vs float64", triton, want, tol), ("torch backend vs float64", torch_backend, want, tol),
+             ("triton vs torch backend", triton, torch_backend, 2 * tol))
+    return [f"{where}: {name}: {problem}" for name, a, b, t in pairs if (problem := mismatch(a, b, t))]
+
+
 def test_fuzz_ms_deform_attn():
     failures = []
     for _ in range(MSDA_CASES):
@@ -80,11 +88,7 @@ def test_fuzz_ms_deform_attn():
         want = ms_deform_attn_torch(value.double().cpu(), shapes, loc.double().cpu(), attn.double().cpu())
         tol = F64_TOL if value.dtype == torch.float64 else F32_TOL
         where = f"case seed {seed}: shapes {shapes}, value {tuple(value.shape)} {value.dtype}, P {loc.shape[4]}"
-        for name, a, b, t in (("triton vs float64", got, want, tol), ("torch backend vs float64", torch_backend, want,
-                              tol), ("triton vs torch backend", got, torch_backend, 2 * tol)):
-            problem = mismatch(a, b, t)
-            if problem:
-                failures.append(f"{where}: {name}: {problem}")
+        failures += _three_way_mismatches(where, got, torch_backend, want, tol)
     assert not failures, f"{len(failures)} of {MSDA_CASES} cases failed:\n" + "\n".join(failures[:10])
 
 
@@ -123,11 +127,7 @@ def test_fuzz_masked_attention():
         tol = F64_TOL if dtype == torch.float64 else F32_TOL
         where = (f"case seed {seed}: q {tuple(q.shape)} k {tuple(k.shape)} {dtype}, mask {tuple(logits.shape)} "
                  f"{'bool' if as_bool else 'logits'}, keys_per_split {kps}")
-        for name, a, b, t in (("triton vs float64", got, want, tol), ("torch backend vs float64", torch_backend, want,
-                              tol), ("triton vs torch backend", got, torch_backend, 2 * tol)):
-            problem = mismatch(a, b, t)
-            if problem:
-                failures.append(f"{where}: {name}: {problem}")
+        failures += _three_way_mismatches(where, got, torch_backend, want, tol)
     assert not failures, f"{len(failures)} of {MASKATTN_CASES} cases failed:\n" + "\n".join(failures[:10])
 
 

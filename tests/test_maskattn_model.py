@@ -6,8 +6,7 @@ import torch
 
 from m2f.config import TransformerDecoderConfig
 from m2f.transformer_decoder import MultiScaleMaskedTransformerDecoder
-from tests.test_pixel_decoder import perturb_
-from tests.utils import rel_err, tiny_config
+from tests.utils import perturb_, rel_err, tiny_config
 
 # The kernels run on the GPU where there is one, else in the interpreter on the CPU (tests/conftest.py).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

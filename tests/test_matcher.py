@@ -9,42 +9,7 @@ import torch
 
 from m2f.train.matcher import HungarianMatcher, pairwise_dice, pairwise_sigmoid_bce
 from m2f.train.point_sampling import point_sample, uncertain_point_coords
-from tests.utils import rel_err
-
-
-def bilinear_ref(img: torch.Tensor, x: float, y: float) -> torch.Tensor:
-    """Value of img (H, W) at normalised (x, y), pixel centres at (i + 0.5) / size, zeros outside (float64)."""
-    h, w = img.shape
-    px, py = x * w - 0.5, y * h - 0.5
-    x0, y0 = math.floor(px), math.floor(py)
-    out = img.new_zeros(())
-    for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
-        for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
-            if 0 <= yy < h and 0 <= xx < w:
-                out = out + wy * wx * img[yy, xx]
-    return out
-
-
-def sample_ref(masks: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """masks (N, H, W), coords (P, 2) -> (N, P) in float64 by the loop above."""
-    masks = masks.double()
-    return torch.stack([torch.stack([bilinear_ref(m, float(c[0]), float(c[1])) for c in coords]) for m in masks])
-
-
-def cost_ref(logits, masks, labels, tgt_masks, coords, wc=2.0, wm=5.0, wd=5.0) -> torch.Tensor:
-    probs = logits.double().softmax(-1)
-    pred = sample_ref(masks, coords)
-    tgt = sample_ref(tgt_masks.double(), coords)
-    q, n = pred.shape[0], tgt.shape[0]
-    cost = torch.zeros(q, n, dtype=torch.float64)
-    for i in range(q):
-        for j in range(n):
-            x, t = pred[i], tgt[j]
-            bce = (-(t * torch.log(torch.sigmoid(x)) + (1 - t) * torch.log(1 - torch.sigmoid(x)))).mean()
-            p = torch.sigmoid(x)
-            dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
-            cost[i, j] = wc * -probs[i, labels[j]] + wm * bce + wd * dice
-    return cost
+from tests.utils import cost_ref, rel_err, sample_ref
 
 
 def test_point_sample_matches_loop(rng):

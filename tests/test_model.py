@@ -9,15 +9,12 @@ import pytest
 import torch
 
 import m2f
-from m2f.config import BACKBONE_PRESETS, Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
+from m2f.config import BACKBONE_PRESETS, Mask2FormerConfig
 from m2f.errors import BackendUnavailableError, InputError
-from tests.test_pixel_decoder import perturb_
-from tests.utils import rel_err
+from tests.utils import TINY_HF_LABELS, TINY_HF_QUERIES, hf_resnet_backbone, perturb_, rel_err, resnet_config, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
-NUM_LABELS = 5
-NUM_QUERIES = 7
 # (B, 3, H, W): non-square; every Swin stage (24x40 .. 3x5) is larger than its window (2), so HF's Swin keeps
 # the configured window like the official one does.
 INPUT_SHAPE = (2, 3, 96, 160)
@@ -28,26 +25,6 @@ def hf_swin_backbone():
         embed_dim=16, depths=[2, 1, 2, 2], num_heads=[1, 2, 2, 4], window_size=2, drop_path_rate=0.0,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
-
-
-def hf_resnet_backbone():
-    return transformers.ResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 2, 1, 1], layer_type="bottleneck",
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-
-
-def tiny_hf_model(backbone_config, gen: torch.Generator):
-    """A small random HF Mask2Former with every tensor moved off its init value, in eval mode."""
-    torch.manual_seed(gen.seed_value)
-    config = transformers.Mask2FormerConfig(
-        backbone_config=backbone_config, feature_size=64, mask_feature_size=48, hidden_dim=64, encoder_layers=2,
-        encoder_feedforward_dim=96, num_attention_heads=8, decoder_layers=5, num_queries=NUM_QUERIES,
-        dim_feedforward=80, id2label={i: f"thing{i}" for i in range(NUM_LABELS)},
-    )
-    model = transformers.Mask2FormerForUniversalSegmentation(config).eval()
-    perturb_(model, gen)
-    return model
 
 
 def save_hf(model, path):
@@ -61,13 +38,13 @@ def test_matches_transformers_through_from_pretrained(backbone, tmp_path, rng):
     hf = tiny_hf_model(hf_backbone, rng)
     model = m2f.from_pretrained(save_hf(hf, tmp_path / "hf"))
     assert not model.training and model.config.backbone.type == backbone
-    assert model.config.num_classes == NUM_LABELS and model.config.class_names == tuple(f"thing{i}" for i in range(5))
+    assert model.config.num_classes == TINY_HF_LABELS and model.config.class_names == tuple(f"thing{i}" for i in range(TINY_HF_LABELS))
     pixel_values = torch.randn(*INPUT_SHAPE, generator=rng)
     with torch.no_grad():
         out = model(pixel_values)
         ref = hf(pixel_values, output_auxiliary_logits=True)
-    assert out.pred_logits.shape == (2, NUM_QUERIES, NUM_LABELS + 1)
-    assert out.pred_masks.shape == (2, NUM_QUERIES, 24, 40)
+    assert out.pred_logits.shape == (2, TINY_HF_QUERIES, TINY_HF_LABELS + 1)
+    assert out.pred_masks.shape == (2, TINY_HF_QUERIES, 24, 40)
     e_logits = rel_err(out.pred_logits, ref.class_queries_logits)
     e_masks = rel_err(out.pred_masks, ref.masks_queries_logits)
     print(f"{backbone}: rel_err logits {e_logits:.3g}, masks {e_masks:.3g}")
@@ -79,15 +56,9 @@ def test_matches_transformers_through_from_pretrained(backbone, tmp_path, rng):
         assert rel_err(masks, aux["masks_queries_logits"]) <= 1e-5, f"aux {i} masks (seed {rng.seed_value})"
 
 
-def small_resnet_config(**kw) -> Mask2FormerConfig:
-    base = dict(
-        backbone=ResNetConfig(depths=(1, 1, 1, 1), stem_channels=16, hidden_sizes=(32, 32, 64, 64)),
-        pixel_decoder=PixelDecoderConfig(conv_dim=32, mask_dim=32, num_encoder_layers=1, num_heads=4, ffn_dim=64),
-        transformer_decoder=TransformerDecoderConfig(hidden_dim=32, num_queries=6, num_heads=4, ffn_dim=64, num_layers=4),
-        num_classes=3,
-    )
-    base.update(kw)
-    return Mask2FormerConfig(**base)
+def small_resnet_config() -> Mask2FormerConfig:
+    return resnet_config(hidden_sizes=(32, 32, 64, 64), dim=32, heads=4, ffn_dim=64, queries=6, decoder_layers=4,
+                         stem_channels=16)
 
 
 def test_output_structure_and_odd_input_size(rng):
@@ -148,6 +119,45 @@ def test_build_model_trains_and_rejects_unknown_backend():
         m2f.Mask2Former(small_resnet_config(), backend="cuda-magic")
     with pytest.raises(BackendUnavailableError, match="unknown backend"):
         m2f.from_pretrained("/nonexistent", backend="cuda-magic")
+
+
+def test_backend_is_held_by_the_attention_leaves_only(monkeypatch, rng):
+    """Only the modules that call a kernel hold ``backend``; ``set_backend`` validates once and switches what they
+    call, and the model's ``backend`` (and its repr) reads it back from them."""
+    import m2f.pixel_decoder
+    import m2f.transformer_decoder
+
+    model = m2f.build_model(small_resnet_config(), backend="auto").eval()
+    holders = {type(m) for m in model.modules() if "backend" in vars(m)}
+    assert holders == {m2f.pixel_decoder.MultiScaleDeformableAttention, m2f.transformer_decoder.CrossAttentionLayer}
+    assert model.backend == "auto" and model.extra_repr().startswith("backend='auto'")
+
+    called: list[tuple[str, str]] = []
+
+    def recording(module, name: str):
+        real = getattr(module, name)
+
+        def op(*args, backend: str):
+            called.append((name, backend))
+            return real(*args, backend="torch")  # the CPU runs the reference whatever was asked for
+        monkeypatch.setattr(module, name, op)
+
+    recording(m2f.pixel_decoder, "ms_deform_attn")
+    recording(m2f.transformer_decoder, "masked_attention_from_logits")
+    x = torch.randn(1, 3, 64, 96, generator=rng)
+    for backend in ("triton", "torch"):
+        called.clear()
+        assert model.set_backend(backend) is model and model.backend == backend
+        with torch.no_grad():
+            model(x)
+        assert {name for name, _ in called} == {"ms_deform_attn", "masked_attention_from_logits"}
+        assert {b for _, b in called} == {backend}, f"{backend}: the leaves called {called}"
+
+    with pytest.raises(BackendUnavailableError, match=r"^unknown backend 'cuda'; choose one of auto, torch, triton$"):
+        model.set_backend("cuda")
+    assert model.backend == "torch"  # refused before any leaf changed
+    model.transformer_decoder.transformer_cross_attention_layers[0].backend = "triton"  # one leaf, by hand
+    assert model.backend == "mixed"
 
 
 @pytest.mark.parametrize("backbone", ["swin-t", "r50"])

@@ -9,7 +9,7 @@ import torch
 from m2f.checkpoints.hf import pop_hf_pixel_decoder_state
 from m2f.config import PixelDecoderConfig
 from m2f.pixel_decoder import MSDeformAttnPixelDecoder, MultiScaleDeformableAttention, encoder_reference_points
-from tests.utils import rel_err
+from tests.utils import hf_config, perturb_, rel_err
 
 hf_m2f = pytest.importorskip("transformers.models.mask2former.modeling_mask2former")
 
@@ -17,29 +17,6 @@ CHANNELS = {"res2": 16, "res3": 24, "res4": 40, "res5": 56}
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 # awkward, odd map sizes (as a 97 x 147 image would give)
 SIZES = {"res2": (25, 37), "res3": (13, 19), "res4": (7, 10), "res5": (4, 5)}
-
-
-def perturb_(module: torch.nn.Module, gen: torch.Generator, scale: float = 0.1) -> None:
-    """Add noise to every floating parameter and buffer so that no tensor stays at its init value
-    (zero biases, unit norms, zero-initialised attention weights, BN statistics...)."""
-    with torch.no_grad():
-        for name, t in [*module.named_parameters(), *module.named_buffers()]:
-            if not t.is_floating_point():
-                continue
-            noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
-            if name.endswith("running_var"):
-                t.mul_(torch.exp(scale * noise))  # stays positive
-            else:
-                t.add_(scale * noise)
-
-
-def hf_config(**kw):
-    from transformers import Mask2FormerConfig
-
-    base = dict(feature_size=64, mask_feature_size=48, hidden_dim=64, encoder_layers=2, encoder_feedforward_dim=96,
-                num_attention_heads=8, decoder_layers=4, num_queries=7, dim_feedforward=80)
-    base.update(kw)
-    return Mask2FormerConfig(**base)
 
 
 def ours_config() -> PixelDecoderConfig:

@@ -389,6 +389,25 @@ def test_bad_shapes_raise_input_error():
         panoptic(cls, masks, [(8, 8)], [(8, 8)], (32, 32), thing_classes=(7,))
 
 
+def test_implied_padded_size_follows_the_configs_mask_stride(rng):
+    """Without padded_size the padded input is mask_stride x the mask size: the pixel decoder's common_stride,
+    which postprocess_task reads from the config (4 by default, 8 in a coarser model)."""
+    from m2f.config import Mask2FormerConfig, PixelDecoderConfig
+    from m2f.postprocess import postprocess_task
+
+    cls, masks = torch.randn(1, 3, 4, generator=rng), torch.randn(1, 3, 8, 8, generator=rng)
+    with pytest.raises(InputError, match=r"^image size \(40, 40\) .* padded size \(32, 32\) \(4 x the mask size; "):
+        semantic(cls, masks, [(40, 40)], [(40, 40)])
+    coarse = Mask2FormerConfig(num_classes=2, pixel_decoder=PixelDecoderConfig(common_stride=8))
+    for task in ("semantic", "instance", "panoptic"):
+        with pytest.raises(InputError, match=r"padded size \(32, 32\) \(4 x the mask size"):
+            postprocess_task(task, cls, masks, [(40, 40)], [(40, 40)], None, Mask2FormerConfig(num_classes=2))
+        (result,) = postprocess_task(task, cls, masks, [(40, 40)], [(50, 60)], None, coarse)
+        assert result is not None, f"{task} (seed {rng.seed_value})"
+    (probs,) = semantic(cls, masks, [(40, 40)], [(40, 40)], mask_stride=8)
+    assert probs.labels.shape == (40, 40), f"seed {rng.seed_value}"
+
+
 @pytest.mark.gpu
 def test_panoptic_on_gpu_equals_official_loop_on_gpu(rng):
     num_classes, thing_ids = 7, (0, 2, 3)

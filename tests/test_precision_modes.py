@@ -57,6 +57,7 @@ def _assert_dynamic(proto, manifest: dict) -> None:
     assert pixel.name == "pixel_values" and pixel.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert [d.HasField("dim_param") for d in dims] == [True, False, True, True], dims
     assert manifest["dynamic"] and all(isinstance(manifest["inputs"][0]["shape"][i], str) for i in (0, 2, 3))
+    assert manifest["divisibility"] == 32  # the default model: its backbone stride and size_divisibility
 
 
 def _assert_precision_recorded(proto, manifest: dict, precision: str) -> None:

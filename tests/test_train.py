@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
 from m2f.data.datasets import open_dataset
 from m2f.data.synth import write_dataset
 from m2f.data.transforms import ScaleJitterCrop, collate, sample_generator
@@ -18,6 +17,7 @@ from m2f.errors import InputError
 from m2f.train.loop import DistEnv, dist_env_from, epoch_batches
 from m2f.train.optim import OptimConfig, PolyLambda, build_optimizer, param_groups
 from m2f.train.state import load_state
+from tests.utils import tiny_train_config
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,19 +177,6 @@ def test_poly_schedule_and_clipping():
 # ---------------------------------------------------------------------------------------------------
 
 
-def tiny_config(num_classes: int = 6, **label_set) -> Mask2FormerConfig:
-    return Mask2FormerConfig(
-        backbone=ResNetConfig(depths=(1, 1, 1, 1), block="basic", stem_channels=8, hidden_sizes=(8, 16, 24, 32),
-                              norm="bn"),
-        pixel_decoder=PixelDecoderConfig(conv_dim=16, mask_dim=16, num_encoder_layers=1, num_heads=2, num_points=2,
-                                         ffn_dim=32, norm_groups=4),
-        transformer_decoder=TransformerDecoderConfig(hidden_dim=16, num_queries=6, num_heads=2, ffn_dim=32,
-                                                     num_layers=2),
-        num_classes=num_classes,
-        **label_set,
-    )
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     return open_dataset(write_dataset(tmp_path_factory.mktemp("tiny") / "d", num=4, seed=17, size=(64, 64)))
@@ -209,7 +196,7 @@ def test_loss_falls_on_a_tiny_model(tmp_path, tiny_data):
     from m2f.train.loop import Trainer
 
     torch.set_num_threads(1)
-    cfg = tiny_config(**tiny_data.label_set())
+    cfg = tiny_train_config(**tiny_data.label_set())
     # 50 iterations: at 30 the fall (0.80x measured) sat on the bound, so any change of float rounding could flip it
     opts = _options(iters=50, optim=OptimConfig(lr=2e-3, backbone_multiplier=1.0), scale_range=(1.0, 1.0),
                     hflip=False)
@@ -233,7 +220,7 @@ def test_resume_gives_the_same_state(tmp_path, tiny_data):
     from m2f.train.loop import Trainer
 
     torch.set_num_threads(1)
-    cfg = tiny_config(**tiny_data.label_set())
+    cfg = tiny_train_config(**tiny_data.label_set())
     opts = _options(iters=4)
     Trainer(cfg, tiny_data, tmp_path / "straight", opts, device="cpu", progress=False).train()
     assert Trainer(cfg, tiny_data, tmp_path / "halves", opts, device="cpu", progress=False).train(stop_after=2) is None
@@ -259,7 +246,7 @@ def test_gradients_reach_both_attention_ops(rng, tiny_data):
     from m2f.model import build_model
     from m2f.train.criterion import LossConfig, SetCriterion
 
-    cfg = tiny_config(**tiny_data.label_set())
+    cfg = tiny_train_config(**tiny_data.label_set())
     torch.manual_seed(rng.seed_value)
     model = build_model(cfg, backend="torch").train()
     t = ScaleJitterCrop((64, 64), (1.0, 1.0), hflip=False)
@@ -282,7 +269,7 @@ def test_gradients_with_triton_backend(rng, tiny_data):
     from m2f.model import build_model
     from m2f.train.criterion import LossConfig, SetCriterion
 
-    cfg = tiny_config(**tiny_data.label_set())
+    cfg = tiny_train_config(**tiny_data.label_set())
     t = ScaleJitterCrop((64, 64), (1.0, 1.0), hflip=False)
     pixel_values, targets = collate([t(tiny_data[0], sample_generator(0, 0, 0))], cfg.pixel_mean, cfg.pixel_std)
     torch.manual_seed(rng.seed_value)

@@ -14,9 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from m2f.cli import main
-from m2f.config import Mask2FormerConfig, PixelDecoderConfig, ResNetConfig, TransformerDecoderConfig
 from m2f.train.state import load_state
-from tests.utils import fresh_seed, rel_err
+from tests.utils import fresh_seed, rel_err, tiny_train_config
 
 # Runs `m2f train` (the CLI's main) in each torchrun worker, then writes what this rank ended with: the model the
 # loop trained (DDP-unwrapped), as safetensors, so the test can compare rank 1's weights with rank 0's.
@@ -45,15 +44,7 @@ sys.exit(code)
 
 def _tiny_config() -> dict:
     # frozen BatchNorm: a per-image model, as a one-process run with the same total batch sees it
-    return Mask2FormerConfig(
-        backbone=ResNetConfig(depths=(1, 1, 1, 1), block="basic", stem_channels=8, hidden_sizes=(8, 16, 24, 32),
-                              norm="frozen_bn"),
-        pixel_decoder=PixelDecoderConfig(conv_dim=16, mask_dim=16, num_encoder_layers=1, num_heads=2, num_points=2,
-                                         ffn_dim=32, norm_groups=4),
-        transformer_decoder=TransformerDecoderConfig(hidden_dim=16, num_queries=6, num_heads=2, ffn_dim=32,
-                                                     num_layers=2),
-        num_classes=6,
-    ).to_dict()
+    return tiny_train_config(norm="frozen_bn").to_dict()
 
 
 @pytest.fixture(scope="module")

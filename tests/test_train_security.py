@@ -71,6 +71,22 @@ def _one_line_error(capsys) -> str:
     return err
 
 
+def _assert_refused(capsys, argv: list[str], needle: str) -> str:
+    """``m2f argv`` exits 2 with a one-line error that contains ``needle``; returns the error."""
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert needle in err, err
+    return err
+
+
+def _damaged_copy(source: Path, target: Path, case: tuple) -> str:
+    """Copy ``source`` to ``target`` and apply the case's damage to the copy; returns the case's expected text."""
+    damage, needle = case
+    shutil.copytree(source, target)
+    damage(target)
+    return needle
+
+
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -135,8 +151,8 @@ def test_a_crafted_checkpoint_pt_elsewhere_never_runs(tmp_path, synth, capsys):
     any_dir = tmp_path / "any"
     any_dir.mkdir()
     torch.save({"x": _Payload(marker)}, any_dir / "checkpoint.pt")
-    assert main(["eval", "--data", str(synth), "--checkpoint", str(any_dir / "checkpoint.pt"), "--quiet"]) == 2
-    assert "older m2f" in _one_line_error(capsys)
+    _assert_refused(capsys, ["eval", "--data", str(synth), "--checkpoint", str(any_dir / "checkpoint.pt"), "--quiet"],
+                    "older m2f")
     assert not marker.exists()
 
 
@@ -258,14 +274,10 @@ RESUME_CASES = {
 @pytest.mark.parametrize("case", sorted(RESUME_CASES))
 def test_resume_on_bad_state(tmp_path, trained_run, synth, capsys, case):
     run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    damage, needle = RESUME_CASES[case]
-    damage(run)
+    needle = _damaged_copy(trained_run, run, RESUME_CASES[case])
     before = _snapshot(run)
-    assert main(["train", "--data", str(synth), "--out", str(run), "--resume", "--iters", "3", "--quiet",
-                 "--num-points", "196"]) == 2
-    err = _one_line_error(capsys)
-    assert needle in err, err
+    _assert_refused(capsys, ["train", "--data", str(synth), "--out", str(run), "--resume", "--iters", "3", "--quiet",
+                             "--num-points", "196"], needle)
     assert _snapshot(run) == before
 
 
@@ -317,8 +329,8 @@ def test_force_removes_the_replaced_runs_state_before_training(tmp_path, trained
     assert main(argv) == 2  # diverges before its first save
     _one_line_error(capsys)
     assert not has_state(run) and not list(run.glob("checkpoint*")), sorted(p.name for p in run.iterdir())
-    assert main(["train", "--data", str(synth), "--out", str(run), "--resume", "--device", "cpu", "--quiet"]) == 2
-    assert "holds no training state" in _one_line_error(capsys)
+    _assert_refused(capsys, ["train", "--data", str(synth), "--out", str(run), "--resume", "--device", "cpu", "--quiet"],
+                    "holds no training state")
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -331,8 +343,7 @@ def test_bad_learning_options_are_refused_up_front(tmp_path, synth, capsys, extr
     out = tmp_path / "run"
     argv = ["train", "--config", str(_tiny_config_json(tmp_path / "tiny.json")), "--data", str(synth), "--out",
             str(out), "--iters", "1", "--quiet", *extra]
-    assert main(argv) == 2
-    assert needle in _one_line_error(capsys)
+    _assert_refused(capsys, argv, needle)
     assert not out.exists()
 
 
@@ -410,16 +421,12 @@ DATA_CASES = {
 @pytest.mark.parametrize("case", sorted(DATA_CASES))
 def test_dataset_problems(tmp_path, synth, capsys, case, command):
     data = tmp_path / "data"
-    shutil.copytree(synth, data)
-    damage, needle = DATA_CASES[case]
-    damage(data)
+    needle = _damaged_copy(synth, data, DATA_CASES[case])
     out = tmp_path / ("run" if command == "train" else "metrics.json")
     if command == "train":
         argv = ["train", "--config", str(_tiny_config_json(tmp_path / "tiny.json")), "--data", str(data), "--out",
                 str(out), "--iters", "1", "--batch-size", "1", "--quiet"]
     else:
         argv = ["eval", "--data", str(data), "--json", str(out), "--limit", "1", "--quiet"]
-    assert main(argv) == 2
-    err = _one_line_error(capsys)
-    assert needle in err, err
+    _assert_refused(capsys, argv, needle)
     assert not out.exists()

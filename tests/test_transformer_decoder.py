@@ -9,8 +9,7 @@ import m2f.transformer_decoder as td_module
 from m2f.checkpoints.hf import pop_hf_transformer_decoder_state
 from m2f.config import TransformerDecoderConfig
 from m2f.transformer_decoder import CrossAttentionLayer, MultiScaleMaskedTransformerDecoder
-from tests.test_pixel_decoder import hf_config, perturb_
-from tests.utils import rel_err
+from tests.utils import hf_config, perturb_, rel_err
 
 hf_m2f = pytest.importorskip("transformers.models.mask2former.modeling_mask2former")
 

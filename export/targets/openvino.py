@@ -3,8 +3,9 @@ from the decomposed ONNX graph by ``openvino.convert_model``.
 
 ``--precision fp32`` keeps float32 weights; ``fp16`` stores float16 weights (``compress_to_fp16``: half the file,
 decompressed at load). Both run in float32 on the CPU (``INFERENCE_PRECISION_HINT`` f32: the CPU plugin would
-otherwise pick bf16 on CPUs with AMX / AVX512-BF16, 10x the error of the parity bound); ``int8`` quantizes with NNCF's post-training quantization over a folder of
-calibration images (``--calib DIR``), keeping float the ops NNCF's transformer preset keeps.
+otherwise pick bf16 on CPUs with AMX / AVX512-BF16, 10x the error of the parity bound); ``int8`` quantizes with NNCF's
+post-training quantization over a folder of calibration images (``--calib DIR``), keeping float the ops NNCF's
+transformer preset keeps: the quantized layers run in int8, the rest in float32.
 """
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ def import_openvino() -> Any:
         raise BackendUnavailableError("OpenVINO is not installed: pip install 'm2f[openvino]' (or pip install openvino)"
                                       ) from None
     return ov
+
+
+def import_nncf() -> Any:
+    try:
+        import nncf
+    except Exception:  # ImportError, or a broken install
+        raise BackendUnavailableError("--precision int8 quantizes with NNCF, which is not installed: pip install nncf "
+                                      "(or export with --precision fp32 / fp16)") from None
+    return nncf
 
 
 def _available() -> str | None:
@@ -61,6 +71,8 @@ def build_openvino(onnx_path: str | Path, output: str | Path, precision: str = "
         raise InputError(f"{onnx_path} holds TensorRT plugin nodes ({', '.join(plugin_ops)}), which OpenVINO cannot "
                          "run; export it with `m2f export onnx --target openvino`")
     ov = import_openvino()
+    if precision == "int8":
+        import_nncf()  # before the conversion
     model = ov.convert_model(str(onnx_path))
     details: dict[str, Any] = {"source_onnx": str(onnx_path.resolve()), "source_onnx_sha256": sha256_file(onnx_path)}
     if precision == "int8":
@@ -76,17 +88,24 @@ def build_openvino(onnx_path: str | Path, output: str | Path, precision: str = "
 
 def _quantize(model: Any, manifest: Any, calib_dir: Path, limit: int) -> tuple[Any, str]:
     """NNCF post-training int8 quantization over calibration images at the export size."""
-    try:
-        import nncf
-    except Exception:
-        raise BackendUnavailableError("--precision int8 needs NNCF: pip install nncf") from None
+    nncf = import_nncf()
     from ..tensorrt_build import _image_batches
 
     shape = (1, 3, manifest.height, manifest.width)
     batches = list(_image_batches(calib_dir, shape, manifest.pixel_mean, manifest.pixel_std, limit))
     quantized = nncf.quantize(model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER,
                               subset_size=len(batches))
-    return quantized, f"NNCF {nncf.__version__} post-training quantization, {len(batches)} calibration images"
+    nodes = quantized_nodes(quantized)
+    if not nodes:
+        raise BackendUnavailableError(f"NNCF {nncf.__version__} quantized no layer of the model; export it "
+                                      "with --precision fp32 / fp16")
+    return quantized, (f"NNCF {nncf.__version__} post-training quantization, {len(batches)} calibration images, "
+                       f"{nodes} FakeQuantize nodes")
+
+
+def quantized_nodes(model: Any) -> int:
+    """How many FakeQuantize nodes (int8 inputs of the layers NNCF quantized) an OpenVINO model holds."""
+    return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
 
 
 class OpenVINORunner(ClosingRunner):
@@ -110,7 +129,8 @@ class OpenVINORunner(ClosingRunner):
         self.compiled = core.compile_model(core.read_model(str(path / XML)), device, config)
         self.request = self.compiled.create_infer_request()
         self.name = str(path)
-        self.runs_as = f"openvino ({device}{', float32 arithmetic' if 'INFERENCE_PRECISION_HINT' in config else ''})"
+        arithmetic = "int8 quantized layers, float32 elsewhere" if self.manifest.precision == "int8" else "float32 arithmetic"
+        self.runs_as = f"openvino ({device}{', ' + arithmetic if 'INFERENCE_PRECISION_HINT' in config else ''})"
         self.output_names = tuple(o.get_any_name() for o in self.compiled.outputs)
         self.fixed_size = None if self.manifest.dynamic else (self.manifest.height, self.manifest.width)
         self.fixed_batch = None if self.manifest.dynamic else self.manifest.batch
@@ -146,6 +166,8 @@ def _run_cli(args: argparse.Namespace) -> Path:
     check_precision(args.precision, PRECISIONS, args.calib, "NNCF's calibration")
     check_can_write(args.output, force=args.force, directory=True)
     import_openvino()  # fail before a long export
+    if args.precision == "int8":
+        import_nncf()
     if args.onnx:
         return build_openvino(args.onnx, args.output, precision=args.precision, calib_dir=args.calib, force=args.force)
     from ..onnx_export import export_checkpoint
