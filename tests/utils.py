@@ -177,9 +177,10 @@ def off_kink_locations(shapes, size: tuple[int, int, int, int], generator: torch
     return torch.stack(coords, dim=3).to(dtype)
 
 
-def mismatch(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str:
+def mismatch(out: torch.Tensor, ref: torch.Tensor, tol: float, scale: float = 0.0) -> str:
     """'' when ``out`` has NaN, +inf and -inf exactly where ``ref`` has them and its finite values are within
-    ``tol`` relative error of ``ref``'s; otherwise a short description of the first difference."""
+    ``tol`` relative error of ``ref``'s; otherwise a short description of the first difference. ``scale``: the
+    norm of the terms that sum to ``ref`` where it may cancel to ~0 (the error is then relative to that)."""
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     if out64.shape != ref64.shape:
         return f"shape {tuple(out64.shape)} != {tuple(ref64.shape)}"
@@ -189,7 +190,10 @@ def mismatch(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str:
             where = tuple(int(i) for i in differ.nonzero()[0])
             return f"{int(differ.sum())} {kind} positions differ, first at {where}: {out64[where]} vs {ref64[where]}"
     finite = torch.isfinite(ref64)
-    err = rel_err(out64[finite], ref64[finite]) if finite.any() else 0.0
+    err = 0.0
+    if finite.any():
+        diff, norm = out64[finite] - ref64[finite], torch.linalg.vector_norm(ref64[finite])
+        err = float(torch.linalg.vector_norm(diff) / max(float(norm), scale, 1e-300))
     return f"finite values rel_err {err:.3g} > {tol}" if err > tol else ""
 
 
