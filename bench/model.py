@@ -313,7 +313,7 @@ def run(
     ``on_update`` is called after every (model, dtype, backend) group with the rows so far (partial results are
     written this way, so a run killed by a time limit still leaves its measurements).
     """
-    from tqdm.auto import tqdm
+    from m2f.runtime import progress_bar
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -332,7 +332,7 @@ def run(
     def skip(case: str, backend: str, dtype: torch.dtype | None, why: str) -> None:
         note = f"{case} {backend}{'' if dtype is None else ' ' + str(dtype).replace('torch.', '')}: skipped: {why}"
         result.skipped.append(note)
-        tqdm.write(note, file=sys.stderr)
+        bar.write(note, file=sys.stderr)
 
     # Cheap backends of every model first, then the slow-to-prepare ones (compile, ONNX export): a time budget or
     # a killed run then loses the optional rows, not a whole model.
@@ -342,7 +342,7 @@ def run(
     last_use = {case: i for i, (case, *_rest) in enumerate(plan)}
     prepared: dict[str, _Prepared | None] = {}
     total = sum(len(sizes) * len(batches_for(backend)) for *_rest, backend in plan)
-    bar = tqdm(total=total, desc="bench model", unit="case", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total, "bench model", unit="case", quiet=not progress)
     for index, (case, cfg, dtype, backend) in enumerate(plan):
         dname = str(dtype).replace("torch.", "")
         group = [(h, w, b) for h, w in sizes for b in batches_for(backend)]
@@ -359,7 +359,7 @@ def run(
             skip(case, backend, dtype, why)
             bar.update(len(group))
         else:
-            bar.set_postfix_str(f"{case} {backend} {dname}")
+            bar.set_postfix(case=f"{case} {backend} {dname}")
             deadline = None if budget_s is None else start + budget_s
             _run_group(result, case, cfg, dtype, backend, group, data, device, warmup_ms, rep_ms, bar, deadline)
             if on_update is not None:
@@ -397,8 +397,6 @@ def _prepare(case, cfg, sizes, batches, seed, device, skip) -> _Prepared | None:
 def _run_group(result, case, cfg, dtype, backend, group, data: _Prepared, device, warmup_ms, rep_ms, bar,
                deadline: float | None = None) -> None:
     """One backend in one dtype: built once, then every (size, batch) of ``group``; failures become error rows."""
-    from tqdm.auto import tqdm
-
     dname = str(dtype).replace("torch.", "")
     runner: Runner | None = None
     build_error = None
@@ -413,7 +411,7 @@ def _run_group(result, case, cfg, dtype, backend, group, data: _Prepared, device
             left = ", ".join(f"b{b_} {h_}x{w_}" for h_, w_, b_ in group[i:])
             result.skipped.append(f"{case} {backend} {dname} {left}: skipped: time budget spent")
             result.complete = False
-            tqdm.write(result.skipped[-1], file=sys.stderr)
+            bar.write(result.skipped[-1], file=sys.stderr)
             bar.update(len(group) - i)
             break
         row = BenchRow(suite="model", case=case, backend=backend, dtype=dname, batch=b, height=h, width=w,
@@ -426,7 +424,7 @@ def _run_group(result, case, cfg, dtype, backend, group, data: _Prepared, device
             _measure(row, runner, data.inputs[(h, w, b)], data.references.get((h, w, b)), device, cfg,
                      warmup_ms, rep_ms, backend)
         if "error" in row.extra:
-            tqdm.write(f"{case} {backend} {dname} b{b} {h}x{w}: error: {row.extra['error']}", file=sys.stderr)
+            bar.write(f"{case} {backend} {dname} b{b} {h}x{w}: error: {row.extra['error']}", file=sys.stderr)
         result.rows.append(row)
         bar.update(1)
     if runner is not None:

@@ -177,6 +177,10 @@ class _LogLines:
             print(f"m2f: {self.desc}{self._postfix}: {self.n}/{self.total} {self.unit} ({now - self._start:.1f} s)",
                   file=sys.stderr, flush=True)
 
+    def write(self, text: str, file: Any = None) -> None:
+        """A message between progress lines (tqdm's ``write``); printed under quiet too."""
+        print(text, file=file or sys.stderr, flush=True)
+
     def close(self) -> None:
         pass
 
@@ -193,7 +197,8 @@ class _Silent(_LogLines):
 
 
 def progress_bar(total: int, desc: str, unit: str = "img", quiet: bool | None = None, initial: int = 0) -> Any:
-    """A context manager with ``update(n)`` and ``set_postfix(**values)``: tqdm on a terminal, plain lines in a log,
+    """A context manager with ``update(n)``, ``set_postfix(**values)`` and ``write(text, file)``: tqdm on a terminal,
+    plain lines in a log,
     nothing when quiet (``quiet`` None: as :func:`set_quiet` said). ``initial``: the work already done (a resumed
     run)."""
     if quiet if quiet is not None else _quiet:
