@@ -258,37 +258,6 @@ def test_check_report_lists_both_plugin_kinds(tensorrt_target_export, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["verdict"] == "pass"
 
 
-def _reference_function() -> onnx.FunctionProto:
-    """m2f::masked_attention in standard ONNX ops, the plugin's semantics and layout (test stand-in for ORT)."""
-    nodes = [
-        helper.make_node("Transpose", ["q"], ["qt"], perm=[0, 2, 1, 3]),  # (B, H, Nq, D)
-        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 3, 1]),  # (B, H, D, Nk)
-        helper.make_node("Transpose", ["v"], ["vt"], perm=[0, 2, 1, 3]),  # (B, H, Nk, D)
-        helper.make_node("MatMul", ["qt", "kt"], ["s"]),  # (B, H, Nq, Nk)
-        helper.make_node("Shape", ["q"], ["d_int"], start=3, end=4),
-        helper.make_node("Cast", ["d_int"], ["d"], to=TensorProto.FLOAT),
-        helper.make_node("Sqrt", ["d"], ["sqrt_d"]),
-        helper.make_node("Div", ["s", "sqrt_d"], ["scores"]),
-        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])),
-        helper.make_node("GreaterOrEqual", ["mask_logits", "zero"], ["allow"]),  # (B, Nq, Nk)
-        helper.make_node("Cast", ["allow"], ["allow_f"], to=TensorProto.FLOAT),
-        helper.make_node("Constant", [], ["last"], value=helper.make_tensor("last", TensorProto.INT64, [1], [-1])),
-        helper.make_node("ReduceMax", ["allow_f", "last"], ["any_f"], keepdims=1),  # (B, Nq, 1)
-        helper.make_node("Equal", ["any_f", "zero"], ["empty"]),
-        helper.make_node("Or", ["allow", "empty"], ["allow_all"]),  # empty rows attend everywhere
-        helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", TensorProto.INT64, [1], [1])),
-        helper.make_node("Unsqueeze", ["allow_all", "one"], ["allow4"]),  # (B, 1, Nq, Nk)
-        helper.make_node("Constant", [], ["ninf"],
-                         value=helper.make_tensor("ninf", TensorProto.FLOAT, [], [float("-inf")])),
-        helper.make_node("Where", ["allow4", "scores", "ninf"], ["masked"]),
-        helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
-        helper.make_node("MatMul", ["p", "vt"], ["o"]),  # (B, H, Nq, D)
-        helper.make_node("Transpose", ["o"], ["output"], perm=[0, 2, 1, 3]),  # (B, Nq, H, D)
-    ]
-    return helper.make_function("m2f", M2F_MASKED_ATTENTION.op_type, list(MASKED_ATTENTION_INPUTS), ["output"], nodes,
-                                [helper.make_opsetid("", 18)], attributes=["plugin_namespace", "aot"])
-
-
 def test_plugin_graph_computes_the_model_in_onnxruntime(tiny_checkpoint, tmp_path):
     """The masked-attention plugin graph, with each plugin node run by a reference ONNX function, against PyTorch:
     checks the node's inputs, their order and layout and the output wiring numerically (deformable attention
@@ -298,6 +267,7 @@ def test_plugin_graph_computes_the_model_in_onnxruntime(tiny_checkpoint, tmp_pat
     from m2f.export import to_onnx
     from m2f.export.check import CheckSize, run_parity
     from m2f.export.onnx_export import OnnxExportModule
+    from m2f.export.plugin_functions import with_reference_functions
     from m2f.export.targets.onnxruntime import OnnxRuntimeRunner
 
     ckpt, seed = tiny_checkpoint
@@ -307,9 +277,8 @@ def test_plugin_graph_computes_the_model_in_onnxruntime(tiny_checkpoint, tmp_pat
     assert result.manifest.ops["masked_attn"].nodes == 4 and result.manifest.op_mode("msda") == "decomposed"
     proto = onnx.load(str(path))
     assert sum(n.op_type == M2F_MASKED_ATTENTION.op_type for n in proto.graph.node) == 4
-    proto.functions.append(_reference_function())
     with_reference = tmp_path / "with_reference.onnx"
-    onnx.save(proto, with_reference)
+    onnx.save(with_reference_functions(proto), with_reference)  # the plugin's reference function, as int8 uses
     module = OnnxExportModule(model).eval()
     runs = run_parity(OnnxRuntimeRunner(with_reference), module, [CheckSize(1, HEIGHT, WIDTH)],
                       ["pred_logits", "pred_masks"])
