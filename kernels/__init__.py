@@ -5,8 +5,18 @@
 
 ``backend`` is "torch", "triton" or "auto" (Triton on CUDA, PyTorch elsewhere).
 """
-from ._backend import BACKENDS, check_backend_name, resolve_backend
-from .masked_attention import masked_attention, masked_attention_from_logits
-from .ms_deform_attn import ms_deform_attn
+if __name__ != "m2f.kernels":
+    # Where a checkout's root is on sys.path (its working directory, pytest), this folder is also importable as
+    # top-level ``kernels``: the name of Hugging Face's kernel-hub package, which ``import transformers`` probes by
+    # importing it. Run under that second name, the ops' modules would define the m2f:: torch.library ops again,
+    # which deletes m2f.kernels' definitions and leaves its op handles dangling (garbage, crashes). So under any
+    # other name this package is empty and has no submodules.
+    __path__: list[str] = []
+    __all__: list[str] = []
+else:
+    from ._backend import BACKENDS, check_backend_name, resolve_backend
+    from .masked_attention import masked_attention, masked_attention_from_logits
+    from .ms_deform_attn import ms_deform_attn
 
-__all__ = ["BACKENDS", "check_backend_name", "resolve_backend", "ms_deform_attn", "masked_attention", "masked_attention_from_logits"]
+    __all__ = ["BACKENDS", "check_backend_name", "resolve_backend", "ms_deform_attn", "masked_attention",
+               "masked_attention_from_logits"]

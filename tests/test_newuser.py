@@ -173,6 +173,32 @@ def test_m2f_works_without_triton(tmp_path, rng):
         in run.stdout
 
 
+def test_the_kernel_ops_stay_registered_when_transformers_probes_a_checkouts_kernels_folder():
+    """From a checkout's root (its working directory on sys.path, as under pytest), ``import transformers`` probes
+    Hugging Face's kernel-hub package by importing ``kernels``, which finds this repository's folder. That import
+    must not define the m2f:: ops a second time: torch.library would delete m2f.kernels' definitions, leaving its
+    op handles dangling (seen as ``ValueError: vector::reserve`` and crashes in later kernel calls)."""
+    script = textwrap.dedent("""
+        import importlib, sys
+        import torch._library.custom_ops as custom_ops
+        ops = {"ms_deform_attn": importlib.import_module("m2f.kernels.ms_deform_attn.op").ms_deform_attn_op,
+               "masked_attention": importlib.import_module("m2f.kernels.masked_attention.op").masked_attention_op}
+        import transformers.models.mask2former.modeling_mask2former  # noqa: F401 - the probe
+        for name, op in ops.items():
+            assert custom_ops.OPDEF_TO_LIB[f"m2f::{name}"] is op._lib, f"m2f::{name} was defined again"
+        import kernels
+        loaded = sorted(name for name in sys.modules if name.startswith("kernels."))
+        assert kernels.__all__ == [] and not loaded, loaded
+        try:
+            import kernels.ms_deform_attn  # noqa: F401
+        except ImportError:
+            print("no submodule")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "no submodule\n"
+
+
 def test_export_onnx_prints_no_warnings(tmp_path):
     run = subprocess.run([sys.executable, "-m", "m2f", "export", "onnx", "--checkpoint", str(default_checkpoint_path()),
                           "--output", "m.onnx", "--height", "64", "--width", "96"],
