@@ -190,10 +190,12 @@ def test_int8_export_of_the_default_model_passes_check(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(calib), "--num", "4", "--seed", str(seed), "--size", "64x64",
                  "--quiet"]) == 0
     out = tmp_path / "ov_int8"
-    code, _, err = _cli(capsys, ["export", "openvino", "--checkpoint", str(default_checkpoint_path()), "--output",
-                                 str(out), "--height", "64", "--width", "64", "--precision", "int8", "--calib",
-                                 str(calib / "images"), "--quiet"])
+    code, stdout, err = _cli(capsys, ["export", "openvino", "--checkpoint", str(default_checkpoint_path()),
+                                      "--output", str(out), "--height", "64", "--width", "64", "--precision", "int8",
+                                      "--calib", str(calib / "images"), "--quiet"])
     assert code == 0, err
+    # --quiet: the result lines only (the synth's and the export's), no progress, NNCF's bars included
+    assert err == "" and [line.split()[0] for line in stdout.splitlines()] == ["wrote", "wrote"], (stdout, err)
     manifest = read_manifest(out, kind="openvino")
     assert manifest.precision == "int8" and "FakeQuantize nodes" in manifest.details["precision_note"], manifest
     code, stdout, err = _cli(capsys, ["export", "check", str(out), "--report", str(tmp_path / "r.json")])

@@ -245,6 +245,7 @@ def _static_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, list[int]]]:
 
 def test_check_report_lists_both_plugin_kinds(tensorrt_target_export, tmp_path):
     from m2f.export import check_onnx
+    from m2f.export.targets.onnxruntime import REFERENCE_PLUGINS
 
     path, _ = tensorrt_target_export
     report = check_onnx(path, report=tmp_path / "report.json")
@@ -253,9 +254,34 @@ def test_check_report_lists_both_plugin_kinds(tensorrt_target_export, tmp_path):
     assert report.plugins["msda"]["count"] == 2 and report.plugins["msda"]["problems"] == []
     assert report.targets["tensorrt"]["plugin_ops"] == {"m2f::masked_attention_logits": 4,
                                                        "trt.plugins::MultiscaleDeformableAttnPlugin_TRT": 2}
-    assert "m2f::masked_attention_logits" in report.parity["skipped"]
+    runs = report.parity["runs"]  # ONNX Runtime ran the plugin nodes through their reference functions
+    assert len(runs) == 1 and REFERENCE_PLUGINS in runs[0]["runtime"], runs
+    assert all(e["rel_err"] <= 1e-4 for e in runs[0]["outputs"].values()), runs
     assert report.manifest["ops"]["masked_attn"]["mode"] == "plugin" and report.target == "tensorrt"
     assert json.loads((tmp_path / "report.json").read_text())["verdict"] == "pass"
+
+
+def test_check_fails_a_plugin_graph_whose_plugin_output_is_miswired(tensorrt_target_export, tmp_path):
+    """Parity, not only structure: scaling one masked-attention plugin node's output (as a wrong layout or
+    input order would change it) fails the check with the outputs' relative errors."""
+    from m2f.export import check_onnx
+    from m2f.export.manifest import artifact_stamp, manifest_path
+
+    path, _ = tensorrt_target_export
+    proto = onnx.load(str(path))
+    node = next(n for n in proto.graph.node if n.op_type == M2F_MASKED_ATTENTION.op_type)
+    wired = node.output[0]
+    node.output[0] = wired + "_unscaled"
+    proto.graph.initializer.append(helper.make_tensor("miswire_gain", TensorProto.FLOAT, [], [1.5]))
+    proto.graph.node.insert(list(proto.graph.node).index(node) + 1,
+                            helper.make_node("Mul", [wired + "_unscaled", "miswire_gain"], [wired]))
+    tampered = tmp_path / "miswired.onnx"
+    onnx.save(proto, str(tampered))
+    manifest = json.loads(manifest_path(path).read_text())
+    manifest_path(tampered).write_text(json.dumps({**manifest, "artifact": artifact_stamp(tampered)}))
+    report = check_onnx(tampered)
+    assert report.verdict == "fail" and any("pred_logits: rel_err" in r for r in report.reasons), \
+        report.reasons
 
 
 def test_plugin_graph_computes_the_model_in_onnxruntime(tiny_checkpoint, tmp_path):
@@ -267,7 +293,6 @@ def test_plugin_graph_computes_the_model_in_onnxruntime(tiny_checkpoint, tmp_pat
     from m2f.export import to_onnx
     from m2f.export.check import CheckSize, run_parity
     from m2f.export.onnx_export import OnnxExportModule
-    from m2f.export.plugin_functions import with_reference_functions
     from m2f.export.targets.onnxruntime import OnnxRuntimeRunner
 
     ckpt, seed = tiny_checkpoint
@@ -277,10 +302,8 @@ def test_plugin_graph_computes_the_model_in_onnxruntime(tiny_checkpoint, tmp_pat
     assert result.manifest.ops["masked_attn"].nodes == 4 and result.manifest.op_mode("msda") == "decomposed"
     proto = onnx.load(str(path))
     assert sum(n.op_type == M2F_MASKED_ATTENTION.op_type for n in proto.graph.node) == 4
-    with_reference = tmp_path / "with_reference.onnx"
-    onnx.save(with_reference_functions(proto), with_reference)  # the plugin's reference function, as int8 uses
     module = OnnxExportModule(model).eval()
-    runs = run_parity(OnnxRuntimeRunner(with_reference), module, [CheckSize(1, HEIGHT, WIDTH)],
+    runs = run_parity(OnnxRuntimeRunner(path, reference_plugins=True), module, [CheckSize(1, HEIGHT, WIDTH)],
                       ["pred_logits", "pred_masks"])
     for name, entry in runs[0]["outputs"].items():
         print(f"{name}: rel_err {entry['rel_err']:.2e} (unstable draws skipped: {runs[0]['unstable_draws_skipped']})")

@@ -172,12 +172,10 @@ def test_int8_plugin_graph_keeps_plugins_float32_and_is_accurate_through_their_f
         assert not set(node.input) & quantized_tensors, node.name
         assert all(types.get(i) == onnx.TensorProto.FLOAT for i in floats), (node.name, [types.get(i) for i in floats])
     # accuracy: the int8 graph, its plugins run by their reference functions, against float32 PyTorch
-    runnable = tmp_path / "with_functions.onnx"
-    onnx.save(with_reference_functions(proto), str(runnable))
     model = load_checkpoint_model(manifest["source"]["path"])
     module = OnnxExportModule(model).eval()
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    with OnnxRuntimeRunner(runnable) as runner:
+    with OnnxRuntimeRunner(out, reference_plugins=True) as runner:
         runs = run_parity(runner, module, [CheckSize(1, HEIGHT, WIDTH), CheckSize(2, HEIGHT + 32, WIDTH - 32)],
                           ["pred_logits", "pred_masks"], seed=seed, precision="int8")
     for run in runs:

@@ -11,16 +11,23 @@ import numpy as np
 
 from m2f.errors import BackendUnavailableError, InputError
 
+from ..manifest import load_onnx
 from ..runner import ClosingRunner
 from . import Target, register
 
 CPU = ("CPUExecutionProvider",)
 
 
-def ort_session(path: str | Path, providers: Sequence[str] = CPU, threads: int | None = None) -> tuple[Any, str]:
+REFERENCE_PLUGINS = "plugin nodes run by their reference ONNX functions: the plugins' semantics, not their kernels"
+
+
+def ort_session(path: str | Path, providers: Sequence[str] = CPU, threads: int | None = None,
+                reference_plugins: bool = False) -> tuple[Any, str]:
     """An ``onnxruntime.InferenceSession`` on ``path`` with quiet logging, and how it runs the graph: "onnxruntime",
     or for a low-precision graph whose types this build has no kernels for (bf16 on the CPU) "onnxruntime
-    (emulated ...)". One line naming the problem when onnxruntime is missing or cannot load the file."""
+    (emulated ...)". ``reference_plugins``: run m2f's plugin nodes, which ONNX Runtime has no kernel for, by
+    their reference functions (:func:`m2f.export.plugin_functions.with_reference_functions`). One line naming the
+    problem when onnxruntime is missing or cannot load the file."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -29,8 +36,15 @@ def ort_session(path: str | Path, providers: Sequence[str] = CPU, threads: int |
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    source: str | bytes = str(path)
+    how = ["onnxruntime"]
+    if reference_plugins:
+        from ..plugin_functions import with_reference_functions
+
+        source = with_reference_functions(load_onnx(path)).SerializeToString()
+        how.append(REFERENCE_PLUGINS)
     try:
-        return ort.InferenceSession(str(path), options, providers=list(providers)), "onnxruntime"
+        return ort.InferenceSession(source, options, providers=list(providers)), _runs_as(how)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         if "NOT_IMPLEMENTED" not in str(exc):
             raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}: "
@@ -40,21 +54,27 @@ def ort_session(path: str | Path, providers: Sequence[str] = CPU, threads: int |
 
     from ..precision import emulate_on_cpu
 
-    emulated = emulate_on_cpu(onnx.load(str(path)))
-    session = ort.InferenceSession(emulated.SerializeToString(), options, providers=list(providers))
-    return session, ("onnxruntime (emulated: the CPU build has no kernel for some of the graph's types; float32 "
-                     "arithmetic, rounded to the graph's type at every stored tensor)")
+    model = onnx.ModelProto.FromString(source) if isinstance(source, bytes) else load_onnx(path)
+    session = ort.InferenceSession(emulate_on_cpu(model).SerializeToString(), options, providers=list(providers))
+    how.append("emulated: the CPU build has no kernel for some of the graph's types; float32 arithmetic, rounded "
+               "to the graph's type at every stored tensor")
+    return session, _runs_as(how)
+
+
+def _runs_as(how: list[str]) -> str:
+    return how[0] + (f" ({'; '.join(how[1:])})" if how[1:] else "")
 
 
 class OnnxRuntimeRunner(ClosingRunner):
     """An ONNX file in ONNX Runtime: NumPy in, the graph's outputs by name out."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: Sequence[str] = CPU) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, providers: Sequence[str] = CPU,
+                 reference_plugins: bool = False) -> None:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"ONNX file {path} does not exist; export one with `m2f export onnx`")
         self.name = str(path)
-        self.session, self.runs_as = ort_session(path, providers, threads)
+        self.session, self.runs_as = ort_session(path, providers, threads, reference_plugins)
         inputs = self.session.get_inputs()
         if inputs[0].type == "tensor(bfloat16)":
             raise InputError(f"{path} takes a bfloat16 input, which NumPy cannot make; export it with float32 inputs "
