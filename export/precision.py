@@ -22,9 +22,7 @@ machine, and TensorRT (any version) just follows it.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import tempfile
@@ -431,7 +429,7 @@ def calibrate(model: Any, reader: ImageFolderReader, settings: CalibrationSettin
     (onnxruntime's calibrator)."""
     import onnx
 
-    from m2f.runtime import is_quiet
+    from m2f.runtime import quiet_library_prints
 
     quantization = _quantization()
     methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
@@ -448,7 +446,7 @@ def calibrate(model: Any, reader: ImageFolderReader, settings: CalibrationSettin
         calibrate_method=methods[settings.method], extra_options=extra,
     )
     # the calibrator prints its steps ("Collecting tensor data ...") on stdout: none of it under --quiet
-    with contextlib.redirect_stdout(io.StringIO()) if is_quiet() else contextlib.nullcontext():
+    with quiet_library_prints():
         calibrator.collect_data(reader)
         data = calibrator.compute_data()
     out: dict[str, tuple[float, float]] = {}

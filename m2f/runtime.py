@@ -15,6 +15,7 @@ ends. ``--quiet`` (:func:`set_quiet`) silences both.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import statistics
@@ -146,9 +147,10 @@ def set_quiet(quiet: bool) -> None:
     _quiet = bool(quiet)
 
 
-def is_quiet() -> bool:
-    """Did the command get ``--quiet``? (for output m2f does not print itself, e.g. a library's own prints)"""
-    return _quiet
+def quiet_library_prints() -> contextlib.AbstractContextManager[Any]:
+    """Under ``--quiet``, swallows what a library prints on stdout itself (ONNX Runtime's calibrator steps, NNCF's
+    progress bars); otherwise does nothing."""
+    return contextlib.redirect_stdout(io.StringIO()) if _quiet else contextlib.nullcontext()
 
 
 def _on_terminal() -> bool:
@@ -198,9 +200,8 @@ class _Silent(_LogLines):
 
 def progress_bar(total: int, desc: str, unit: str = "img", quiet: bool | None = None, initial: int = 0) -> Any:
     """A context manager with ``update(n)``, ``set_postfix(**values)`` and ``write(text, file)``: tqdm on a terminal,
-    plain lines in a log,
-    nothing when quiet (``quiet`` None: as :func:`set_quiet` said). ``initial``: the work already done (a resumed
-    run)."""
+    plain lines in a log, nothing when quiet (``quiet`` None: as :func:`set_quiet` said). ``initial``: the work
+    already done (a resumed run)."""
     if quiet if quiet is not None else _quiet:
         return _Silent(total, desc, unit, initial)
     if _on_terminal():

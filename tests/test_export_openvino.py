@@ -1,6 +1,6 @@
-"""The OpenVINO target: `m2f export openvino` (static / dynamic, fp32 / fp16; int8 through NNCF of the default model) of a tiny model, its manifest and
-atomic directory, `m2f export check` against PyTorch, `m2f predict --openvino`, `m2f eval --openvino`,
-`m2f bench model --openvino --onnx`, and the one-line refusals."""
+"""The OpenVINO target: `m2f export openvino` (static / dynamic, fp32 / fp16) of a tiny model and int8 (NNCF) of the
+default model, its manifest and atomic directory, `m2f export check` against PyTorch, `m2f predict --openvino`,
+`m2f eval --openvino`, `m2f bench model --openvino --onnx`, and the one-line refusals."""
 from __future__ import annotations
 
 import json

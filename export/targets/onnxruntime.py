@@ -36,26 +36,25 @@ def ort_session(path: str | Path, providers: Sequence[str] = CPU, threads: int |
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    source: str | bytes = str(path)
+    model = None  # the graph as ONNX Runtime gets it, where that is not the file itself
     how = ["onnxruntime"]
     if reference_plugins:
         from ..plugin_functions import with_reference_functions
 
-        source = with_reference_functions(load_onnx(path)).SerializeToString()
+        model = with_reference_functions(load_onnx(path))
         how.append(REFERENCE_PLUGINS)
     try:
+        source = str(path) if model is None else model.SerializeToString()
         return ort.InferenceSession(source, options, providers=list(providers)), _runs_as(how)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         if "NOT_IMPLEMENTED" not in str(exc):
             raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:200]}); re-export it with `m2f export onnx`") from None
     # a bf16 graph: this CPU build has no bf16 kernels; run it emulated (float32 arithmetic, bf16 rounding)
-    import onnx
-
     from ..precision import emulate_on_cpu
 
-    model = onnx.ModelProto.FromString(source) if isinstance(source, bytes) else load_onnx(path)
-    session = ort.InferenceSession(emulate_on_cpu(model).SerializeToString(), options, providers=list(providers))
+    emulated = emulate_on_cpu(model if model is not None else load_onnx(path))
+    session = ort.InferenceSession(emulated.SerializeToString(), options, providers=list(providers))
     how.append("emulated: the CPU build has no kernel for some of the graph's types; float32 arithmetic, rounded "
                "to the graph's type at every stored tensor")
     return session, _runs_as(how)

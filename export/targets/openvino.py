@@ -10,15 +10,13 @@ transformer preset keeps: the quantized layers run in int8, the rest in float32.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from m2f.errors import BackendUnavailableError, InputError
-from m2f.runtime import is_quiet
+from m2f.runtime import quiet_library_prints
 
 from ..runner import ClosingRunner
 from . import Target, check_precision, register
@@ -96,8 +94,8 @@ def _quantize(model: Any, manifest: Any, calib_dir: Path, limit: int) -> tuple[A
 
     shape = (1, 3, manifest.height, manifest.width)
     batches = list(_image_batches(calib_dir, shape, manifest.pixel_mean, manifest.pixel_std, limit))
-    # NNCF draws its progress bars (rich) and logs on stdout / stderr: none of it under --quiet
-    with _silenced() if is_quiet() else contextlib.nullcontext():
+    # NNCF draws its progress bars (rich) and logs on stdout: none of it under --quiet
+    with quiet_library_prints():
         quantized = nncf.quantize(model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER,
                                   subset_size=len(batches))
     nodes = quantized_nodes(quantized)
@@ -106,12 +104,6 @@ def _quantize(model: Any, manifest: Any, calib_dir: Path, limit: int) -> tuple[A
                                       "with --precision fp32 / fp16")
     return quantized, (f"NNCF {nncf.__version__} post-training quantization, {len(batches)} calibration images, "
                        f"{nodes} FakeQuantize nodes")
-
-
-@contextlib.contextmanager
-def _silenced() -> Iterator[None]:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
 
 
 def quantized_nodes(model: Any) -> int:
